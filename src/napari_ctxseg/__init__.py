@@ -1,0 +1,40 @@
+"""napari-ctxseg: in-context cell segmentation with diffusion models (a PyTorch port of ctxseg).
+
+Importing the package is cheap (no torch, no Qt): the public API below is loaded on first use.
+
+>>> import napari_ctxseg as ncs
+>>> model = ncs.load_model("default")            # doctest: +SKIP
+>>> result = ncs.segment(image, model=model)     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_model": "napari_ctxseg.services.models",
+    "segment": "napari_ctxseg.services.segment",
+    "SegmentRequest": "napari_ctxseg.services.segment",
+    "mask_to_flow": "napari_ctxseg.core.flows",
+    "flow_to_mask": "napari_ctxseg.core.flows",
+    "LabelMetrics": "napari_ctxseg.core.metrics",
+    "matching_scores": "napari_ctxseg.core.metrics",
+    "CtxSegError": "napari_ctxseg.core.errors",
+    "InputError": "napari_ctxseg.core.errors",
+    "CheckpointError": "napari_ctxseg.core.errors",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'napari_ctxseg' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,1 @@
+"""Pure compute: models, EDM diffusion, flows, metrics, checkpoints (no Qt, no napari)."""

@@ -1,0 +1,318 @@
+"""The four ctxseg models: SegP, CtxSegP (diffusion, predict flows) and SegD, CtxSegD (direct).
+
+All tensors are NCHW: images (B, C, H, W) float in [0, 1]; flows and noisy latents (B, 2, H, W) with
+channels (dy, dx); reference masks (N, H, W) bool (True = annotated). H and W must be multiples of
+``config.stride`` (the services pad).
+
+Models are stateless: the context (reference images with their flows) is encoded once into an explicit
+:class:`PContext` / :class:`DContext` value, image features into :class:`ImageFeatures`, and both are
+passed to every denoiser call, so a model is safe to share between threads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attention import CtxAtt
+from .config import CtxSegDConfig, CtxSegPConfig, ModelConfig, SegDConfig, SegPConfig
+from .convnext import ConvDecoder, ConvNeXt
+from .errors import ConfigError, InputError
+from .layers import resize_nearest
+from .unet import LabelEmbedding, UNetDown, UNetUp
+
+__all__ = [
+    "CtxSegD",
+    "CtxSegP",
+    "DContext",
+    "ImageFeatures",
+    "PContext",
+    "SegD",
+    "SegP",
+    "build_model",
+]
+
+
+@dataclass
+class PContext:
+    """Encoded context of a P model: reference image features, reference flow skips and the mask."""
+
+    x_ref: list[torch.Tensor]
+    y_ref: list[torch.Tensor]
+    mask: torch.Tensor | None
+
+    @property
+    def num_refs(self) -> int:
+        return self.x_ref[0].shape[0]
+
+
+@dataclass
+class ImageFeatures:
+    """What a P model needs of an image for every denoiser call (independent of x_t and sigma).
+
+    ``ref_features`` holds the per-attention context features averaged over references, or None.
+    """
+
+    x_skips: list[torch.Tensor]
+    ref_features: list[torch.Tensor] | None = None
+
+
+@dataclass
+class DContext:
+    """Encoded context of CtxSegD: per level concat(image features, flow features) and the mask."""
+
+    kv: list[torch.Tensor]
+    mask: torch.Tensor | None
+
+
+def _check_image(image: torch.Tensor, channels: int, stride: int, name: str = "image") -> None:
+    if image.ndim != 4 or image.shape[1] != channels:
+        raise InputError(f"{name} must be (B, {channels}, H, W), got shape {tuple(image.shape)}")
+    if image.shape[-1] % stride or image.shape[-2] % stride:
+        raise InputError(f"{name} height and width must be multiples of {stride}, got "
+                         f"{tuple(image.shape[-2:])} (pad the image first)")
+
+
+def _check_context(image_ref: torch.Tensor, flow_ref: torch.Tensor, ref_mask: torch.Tensor | None,
+                   channels: int, stride: int) -> None:
+    _check_image(image_ref, channels, stride, "reference image")
+    if flow_ref.ndim != 4 or flow_ref.shape[1] != 2:
+        raise InputError(f"reference flow must be (N, 2, H, W), got shape {tuple(flow_ref.shape)}")
+    if flow_ref.shape[0] != image_ref.shape[0] or flow_ref.shape[-2:] != image_ref.shape[-2:]:
+        raise InputError(f"reference flow {tuple(flow_ref.shape)} does not match reference image "
+                         f"{tuple(image_ref.shape)}")
+    if ref_mask is not None and (ref_mask.ndim != 3 or ref_mask.shape[0] != image_ref.shape[0]):
+        raise InputError(f"reference mask must be (N, H, W) with N = {image_ref.shape[0]}, got "
+                         f"{tuple(ref_mask.shape)}")
+
+
+class SegP(nn.Module):
+    """Flow diffusion model conditioned on the image (the denoiser F of EDM)."""
+
+    def __init__(self, config: SegPConfig | None = None) -> None:
+        super().__init__()
+        config = config or SegPConfig()
+        self.config = config
+        c = config
+        self.label_emb = LabelEmbedding(c.model_dim, endpoint=True)
+        self.x_encoder = ConvNeXt(c.in_channels, c.patch_size, c.encoder_depths, c.model_dim, c.dim_multi)
+        unet = dict(patch_size=c.patch_size, model_dim=c.model_dim, emb_dim=c.model_dim, depths=c.depths,
+                    dim_multi=c.dim_multi, att_levels=c.att_levels, head_dim=c.mha_head_dim,
+                    drop_rate=c.drop_rate)
+        self.y_encoder = UNetDown(in_dim=2, **unet)
+        self.decoder = UNetUp(out_dim=2, cond_dim=c.model_dim, **unet)
+
+    def encode_image(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """ConvNeXt features of the image, one per level."""
+        _check_image(image, self.config.in_channels, self.config.stride)
+        return self.x_encoder(image)
+
+    def prepare(self, image: torch.Tensor, context: PContext | None = None) -> ImageFeatures:
+        """Everything the denoiser needs of ``image`` (and the context); compute once per image."""
+        if context is not None:
+            raise ConfigError("SegP has no context path; use a CtxSegP checkpoint for in-context use")
+        return ImageFeatures(self.encode_image(image))
+
+    def forward(self, x_t: torch.Tensor, noise_labels: torch.Tensor, *, image: torch.Tensor) -> torch.Tensor:
+        """F(x_t, c_noise | image), the original ``__call__``. Returns (B, 2, H, W)."""
+        return self.predict(x_t, noise_labels, self.prepare(image))
+
+    def predict(self, x_t: torch.Tensor, noise_labels: torch.Tensor, features: ImageFeatures) -> torch.Tensor:
+        """F(x_t, c_noise) with precomputed features; features of one image broadcast over samples."""
+        emb = self.label_emb(noise_labels)
+        y_skips = self._encode_flow(x_t, emb, features.ref_features)
+        return self.decoder(y_skips, emb, conds=features.x_skips)
+
+    def _encode_flow(self, y: torch.Tensor, emb: torch.Tensor,
+                     ref_features: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        if ref_features is None:
+            return self.y_encoder(y, emb)
+        feats = iter(ref_features)
+        skips = []
+        for level in self.y_encoder.layers:
+            y = level.stem(y) + next(feats)
+            skips.append(y)
+            for block in level.blocks:
+                y = block(y, emb) + next(feats)
+                skips.append(y)
+        return skips
+
+
+class CtxSegP(SegP):
+    """SegP with context attention: the flow encoder attends to annotated reference images.
+
+    Without a context it is exactly SegP.
+    """
+
+    def __init__(self, config: CtxSegPConfig | None = None) -> None:
+        config = config or CtxSegPConfig()
+        super().__init__(config)
+        c = config
+        self.ref_emb = nn.Parameter(torch.zeros(1, c.model_dim))
+        self.atts = nn.ModuleList(
+            nn.ModuleList(
+                CtxAtt((c.model_dim * m) // c.ctx_head_dim, c.model_dim * m, kind=c.ctx_att_kinds[k])
+                for _ in range(c.depths[k] + 1)
+            )
+            for k, m in enumerate(c.dim_multi)
+        )
+
+    def encode_context(self, image_ref: torch.Tensor, flow_ref: torch.Tensor,
+                       ref_mask: torch.Tensor | None = None) -> PContext:
+        """Encode N reference images (N, C, H, W) with flows (N, 2, H, W) and masks (N, H, W) or None.
+
+        The reference flow goes through the same flow encoder with the learned ``ref_emb`` as its
+        embedding; the image through the same image encoder.
+        """
+        _check_context(image_ref, flow_ref, ref_mask, self.config.in_channels, self.config.stride)
+        x_ref = self.x_encoder(image_ref)
+        y_ref = self.y_encoder(flow_ref, self.ref_emb.expand(image_ref.shape[0], -1))
+        return PContext(x_ref, y_ref, None if ref_mask is None else ref_mask.bool())
+
+    def prepare(self, image: torch.Tensor, context: PContext | None = None) -> ImageFeatures:
+        """Image features, and the context features averaged over references (original ``set_image``)."""
+        x_skips = self.encode_image(image)
+        if context is None:
+            return ImageFeatures(x_skips)
+        n = context.num_refs
+        y_ref = iter(context.y_ref)
+        ref_features = []
+        for k, atts in enumerate(self.atts):
+            x_ref = context.x_ref[k]
+            if context.mask is None:
+                mask = torch.ones((n, *x_ref.shape[-2:]), dtype=torch.bool, device=x_ref.device)
+            else:
+                mask = resize_nearest(context.mask, (n, *x_ref.shape[-2:]))
+            for att in atts:
+                yy = att.batch_process(x_skips[k], x_ref, next(y_ref), mask)
+                ref_features.append(yy)
+        return ImageFeatures(x_skips, ref_features)
+
+    def forward(self, x_t: torch.Tensor, noise_labels: torch.Tensor, *, image: torch.Tensor,
+                image_ref: torch.Tensor | None = None, flow_ref: torch.Tensor | None = None,
+                ref_mask: torch.Tensor | None = None,
+                context_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Training-style call: reference i is paired with image i (the original ``__call__``).
+
+        Parameters
+        ----------
+        ref_mask
+            (B, H, W) bool; None means the whole reference is annotated (the original fails there).
+        context_weight
+            Optional (B,) weights multiplying the context features per sample: 0 gives exactly the
+            no-context output, so one batch can mix samples with and without context (training).
+        """
+        if image_ref is None:
+            return super().forward(x_t, noise_labels, image=image)
+        if flow_ref is None:
+            raise InputError("a reference image needs its reference flow (flow_ref)")
+        emb = self.label_emb(noise_labels)
+        x_skips = self.encode_image(image)
+        ctx = self.encode_context(image_ref, flow_ref, ref_mask)
+        if ctx.num_refs != image.shape[0]:
+            raise InputError(f"training-style calls pair reference i with image i: got "
+                             f"{ctx.num_refs} references for {image.shape[0]} images")
+        y_ref = iter(ctx.y_ref)
+        features = []
+        for k, atts in enumerate(self.atts):
+            shape = (image.shape[0], *x_skips[k].shape[-2:])
+            mask = (torch.ones(shape, dtype=torch.bool, device=image.device) if ctx.mask is None
+                    else resize_nearest(ctx.mask, shape))
+            for att in atts:
+                f = att(x_skips[k], ctx.x_ref[k], next(y_ref), mask)
+                if context_weight is not None:
+                    f = f * context_weight.to(f.dtype).view(-1, 1, 1, 1)
+                features.append(f)
+        y_skips = self._encode_flow(x_t, emb, features)
+        return self.decoder(y_skips, emb, conds=x_skips)
+
+
+class SegD(nn.Module):
+    """Direct model: ConvNeXt encoder and convolutional decoder; returns (B, out_channels, H, W)."""
+
+    def __init__(self, config: SegDConfig | None = None) -> None:
+        super().__init__()
+        config = config or SegDConfig()
+        self.config = config
+        c = config
+        self.encoder = ConvNeXt(c.in_channels, c.patch_size, c.encoder_depths, c.encoder_dim,
+                                c.encoder_dim_multi)
+        # encoder skip k has encoder_dim * encoder_dim_multi[k] channels, projected by a Linear
+        self.decoder = ConvDecoder(c.out_channels, c.patch_size, c.decoder_dim, c.decoder_depths,
+                                   c.decoder_dim_multi, skip_multi=c.encoder_dim_multi, skip_dim=c.encoder_dim,
+                                   drop_rate=c.drop_rate)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        _check_image(image, self.config.in_channels, self.config.stride)
+        return self.decoder(self.encoder(image))
+
+    def predict(self, image: torch.Tensor, context: DContext | None = None) -> torch.Tensor:
+        if context is not None:
+            raise ConfigError("SegD has no context path; use a CtxSegD checkpoint for in-context use")
+        return self(image)
+
+
+class CtxSegD(SegD):
+    """SegD whose decoder levels attend to reference features (image and flow, concatenated)."""
+
+    def __init__(self, config: CtxSegDConfig | None = None) -> None:
+        config = config or CtxSegDConfig()
+        super().__init__(config)
+        c = config
+        self.ref_encoder = ConvNeXt(2, c.patch_size, c.encoder_depths, c.ref_encoder_dim, c.encoder_dim_multi)
+        self.atts = nn.ModuleList()
+        for k in range(len(c.encoder_depths)):
+            q_dim = c.decoder_dim * c.decoder_dim_multi[k]
+            kv_dim = (c.encoder_dim + c.ref_encoder_dim) * c.encoder_dim_multi[k]
+            self.atts.append(CtxAtt(q_dim // c.ctx_head_dim, q_dim, kv_dim, kv_dim, kind=c.ctx_att_kinds[k]))
+
+    def encode_context(self, image_ref: torch.Tensor, flow_ref: torch.Tensor,
+                       ref_mask: torch.Tensor | None = None) -> DContext:
+        """Encode references: per level concat(encoder(image_ref), ref_encoder(flow_ref)) on channels."""
+        _check_context(image_ref, flow_ref, ref_mask, self.config.in_channels, self.config.stride)
+        kv = [torch.cat([x, y], dim=1) for x, y in zip(self.encoder(image_ref), self.ref_encoder(flow_ref))]
+        return DContext(kv, None if ref_mask is None else ref_mask.bool())
+
+    def _decode(self, image: torch.Tensor, context: DContext | None, paired: bool) -> torch.Tensor:
+        _check_image(image, self.config.in_channels, self.config.stride)
+        skips = self.encoder(image)
+        x: torch.Tensor | float = 0.0
+        for k in reversed(range(len(skips))):
+            x = x + self.decoder.layers[k].project_skip(skips[k])
+            if context is not None:
+                kv = context.kv[k]
+                if paired:
+                    x = self.atts[k](x, kv, kv, context.mask)
+                else:
+                    x = self.atts[k].batch_process(x, kv, kv, context.mask)
+            x = self.decoder.level_forward(k, x)
+        return x  # type: ignore[return-value]
+
+    def forward(self, image: torch.Tensor, ref_image: torch.Tensor | None = None,
+                ref_flow: torch.Tensor | None = None, ref_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Training-style call: reference i is paired with image i."""
+        if ref_image is None:
+            return self._decode(image, None, paired=True)
+        if ref_flow is None:
+            raise InputError("a reference image needs its reference flow (ref_flow)")
+        return self._decode(image, self.encode_context(ref_image, ref_flow, ref_mask), paired=True)
+
+    def predict(self, image: torch.Tensor, context: DContext | None = None) -> torch.Tensor:
+        """Every image attends to every reference separately; results are averaged over references."""
+        return self._decode(image, context, paired=False)
+
+
+_CLASSES: dict[type[ModelConfig], type[nn.Module]] = {
+    SegPConfig: SegP, CtxSegPConfig: CtxSegP, SegDConfig: SegD, CtxSegDConfig: CtxSegD,
+}
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """Instantiate the model class of ``config`` (randomly initialised)."""
+    try:
+        cls = _CLASSES[type(config)]
+    except KeyError:
+        raise ConfigError(f"no model for config type {type(config).__name__}") from None
+    return cls(config)  # type: ignore[call-arg]

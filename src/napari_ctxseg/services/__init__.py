@@ -1,0 +1,1 @@
+"""Use cases shared by the widgets, the CLI and the tests (no Qt)."""
