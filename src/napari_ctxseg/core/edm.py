@@ -1,0 +1,401 @@
+"""EDM preconditioning, training noise schedules and the denoising loss.
+
+A denoiser ``D(x, sigma)`` is built from a raw network ``F(x_in, c_noise, **kwargs)`` as in Karras et al.
+(EDM, 2022), with the scaling functions of the original ctxseg code (see :func:`edm_scalings` for the one
+place where they differ from the paper). The training schedules draw one noise level per sample from a
+``torch.Generator`` and return the loss weight that goes with it; :func:`edm_loss` combines both.
+
+Layouts: tensors are NCHW ``(B, C, H, W)``; a per-sample sigma is ``(B,)`` or ``(B, 1, 1, 1)``.
+
+References
+----------
+.. [1] T. Karras, M. Aittala, T. Aila, S. Laine, "Elucidating the Design Space of Diffusion-Based
+   Generative Models", NeurIPS 2022, arXiv:2206.00364.
+.. [2] Y. Song, S. Ermon, "Improved Techniques for Training Score-Based Generative Models",
+   NeurIPS 2020, arXiv:2006.09011.
+.. [3] D. Kingma, T. Salimans, B. Poole, J. Ho, "Variational Diffusion Models", arXiv:2107.00630.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from napari_ctxseg.core.errors import ConfigError, InputError
+
+__all__ = [
+    "SCHEDULES",
+    "EDMDenoiser",
+    "Schedule",
+    "edm_hat_schedule",
+    "edm_loss",
+    "edm_precond",
+    "edm_scalings",
+    "edm_schedule",
+    "get_schedule",
+    "ncsn2_schedule",
+]
+
+ModelFn = Callable[..., Tensor]
+"""A raw network ``F(x_in, c_noise, **kwargs) -> Tensor`` with ``c_noise`` of shape ``(B,)``."""
+
+
+class Schedule(Protocol):
+    """A training noise schedule: ``(x, *, generator, sigma_data) -> (sigma, loss_weight)``."""
+
+    def __call__(
+        self, x: Tensor, *, generator: torch.Generator, sigma_data: float
+    ) -> tuple[Tensor, Tensor]: ...
+
+
+# --------------------------------------------------------------------------------------------------------
+# Preconditioning
+# --------------------------------------------------------------------------------------------------------
+
+
+def edm_scalings(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Preconditioning coefficients of the original ctxseg ``edm_precond``.
+
+    Parameters
+    ----------
+    sigma : Tensor
+        Noise levels, any shape; the coefficients are computed in its dtype.
+    sigma_data : float
+        Standard deviation of the clean data the network was trained with (1.0 for the released ctxseg
+        models at inference; the original code's default 0.5 is not assumed here).
+
+    Returns
+    -------
+    c_skip, c_out, c_in, c_noise : Tensor
+        Each of the shape and dtype of ``sigma``.
+
+    Notes
+    -----
+    With :math:`\\sigma_d` = ``sigma_data``:
+
+    .. math::
+
+        c_{skip} = \\frac{\\sigma_d^2}{\\sigma^2 + \\sigma_d^2}, \\quad
+        c_{out} = \\sqrt{\\frac{\\sigma \\sigma_d}{\\sigma^2 + \\sigma_d^2}}, \\quad
+        c_{in} = \\frac{1}{\\sqrt{\\sigma^2 + \\sigma_d^2}}, \\quad
+        c_{noise} = \\tfrac{1}{4} \\ln \\sigma .
+
+    ``c_out`` is the **original ctxseg's**, the square root of the whole ratio. EDM [1]_ uses
+    :math:`\\sigma \\sigma_d / \\sqrt{\\sigma^2 + \\sigma_d^2}` instead; the ratio of the two is
+    :math:`\\sqrt{\\sigma \\sigma_d}`, so they agree only where :math:`\\sigma \\sigma_d = 1`.
+    Checkpoints of ctxseg were trained with this ``c_out``, so it is kept.
+    """
+    sigma_sq = sigma * sigma
+    var = sigma_sq + sigma_data**2
+    c_skip = sigma_data**2 / var
+    c_out = torch.sqrt(sigma * sigma_data / var)
+    c_in = 1 / torch.sqrt(var)
+    c_noise = torch.log(sigma) / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+def _per_sample_sigma(sigma: float | Tensor, x: Tensor) -> Tensor:
+    """Return sigma as a ``(B,)`` tensor in ``x``'s dtype and device (a scalar is repeated)."""
+    if x.ndim < 1:
+        raise InputError(f"expected a batched tensor (B, C, H, W), got shape {tuple(x.shape)}")
+    s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    batch = x.shape[0]
+    if s.numel() == 1:
+        return s.reshape(1).expand(batch)
+    if s.numel() != batch or (s.ndim > 1 and any(d != 1 for d in s.shape[1:])):
+        raise InputError(
+            f"sigma must be a scalar, (B,) or (B, 1, 1, 1) with B = {batch}; got shape {tuple(s.shape)}"
+        )
+    return s.reshape(batch)
+
+
+class EDMDenoiser:
+    """Preconditioned denoiser ``D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)``.
+
+    A stateless wrapper around a raw network; it holds no tensors, so the same instance can be used
+    from several threads.
+
+    Parameters
+    ----------
+    model_fn : callable
+        ``F(x_in, c_noise, **kwargs) -> Tensor`` with ``x_in`` of shape ``(B, C, H, W)`` and ``c_noise`` of
+        shape ``(B,)``; returns ``(B, C, H, W)``. Typically an ``nn.Module`` or its ``predict`` method.
+    sigma_data : float
+        Data standard deviation used by the scalings (stored in the checkpoint config; the original
+        inference script uses 1.0).
+
+    Raises
+    ------
+    ConfigError
+        If ``sigma_data`` is not a positive finite number.
+
+    Notes
+    -----
+    ``__call__(x, sigma, *, x_cond=None, **kwargs)``: ``x`` is NCHW ``(B, C, H, W)``; ``sigma`` is a Python
+    float, a one-element tensor (repeated over the batch), or one value per sample (``(B,)`` or
+    ``(B, 1, 1, 1)``). The coefficients of :func:`edm_scalings` are computed in ``x``'s dtype, as the
+    original does. ``x_cond`` (optional, NCHW) is concatenated to ``c_in x`` along the channels before
+    ``F``; it is not scaled. Extra keyword arguments go to ``F``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> D = EDMDenoiser(lambda x_in, c_noise: torch.zeros_like(x_in), sigma_data=1.0)
+    >>> D(torch.ones(2, 2, 4, 4), 1.0)[0, 0, 0, 0].item()  # c_skip = 1 / 2 when sigma = sigma_data
+    0.5
+    """
+
+    def __init__(self, model_fn: ModelFn, *, sigma_data: float) -> None:
+        if not callable(model_fn):
+            raise ConfigError(f"model_fn must be callable, got {type(model_fn).__name__}")
+        if not (isinstance(sigma_data, (int, float)) and math.isfinite(sigma_data) and sigma_data > 0):
+            raise ConfigError(f"sigma_data must be a positive finite number, got {sigma_data!r}")
+        self.model_fn = model_fn
+        self.sigma_data = float(sigma_data)
+
+    def __repr__(self) -> str:
+        return f"EDMDenoiser(model_fn={self.model_fn!r}, sigma_data={self.sigma_data})"
+
+    def __call__(
+        self, x: Tensor, sigma: float | Tensor, *, x_cond: Tensor | None = None, **kwargs: Any
+    ) -> Tensor:
+        sigma_b = _per_sample_sigma(sigma, x)
+        c_skip, c_out, c_in, c_noise = edm_scalings(sigma_b, self.sigma_data)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        x_in = c_in.reshape(shape) * x
+        if x_cond is not None:
+            x_in = torch.cat([x_in, x_cond], dim=1)
+        F_x = self.model_fn(x_in, c_noise, **kwargs)
+        return c_skip.reshape(shape) * x + c_out.reshape(shape) * F_x
+
+
+def edm_precond(model_fn: ModelFn, *, sigma_data: float) -> EDMDenoiser:
+    """Wrap a raw network into a preconditioned denoiser (the original's ``edm_precond``).
+
+    Same as ``EDMDenoiser(model_fn, sigma_data=sigma_data)``; see :class:`EDMDenoiser`.
+    """
+    return EDMDenoiser(model_fn, sigma_data=sigma_data)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Training schedules
+# --------------------------------------------------------------------------------------------------------
+
+
+def _randn_like_batch(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Standard normal of shape ``(B, 1, ..., 1)`` drawn on the generator's device, moved to ``x``."""
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+
+
+def edm_schedule(
+    x: Tensor,
+    *,
+    generator: torch.Generator,
+    sigma_data: float,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    p_mean: float = -1.2,
+    p_std: float = 1.2,
+) -> tuple[Tensor, Tensor]:
+    """EDM training noise levels: log-normal sigma with the EDM loss weight.
+
+    Parameters
+    ----------
+    x : Tensor
+        Clean batch ``(B, C, H, W)``; only its batch size, ndim, dtype and device are used.
+    generator : torch.Generator
+        Source of randomness (one normal draw per sample).
+    sigma_data : float
+        Data standard deviation in the loss weight.
+    sigma_min, sigma_max : float
+        Clipping range of sigma.
+    p_mean, p_std : float
+        Mean and standard deviation of :math:`\\ln \\sigma`.
+
+    Returns
+    -------
+    sigma, loss_weight : Tensor
+        Both ``(B, 1, 1, 1)`` in ``x``'s dtype.
+
+    Notes
+    -----
+    :math:`\\ln \\sigma \\sim \\mathcal{N}(P_{mean}, P_{std}^2)`, clipped to ``[sigma_min, sigma_max]``;
+    :math:`\\lambda(\\sigma) = 1/\\sigma^2 + 1/\\sigma_d^2` (EDM [1]_, Table 1).
+    """
+    log_sigma = _randn_like_batch(x, generator) * p_std + p_mean
+    sigma = torch.exp(log_sigma).clamp(sigma_min, sigma_max)
+    loss_weight = 1 / sigma**2 + 1 / sigma_data**2
+    return sigma, loss_weight
+
+
+@lru_cache(maxsize=16)
+def _edm_hat_table(
+    sigma_data: float, sigma_min: float, sigma_max: float, p_mean: float, p_std: float
+) -> tuple[Tensor, Tensor]:
+    """SNR bins and per-bin weight corrections of :func:`edm_hat_schedule` (float64, CPU)."""
+    snr_min, snr_max = 1 / sigma_max**2, 1 / sigma_min**2
+    snrs = torch.logspace(math.log10(snr_min), math.log10(snr_max), 10000, dtype=torch.float64)
+    p_snr = torch.exp(-((-torch.log(snrs) - 2 * p_mean) ** 2) / (8 * p_std**2)) / snrs
+    effective = p_snr * (sigma_data**2 * snrs + 1)
+    max_weight, argmax = effective.max(dim=0)
+    corrections = torch.where(snrs < snrs[argmax], max_weight / effective, torch.ones_like(snrs))
+    return snrs, corrections
+
+
+def edm_hat_schedule(
+    x: Tensor,
+    *,
+    generator: torch.Generator,
+    sigma_data: float,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    p_mean: float = -1.2,
+    p_std: float = 1.2,
+) -> tuple[Tensor, Tensor]:
+    """EDM noise levels with loss weights raised at low SNR (the original's ``edm_hat_schedule``).
+
+    Parameters are those of :func:`edm_schedule`.
+
+    Returns
+    -------
+    sigma, loss_weight : Tensor
+        Both ``(B, 1, 1, 1)`` in ``x``'s dtype.
+
+    Notes
+    -----
+    sigma is drawn as in :func:`edm_schedule`. With :math:`s = 1/\\sigma^2` (the SNR), the effective weight
+    of a noise level is :math:`p(s) (\\sigma_d^2 s + 1)` with
+    :math:`p(s) = \\exp(-(-\\ln s - 2 P_{mean})^2 / (8 P_{std}^2)) / s`, tabulated on 10000
+    geometric bins from :math:`1/\\sigma_{max}^2` to :math:`1/\\sigma_{min}^2`. Below the SNR of the maximal
+    effective weight, the weight is multiplied by (max / effective), flattening the low-SNR side:
+    :math:`\\lambda = (\\sigma_d^2 s + 1) \\cdot \\mathrm{corr}[\\mathrm{digitize}(s)]`, the bin index clamped
+    to the last bin as JAX's gather does. The table is computed in float64 (the original: float32).
+    Note this weight is :math:`\\sigma_d^2` times the EDM weight of :func:`edm_schedule`, as in the original.
+    """
+    sigma = torch.exp(_randn_like_batch(x, generator) * p_std + p_mean).clamp(sigma_min, sigma_max)
+    bins, corrections = _edm_hat_table(float(sigma_data), float(sigma_min), float(sigma_max), p_mean, p_std)
+    snr = 1 / sigma.double() ** 2
+    idx = torch.bucketize(snr.cpu(), bins, right=True).clamp(max=len(bins) - 1)
+    loss_weight = (snr * sigma_data**2 + 1) * corrections[idx].to(snr.device)
+    return sigma, loss_weight.to(x.dtype)
+
+
+def ncsn2_schedule(
+    x: Tensor,
+    *,
+    generator: torch.Generator,
+    sigma_data: float | None = None,
+    sigma_min: float = 0.01,
+    sigma_max: float = 80.0,
+) -> tuple[Tensor, Tensor]:
+    """NCSNv2-style log-uniform noise levels with low-discrepancy sampling and ELBO weight.
+
+    Parameters
+    ----------
+    x : Tensor
+        Clean batch ``(B, C, H, W)``; only its batch size, ndim, dtype and device are used.
+    generator : torch.Generator
+        Source of randomness (a single uniform draw for the whole batch).
+    sigma_data : float, optional
+        Ignored; accepted so that every schedule has the same signature.
+    sigma_min, sigma_max : float
+        Range of sigma (note the original's default ``sigma_min`` of 0.01 here).
+
+    Returns
+    -------
+    sigma, loss_weight : Tensor
+        Both ``(B, 1, 1, 1)`` in ``x``'s dtype.
+
+    Notes
+    -----
+    :math:`t_b = (u + b / B) \\bmod 1` with one :math:`u \\sim U[0, 1)` (low-discrepancy sampling [3]_);
+    :math:`\\gamma = 2 \\ln\\sigma_{min} + t (2 \\ln\\sigma_{max} - 2 \\ln\\sigma_{min})`,
+    :math:`\\sigma = e^{\\gamma/2}`, :math:`\\lambda = 1/\\sigma^2` [2]_.
+    """
+    del sigma_data
+    batch = x.shape[0]
+    u = torch.rand(1, generator=generator, device=generator.device, dtype=torch.float64).to(x.device)
+    t = (u + torch.arange(batch, dtype=torch.float64, device=x.device) / batch) % 1
+    gamma_min, gamma_max = 2 * math.log(sigma_min), 2 * math.log(sigma_max)
+    gamma = gamma_min + t * (gamma_max - gamma_min)
+    sigma = torch.exp(gamma / 2).reshape((batch,) + (1,) * (x.ndim - 1)).to(x.dtype)
+    loss_weight = 1 / (sigma * sigma)
+    return sigma, loss_weight
+
+
+SCHEDULES: dict[str, Schedule] = {
+    "edm": edm_schedule,
+    "edmhat": edm_hat_schedule,
+    "ncsn2": ncsn2_schedule,
+}
+"""Training schedules by the names the original code uses."""
+
+
+def get_schedule(schedule: str | Schedule) -> Schedule:
+    """Resolve a schedule name (``"edm"``, ``"edmhat"``, ``"ncsn2"``) or pass a callable through.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown name; the message lists the choices.
+    """
+    if callable(schedule):
+        return schedule
+    try:
+        return SCHEDULES[schedule]
+    except (KeyError, TypeError):
+        raise ConfigError(
+            f"unknown training schedule {schedule!r}; expected one of {sorted(SCHEDULES)} or a callable"
+        ) from None
+
+
+def edm_loss(
+    denoiser: Callable[..., Tensor],
+    x_gt: Tensor,
+    *,
+    generator: torch.Generator,
+    sigma_data: float,
+    schedule: Literal["edm", "edmhat", "ncsn2"] | Schedule = "edm",
+    **model_kwargs: Any,
+) -> Tensor:
+    """Weighted denoising loss of one batch.
+
+    Parameters
+    ----------
+    denoiser : callable
+        ``D(x, sigma, **model_kwargs)``, e.g. an :class:`EDMDenoiser`; ``sigma`` is ``(B, 1, 1, 1)``.
+    x_gt : Tensor
+        Clean targets ``(B, C, H, W)`` (flows in ctxseg).
+    generator : torch.Generator
+        Draws sigma (first) and then the noise ``n``.
+    sigma_data : float
+        Passed to the schedule's loss weight. (The original's ``Precond`` left the schedule at its own
+        default 0.5 whatever the preconditioner used; pass the value you mean.)
+    schedule : {"edm", "edmhat", "ncsn2"} or callable
+        Training noise schedule (see :data:`SCHEDULES` / :class:`Schedule`).
+    **model_kwargs
+        Passed to the denoiser (e.g. the image).
+
+    Returns
+    -------
+    Tensor
+        Scalar loss (differentiable).
+
+    Notes
+    -----
+    :math:`(\\sigma, \\lambda) \\sim` schedule, :math:`n \\sim \\mathcal{N}(0, I)`,
+    :math:`L = \\mathrm{mean}\\left(\\tfrac12 \\lambda (D(x + \\sigma n, \\sigma) - x)^2\\right)`,
+    the mean over all elements.
+    """
+    schedule_fn = get_schedule(schedule)
+    sigma, loss_weight = schedule_fn(x_gt, generator=generator, sigma_data=sigma_data)
+    noise = torch.randn(x_gt.shape, generator=generator, device=generator.device, dtype=x_gt.dtype)
+    noise = noise.to(x_gt.device)
+    denoised = denoiser(x_gt + sigma * noise, sigma, **model_kwargs)
+    return (0.5 * loss_weight * (denoised - x_gt) ** 2).mean()

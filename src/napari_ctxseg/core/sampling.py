@@ -1,0 +1,677 @@
+"""Sigma discretizations, the denoising gradient and the diffusion samplers (probability-flow ODE).
+
+The pieces are kept apart as in k-diffusion: a discretization returns the noise levels, :func:`get_sigmas`
+appends the final 0, :func:`dm_gradient` turns a denoiser into the ODE's ``dx/dsigma``, and
+:func:`sample_steps` integrates it over a precomputed sigma tensor, yielding after each step so that a
+caller can show progress and stop early (closing the generator stops the work). :func:`sample` runs it to
+the end. Everything random comes from an explicit ``torch.Generator``.
+
+Layouts: latents and denoised estimates are NCHW ``(B, C, H, W)`` (``C = 2`` flow channels (dy, dx) in
+ctxseg); the batch holds the samples. Sigma tensors are 1-D float64 on the CPU.
+
+References
+----------
+.. [1] T. Karras, M. Aittala, T. Aila, S. Laine, "Elucidating the Design Space of Diffusion-Based
+   Generative Models", NeurIPS 2022, arXiv:2206.00364 (discretizations, Heun solver, churn).
+.. [2] arXiv:2306.04848, the reference the original ctxseg code gives for its "edf" solver.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from napari_ctxseg.core.errors import ConfigError, InputError
+
+__all__ = [
+    "CHURNS",
+    "DISCRETIZATIONS",
+    "SOLVERS",
+    "DMGradient",
+    "SamplerStep",
+    "dm_gradient",
+    "edm_sigmas",
+    "get_discretization",
+    "get_sigmas",
+    "iddpm_original_sigmas",
+    "iddpm_sigmas",
+    "num_model_calls",
+    "sample",
+    "sample_steps",
+    "sde_churn",
+    "ve_sigmas",
+    "vp_sigmas",
+]
+
+Denoiser = Callable[..., Tensor]
+"""``D(x, sigma, **kwargs) -> Tensor``: the denoised estimate of ``x`` (same shape)."""
+GradientFn = Callable[..., Tensor]
+"""``g(x, sigma, *, inpaint=None, inpaint_mask=None, **kwargs) -> Tensor``: ``dx/dsigma`` of the ODE."""
+Discretization = Callable[[float, float, int], Any]
+"""``f(sigma_min, sigma_max, num_steps)`` -> ``num_steps`` decreasing positive sigmas (tensor or sequence)."""
+ChurnFn = Callable[[Tensor, float], tuple[Tensor, float]]
+"""``f(x, sigma) -> (x_hat, sigma_hat)``."""
+
+SOLVERS = ("euler", "heun", "edf", "one_step")
+CHURNS = ("none", "sde")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Discretizations
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check_range(sigma_min: float, sigma_max: float, num_steps: int) -> None:
+    if not (isinstance(num_steps, int) and num_steps >= 1):
+        raise ConfigError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    if not (0 < sigma_min < sigma_max < math.inf):
+        raise ConfigError(f"expected 0 < sigma_min < sigma_max < inf, got {sigma_min=}, {sigma_max=}")
+
+
+def edm_sigmas(sigma_min: float, sigma_max: float, num_steps: int, *, rho: float = 7.0) -> Tensor:
+    """EDM noise levels, uniform in :math:`\\sigma^{1/\\rho}`.
+
+    Notes
+    -----
+    :math:`\\sigma_i = (\\sigma_{max}^{1/\\rho} + \\tfrac{i}{N-1}(\\sigma_{min}^{1/\\rho} -
+    \\sigma_{max}^{1/\\rho}))^\\rho`, :math:`i = 0..N-1` [1]_; ``(N,)`` float64, without the final 0.
+    """
+    _check_range(sigma_min, sigma_max, num_steps)
+    ramp = torch.linspace(sigma_max ** (1 / rho), sigma_min ** (1 / rho), num_steps, dtype=torch.float64)
+    return ramp**rho
+
+
+def vp_sigmas(sigma_min: float, sigma_max: float, num_steps: int, *, epsilon_s: float = 1e-3) -> Tensor:
+    """Variance-preserving (VP) noise levels at uniform times from 1 to ``epsilon_s``.
+
+    Notes
+    -----
+    :math:`\\sigma(t) = \\sqrt{e^{\\beta_d t^2/2 + \\beta_{min} t} - 1}` with :math:`\\beta_d, \\beta_{min}`
+    chosen so that :math:`\\sigma(1) = \\sigma_{max}` and :math:`\\sigma(\\epsilon_s) = \\sigma_{min}` [1]_;
+    :math:`t_i` = linspace(1, :math:`\\epsilon_s`, N). ``(N,)`` float64.
+    """
+    _check_range(sigma_min, sigma_max, num_steps)
+    log_max = math.log(sigma_max**2 + 1)
+    beta_d = 2 * (math.log(sigma_min**2 + 1) / epsilon_s - log_max) / (epsilon_s - 1)
+    beta_min = log_max - 0.5 * beta_d
+    t = torch.linspace(1, epsilon_s, num_steps, dtype=torch.float64)
+    return torch.sqrt(torch.exp(0.5 * beta_d * t**2 + beta_min * t) - 1)
+
+
+def ve_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> Tensor:
+    """Variance-exploding (VE) noise levels: a geometric sequence from ``sigma_max`` to ``sigma_min``.
+
+    Notes
+    -----
+    :math:`\\sigma_i = \\sigma_{max} (\\sigma_{min}/\\sigma_{max})^{i/(N-1)}` [1]_. ``(N,)`` float64.
+    """
+    _check_range(sigma_min, sigma_max, num_steps)
+    frac = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    return (sigma_min / sigma_max) ** frac * sigma_max
+
+
+@lru_cache(maxsize=8)
+def _iddpm_admissible(C_1: float, C_2: float, M: int) -> tuple[float, ...]:
+    """The iDDPM noise levels :math:`u_0 > u_1 > ... > u_M = 0` (float64)."""
+
+    def alpha_bar(j: int) -> float:
+        return math.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2
+
+    u = [0.0] * (M + 1)
+    for j in range(M, 0, -1):
+        u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(alpha_bar(j - 1) / alpha_bar(j), C_1) - 1)
+    return tuple(u)
+
+
+def _iddpm_in_range(sigma_min: float, sigma_max: float, C_1: float, C_2: float, M: int) -> Tensor:
+    u = torch.tensor(_iddpm_admissible(C_1, C_2, M), dtype=torch.float64)
+    u = u[(u >= sigma_min) & (u <= sigma_max)]
+    if len(u) == 0:
+        raise ConfigError(f"no iDDPM noise level lies in [{sigma_min}, {sigma_max}]")
+    return u
+
+
+def iddpm_sigmas(
+    sigma_min: float,
+    sigma_max: float,
+    num_steps: int,
+    *,
+    C_1: float = 0.001,
+    C_2: float = 0.008,
+    M: int = 1000,
+) -> Tensor:
+    """iDDPM noise levels spread over the whole admissible range (as NVlabs/edm does).
+
+    Notes
+    -----
+    :math:`u_M = 0`,
+    :math:`u_{j-1} = \\sqrt{(u_j^2 + 1) / \\max(\\bar\\alpha_{j-1}/\\bar\\alpha_j, C_1) - 1}`,
+    :math:`\\bar\\alpha_j = \\sin^2(\\tfrac{\\pi}{2} \\tfrac{j}{M (C_2 + 1)})`. Of the :math:`L` levels in
+    ``[sigma_min, sigma_max]`` (descending), step :math:`i` takes index
+    :math:`\\lfloor \\tfrac{L-1}{N-1} i + \\tfrac12 \\rfloor` [1]_, so the schedule runs from the largest
+    level below ``sigma_max`` to the smallest above ``sigma_min``. The original ctxseg code stops far
+    above ``sigma_min``; that behaviour is :func:`iddpm_original_sigmas`. ``(N,)`` float64.
+    """
+    _check_range(sigma_min, sigma_max, num_steps)
+    u = _iddpm_in_range(sigma_min, sigma_max, C_1, C_2, M)
+    if num_steps == 1:
+        return u[:1].clone()
+    index = torch.floor((len(u) - 1) / (num_steps - 1) * torch.arange(num_steps, dtype=torch.float64) + 0.5)
+    return u[index.long()]
+
+
+def iddpm_original_sigmas(
+    sigma_min: float,
+    sigma_max: float,
+    num_steps: int,
+    *,
+    C_1: float = 0.001,
+    C_2: float = 0.008,
+    M: int = 1000,
+) -> Tensor:
+    """iDDPM noise levels exactly as the original ctxseg computes them (a known defect, kept for parity).
+
+    Notes
+    -----
+    Same admissible levels as :func:`iddpm_sigmas`, but indexed with
+    :math:`\\lfloor \\tfrac{L-1}{N-1} t_i \\rfloor` for :math:`t_i` = linspace(0, 1, N) instead of
+    :math:`i = 0..N-1`: only the first :math:`1/(N-1)` of the range is used, so with ``sigma_max = 80``,
+    ``sigma_min = 0.002`` the schedule ends at 2.99 for N = 6 and at 9.54 for N = 18. ``(N,)`` float64.
+    """
+    _check_range(sigma_min, sigma_max, num_steps)
+    u = _iddpm_in_range(sigma_min, sigma_max, C_1, C_2, M)
+    if num_steps == 1:
+        return u[:1].clone()
+    frac = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    return u[((len(u) - 1) / (num_steps - 1) * frac).long()]
+
+
+DISCRETIZATIONS: dict[str, Discretization] = {
+    "edm": edm_sigmas,
+    "vp": vp_sigmas,
+    "ve": ve_sigmas,
+    "iddpm": iddpm_sigmas,
+    "iddpm_original": iddpm_original_sigmas,
+}
+"""Discretizations by name."""
+
+
+def get_discretization(discretization: str | Discretization) -> Discretization:
+    """Resolve a discretization name or pass a callable through.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown name; the message lists the choices.
+    """
+    if callable(discretization):
+        return discretization
+    try:
+        return DISCRETIZATIONS[discretization]
+    except (KeyError, TypeError):
+        raise ConfigError(
+            f"unknown discretization {discretization!r}; expected one of {sorted(DISCRETIZATIONS)} "
+            "or a callable f(sigma_min, sigma_max, num_steps)"
+        ) from None
+
+
+def get_sigmas(
+    discretization: str | Discretization, sigma_min: float, sigma_max: float, num_steps: int
+) -> Tensor:
+    """Noise levels of a sampler run, with the final 0 appended.
+
+    Parameters
+    ----------
+    discretization : str or callable
+        A name of :data:`DISCRETIZATIONS` or ``f(sigma_min, sigma_max, num_steps)``.
+    sigma_min, sigma_max : float
+        Range handed to the discretization.
+    num_steps : int
+        Number of steps N.
+
+    Returns
+    -------
+    Tensor
+        ``(N + 1,)`` float64 on the CPU: N positive sigmas, then 0.
+
+    Raises
+    ------
+    ConfigError
+        Unknown name, bad range, or a custom discretization that does not return N positive finite values.
+    """
+    fn = get_discretization(discretization)
+    _check_range(sigma_min, sigma_max, num_steps)
+    sigmas = torch.as_tensor(fn(sigma_min, sigma_max, num_steps), dtype=torch.float64).detach().cpu()
+    if sigmas.shape != (num_steps,) or not bool(torch.all(torch.isfinite(sigmas) & (sigmas > 0))):
+        raise ConfigError(
+            f"discretization {discretization!r} must return {num_steps} positive finite sigmas, "
+            f"got {sigmas.tolist()}"
+        )
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Gradient and churn
+# --------------------------------------------------------------------------------------------------------
+
+
+def _sigma_like(sigma: float | Tensor, x: Tensor) -> float | Tensor:
+    """A Python float stays a float; a tensor becomes a per-sample ``(B, 1, ..., 1)`` tensor of x's dtype."""
+    if not isinstance(sigma, Tensor):
+        return float(sigma)
+    s = sigma.to(x.device, x.dtype)
+    if s.numel() == 1:
+        return s.reshape(())
+    if s.numel() != x.shape[0]:
+        raise InputError(
+            f"sigma must be a scalar or have one value per sample (B = {x.shape[0]}), "
+            f"got shape {tuple(s.shape)}"
+        )
+    return s.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+class DMGradient:
+    """The probability-flow ODE gradient ``dx/dsigma`` of a denoiser, with optional inpainting.
+
+    Parameters
+    ----------
+    denoiser : callable
+        ``D(x, sigma, **kwargs)``, e.g. :class:`napari_ctxseg.core.edm.EDMDenoiser`.
+    beta : float
+        Extra weight on the denoised estimate (0 gives the plain ODE).
+
+    Notes
+    -----
+    ``g(x, sigma, *, inpaint=None, inpaint_mask=None, **kwargs)``:
+
+    .. math:: g = \\frac{x}{\\sigma} - \\hat D \\left(\\frac{1}{\\sigma} + \\beta\\right), \\qquad
+              \\hat D = \\mathrm{where}(m, x_{inpaint}, D(x, \\sigma))
+
+    with the mask :math:`m` = ``inpaint_mask`` (bool, broadcastable to x) if given, else
+    :math:`\\hat D = D`. ``sigma`` is a Python float or a tensor with one value or one per sample.
+    :meth:`evaluate` returns :math:`(g, \\hat D)`.
+    """
+
+    def __init__(self, denoiser: Denoiser, *, beta: float = 0.0) -> None:
+        if not callable(denoiser):
+            raise ConfigError(f"denoiser must be callable, got {type(denoiser).__name__}")
+        self.denoiser = denoiser
+        self.beta = float(beta)
+
+    def __repr__(self) -> str:
+        return f"DMGradient(denoiser={self.denoiser!r}, beta={self.beta})"
+
+    def evaluate(
+        self,
+        x: Tensor,
+        sigma: float | Tensor,
+        *,
+        inpaint: Tensor | None = None,
+        inpaint_mask: Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor]:
+        """Return ``(g, D_hat)``; see the class notes."""
+        if (inpaint is None) != (inpaint_mask is None):
+            raise InputError("inpaint and inpaint_mask must be given together (got only one of them)")
+        denoised = self.denoiser(x, sigma, **kwargs)
+        if inpaint_mask is not None:
+            denoised = torch.where(inpaint_mask.to(torch.bool), inpaint.to(denoised.dtype), denoised)
+        s = _sigma_like(sigma, x)
+        w1 = 1 / s
+        w2 = w1 + self.beta
+        return x * w1 - denoised * w2, denoised
+
+    def __call__(self, x: Tensor, sigma: float | Tensor, **kwargs: Any) -> Tensor:
+        return self.evaluate(x, sigma, **kwargs)[0]
+
+
+def dm_gradient(denoiser: Denoiser, beta: float = 0.0) -> DMGradient:
+    """ODE gradient of a denoiser (the original's ``dm_gradient``); see :class:`DMGradient`."""
+    return DMGradient(denoiser, beta=beta)
+
+
+def sde_churn(
+    x: Tensor,
+    sigma: float,
+    *,
+    generator: torch.Generator,
+    gamma: float = math.sqrt(2) - 1,
+    S_min: float = 0.0,
+    S_max: float = math.inf,
+    S_noise: float = 1.0,
+) -> tuple[Tensor, float]:
+    """Temporarily raise the noise level of ``x`` (EDM's stochastic "churn").
+
+    Parameters
+    ----------
+    x : Tensor
+        Current latent at noise level ``sigma``.
+    sigma : float
+        Current noise level.
+    generator : torch.Generator
+        Source of the added noise.
+    gamma : float
+        Relative increase of sigma.
+    S_min, S_max : float
+        Churn only when ``S_min <= sigma <= S_max``.
+    S_noise : float
+        Scale of the added noise.
+
+    Returns
+    -------
+    x_hat, sigma_hat : Tensor, float
+
+    Notes
+    -----
+    :math:`\\hat\\sigma = \\sigma (1 + \\gamma)`,
+    :math:`\\hat x = x + S_{noise} \\sqrt{\\hat\\sigma^2 - \\sigma^2}\\, \\epsilon`,
+    :math:`\\epsilon \\sim \\mathcal{N}(0, I)` [1]_. The original raised a TypeError here and would
+    have used numpy's global RNG; this one draws from ``generator`` in ``x``'s dtype.
+    """
+    if not (S_min <= sigma <= S_max and gamma > 0):
+        return x, sigma
+    sigma_hat = sigma * (1 + gamma)
+    eps = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+    return x + S_noise * math.sqrt(sigma_hat**2 - sigma**2) * eps, sigma_hat
+
+
+# --------------------------------------------------------------------------------------------------------
+# Samplers
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class SamplerStep:
+    """Progress of a sampler after one step.
+
+    Attributes
+    ----------
+    step : int
+        Number of steps done, 1..``num_steps``.
+    num_steps : int
+        Total number of steps of the run.
+    sigma : float
+        Noise level of ``x`` after this step (0 after the last one).
+    x : Tensor
+        Current latent ``(B, C, H, W)``; after the last step, the samples. Do not modify in place.
+    denoised : Tensor or None
+        Denoised estimate :math:`\\hat D` computed at the start of this step (None for a custom
+        ``gradient_fn`` that is not a :class:`DMGradient`).
+    model_calls : int
+        Denoiser evaluations so far.
+    """
+
+    step: int
+    num_steps: int
+    sigma: float
+    x: Tensor
+    denoised: Tensor | None
+    model_calls: int
+
+    @property
+    def done(self) -> bool:
+        """Whether this is the last step."""
+        return self.step == self.num_steps
+
+
+def num_model_calls(solver: str, num_steps: int) -> int:
+    """Denoiser evaluations of a run: N for euler and edf, 2N - 1 for heun, 1 for one_step.
+
+    Raises
+    ------
+    ConfigError
+        Unknown solver or ``num_steps < 1``.
+    """
+    _check_solver(solver)
+    if not (isinstance(num_steps, int) and num_steps >= 1):
+        raise ConfigError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    if solver == "one_step":
+        return 1
+    if solver == "heun":
+        return 2 * num_steps - 1
+    return num_steps
+
+
+def _check_solver(solver: str) -> None:
+    if solver not in SOLVERS:
+        raise ConfigError(f"unknown solver {solver!r}; expected one of {list(SOLVERS)}")
+
+
+def _initial_latent(
+    x_init: Tensor | Sequence[int],
+    sigma0: float,
+    num_samples: int | None,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+    device: torch.device | str | None,
+) -> Tensor:
+    if isinstance(x_init, Tensor):
+        if x_init.ndim < 2:
+            raise InputError(
+                f"the initial latent must be batched (B, C, H, W), got shape {tuple(x_init.shape)}"
+            )
+        if num_samples is not None and num_samples != x_init.shape[0]:
+            raise InputError(
+                f"num_samples={num_samples} does not match the batch of the initial latent "
+                f"{tuple(x_init.shape)}; the batch holds the samples"
+            )
+        return x_init
+    shape = tuple(int(s) for s in x_init)
+    n = 1 if num_samples is None else num_samples
+    if n < 1 or len(shape) < 1 or any(s < 1 for s in shape):
+        raise InputError(
+            f"expected a per-sample shape such as (C, H, W) and num_samples >= 1, got "
+            f"{shape} and {num_samples}"
+        )
+    if generator is None:
+        raise ConfigError("a torch.Generator is needed to draw the initial latent (no global RNG is used)")
+    z = torch.randn((n, *shape), generator=generator, device=generator.device, dtype=dtype)
+    return (z * sigma0).to(device if device is not None else z.device)
+
+
+def _churn_fn(
+    churn: Literal["none", "sde"] | ChurnFn,
+    generator: torch.Generator | None,
+    gamma: float,
+    S_min: float,
+    S_max: float,
+    S_noise: float,
+) -> ChurnFn | None:
+    if callable(churn):
+        return churn
+    if churn == "none":
+        return None
+    if churn == "sde":
+        if generator is None:
+            raise ConfigError("churn='sde' needs a torch.Generator (no global RNG is used)")
+
+        def _sde(x: Tensor, sigma: float) -> tuple[Tensor, float]:
+            return sde_churn(
+                x, sigma, generator=generator, gamma=gamma, S_min=S_min, S_max=S_max, S_noise=S_noise
+            )
+
+        return _sde
+    raise ConfigError(f"unknown churn {churn!r}; expected one of {list(CHURNS)} or a callable f(x, sigma)")
+
+
+@torch.no_grad()
+def sample_steps(
+    denoiser: Denoiser | None,
+    x_init: Tensor | Sequence[int],
+    *,
+    num_steps: int = 18,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    solver: Literal["euler", "heun", "edf", "one_step"] = "heun",
+    discretization: str | Discretization = "edm",
+    sigmas: Tensor | None = None,
+    churn: Literal["none", "sde"] | ChurnFn = "none",
+    gamma: float = math.sqrt(2) - 1,
+    S_min: float = 0.0,
+    S_max: float = math.inf,
+    S_noise: float = 1.0,
+    beta: float = 0.0,
+    gradient_fn: GradientFn | None = None,
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    inpaint: Tensor | None = None,
+    inpaint_mask: Tensor | None = None,
+    **model_kwargs: Any,
+) -> Iterator[SamplerStep]:
+    """Integrate the probability-flow ODE from noise to samples, yielding after every step.
+
+    Parameters
+    ----------
+    denoiser : callable or None
+        ``D(x, sigma, **model_kwargs)``; the gradient is ``dm_gradient(denoiser, beta)``. May be None
+        when ``gradient_fn`` is given (not for ``one_step``).
+    x_init : Tensor or sequence of int
+        Either the initial latent ``(B, C, H, W)``, used **as is** (not multiplied by sigma, as in the
+        original), or the shape of **one** sample ``(C, H, W)``: the latent is then
+        ``sigmas[0] * N(0, I)`` of shape ``(num_samples, C, H, W)`` drawn from ``generator``.
+    num_steps : int
+        Number of steps N (ignored by ``one_step`` and when ``sigmas`` is given).
+    sigma_min, sigma_max : float
+        Range of the discretization (``one_step`` uses ``sigma_max`` only).
+    solver : {"euler", "heun", "edf", "one_step"}
+        See Notes.
+    discretization : str or callable
+        A name of :data:`DISCRETIZATIONS` or ``f(sigma_min, sigma_max, N)``.
+    sigmas : Tensor, optional
+        Precomputed noise levels ``(N + 1,)`` ending with 0 (as :func:`get_sigmas` returns); overrides
+        ``discretization``, ``num_steps``, ``sigma_min`` and ``sigma_max``.
+    churn : {"none", "sde"} or callable
+        Stochastic churn before each step (:func:`sde_churn` with ``gamma``, ``S_min``, ``S_max``,
+        ``S_noise`` and ``generator``), or ``f(x, sigma) -> (x_hat, sigma_hat)``.
+    beta : float
+        Passed to :func:`dm_gradient`.
+    gradient_fn : callable, optional
+        A custom ``g(x, sigma, *, inpaint, inpaint_mask, **model_kwargs)`` used instead of
+        ``dm_gradient(denoiser, beta)``; the steps then report ``denoised=None`` unless it is a
+        :class:`DMGradient`.
+    num_samples : int, optional
+        Samples to draw when ``x_init`` is a shape (default 1); with a latent, None or its batch size.
+    generator : torch.Generator, optional
+        Source of the initial latent and of the churn noise; required when either is drawn.
+    dtype, device
+        Of a drawn latent (default float32, the generator's device).
+    inpaint, inpaint_mask : Tensor, optional
+        Known values and where they apply (bool, broadcastable to the latent); see :class:`DMGradient`.
+    **model_kwargs
+        Passed to every denoiser call (e.g. image features).
+
+    Yields
+    ------
+    SamplerStep
+        After each step; the last one holds the samples in ``x``. Closing the generator (or breaking out
+        of the loop) stops the work: no further denoiser call is made.
+
+    Raises
+    ------
+    ConfigError
+        Unknown solver, discretization or churn; bad sigma range; a missing generator.
+    InputError
+        An initial latent that does not match ``num_samples``, bad inpainting arguments.
+
+    Notes
+    -----
+    With :math:`\\sigma_0 > ... > \\sigma_{N-1} > \\sigma_N = 0` and :math:`g` the gradient, each step
+    :math:`i` takes (after churn, :math:`(x, \\sigma_i) \\to (\\hat x, \\hat\\sigma)`)
+    :math:`d = g(\\hat x, \\hat\\sigma)` and then :math:`x \\leftarrow \\hat x + (\\sigma_{i+1} -
+    \\hat\\sigma)\\, d'` with
+
+    - ``euler``: :math:`d' = d`;
+    - ``heun``: :math:`d' = (d + g(\\hat x + (\\sigma_{i+1} - \\hat\\sigma) d, \\sigma_{i+1}))/2`, except on
+      the last step (:math:`\\sigma_{i+1} = 0`) where :math:`d' = d`: 2N - 1 denoiser calls;
+    - ``edf``: :math:`d' = 2 d - d'_{prev}` from the second step on, where :math:`d'_{prev}` is the
+      previous step's **already extrapolated** :math:`d'` (a recursion). This is what the original code
+      does, not what its docstring says (extrapolation from the previous raw gradient); the parity fixtures
+      confirm the recursive form;
+    - ``one_step``: :math:`x = \\hat D(x, \\sigma_{max})`, a single denoiser call, which is what the
+      original ``scripts/inference.py`` does with ``nsteps=1`` (its default fast inference). Mathematically
+      an euler step from ``sigma_max`` to 0, without its cancellation error.
+
+    The step sizes are computed in float64 from the sigma tensor; the latent keeps its dtype. The sampler
+    runs under ``torch.no_grad()``; a custom ``gradient_fn`` that needs autograd must enable it itself.
+    Unlike the original, all samples are one batch (one denoiser call per evaluation for all of them).
+    """
+    _check_solver(solver)
+    if gradient_fn is None:
+        if denoiser is None:
+            raise ConfigError("give a denoiser or a gradient_fn")
+        grad: DMGradient | GradientFn = dm_gradient(denoiser, beta=beta)
+    else:
+        grad = gradient_fn
+    if solver == "one_step":
+        if denoiser is None:
+            raise ConfigError("solver='one_step' needs a denoiser")
+        grad = dm_gradient(denoiser, beta=beta)
+        sigma_seq = torch.tensor([float(sigma_max), 0.0], dtype=torch.float64)
+        _check_range(sigma_min, sigma_max, 1)
+    elif sigmas is not None:
+        sigma_seq = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().reshape(-1)
+        if len(sigma_seq) < 2 or sigma_seq[-1] != 0 or not bool(torch.all(sigma_seq[:-1] > 0)):
+            raise ConfigError(
+                f"sigmas must be N >= 1 positive values followed by 0, got {sigma_seq.tolist()}"
+            )
+    else:
+        sigma_seq = get_sigmas(discretization, sigma_min, sigma_max, num_steps)
+
+    sig = sigma_seq.tolist()
+    n_steps = len(sig) - 1
+    x = _initial_latent(x_init, sig[0], num_samples, generator, dtype, device)
+    churn_fn = _churn_fn(churn, generator, gamma, S_min, S_max, S_noise)
+    kwargs: dict[str, Any] = dict(model_kwargs)
+    if inpaint is not None or inpaint_mask is not None:
+        kwargs.update(inpaint=inpaint, inpaint_mask=inpaint_mask)
+
+    def evaluate(x_: Tensor, s_: float) -> tuple[Tensor, Tensor | None]:
+        if isinstance(grad, DMGradient):
+            return grad.evaluate(x_, s_, **kwargs)
+        return grad(x_, s_, **kwargs), None
+
+    if solver == "one_step":
+        if churn_fn is not None:
+            raise ConfigError("solver='one_step' does not support churn; use churn='none'")
+        _, denoised = evaluate(x, sig[0])
+        yield SamplerStep(1, 1, 0.0, denoised, denoised, 1)
+        return
+
+    calls = 0
+    d_prev: Tensor | None = None
+    for i in range(n_steps):
+        s_cur, s_next = sig[i], sig[i + 1]
+        x_hat, s_hat = (x, s_cur) if churn_fn is None else churn_fn(x, s_cur)
+        d, denoised = evaluate(x_hat, s_hat)
+        calls += 1
+        if solver == "edf" and d_prev is not None:
+            d = 2 * d - d_prev
+        elif solver == "heun" and s_next > 0:
+            x_euler = x_hat + (s_next - s_hat) * d
+            d_euler, _ = evaluate(x_euler, s_next)
+            calls += 1
+            d = (d + d_euler) / 2
+        x = x_hat + (s_next - s_hat) * d
+        d_prev = d
+        yield SamplerStep(i + 1, n_steps, s_next, x, denoised, calls)
+
+
+def sample(denoiser: Denoiser | None, x_init: Tensor | Sequence[int], **kwargs: Any) -> Tensor:
+    """Run :func:`sample_steps` to the end and return the samples ``(B, C, H, W)``.
+
+    Takes the same arguments as :func:`sample_steps`.
+    """
+    last: SamplerStep | None = None
+    for last in sample_steps(denoiser, x_init, **kwargs):  # noqa: B007
+        pass
+    if last is None:  # pragma: no cover - sample_steps always yields at least once
+        raise RuntimeError("the sampler yielded no step")
+    return last.x
