@@ -15,28 +15,47 @@ __all__ = ["ATTENTION_KINDS", "CtxAtt", "linear_attention", "sigmoid_attention",
 AttentionKind = Literal["sigmoid", "softmax", "linear"]
 
 
+_CHUNK_ELEMENTS = 1 << 24  # attention-matrix entries per chunk (64 MB in float32)
+
+
+def _query_chunks(q: torch.Tensor, n_keys: int) -> list[slice]:
+    """Slices of the query axis so that one chunk's attention matrix stays below ``_CHUNK_ELEMENTS``."""
+    per_query = q.shape[0] * q.shape[1] * n_keys
+    size = max(1, _CHUNK_ELEMENTS // max(1, per_query))
+    return [slice(i, i + size) for i in range(0, q.shape[2], size)]
+
+
 def sigmoid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                       temp: float) -> torch.Tensor:
     """A = sigmoid(q k^T / temp), normalised by the number of (valid) keys; returns A v.
 
     Shapes: q (B, H, Lq, D), k and v (B, H, Lk, D), mask (B, 1, 1, Lk) bool or None. Rows of A do not
-    sum to 1 (this is not a softmax).
+    sum to 1 (this is not a softmax). Large inputs are processed in query chunks (same result).
     """
-    attn = torch.sigmoid(q @ k.transpose(-1, -2) / temp)
+    kt = k.transpose(-1, -2)
     if mask is not None:
-        attn = attn * mask / (1e-6 + mask.sum(dim=-1, keepdim=True))
+        norm = mask / (1e-6 + mask.sum(dim=-1, keepdim=True))
     else:
-        attn = attn / attn.shape[-1]
-    return attn @ v
+        norm = None
+    out = []
+    for sl in _query_chunks(q, k.shape[-2]):
+        attn = torch.sigmoid(q[:, :, sl] @ kt / temp)
+        attn = attn * norm if norm is not None else attn / attn.shape[-1]
+        out.append(attn @ v)
+    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                       temp: float) -> torch.Tensor:
     """Softmax attention; masked logits are set to -1e6 (so a fully masked row becomes uniform)."""
-    logits = q @ k.transpose(-1, -2) / temp
-    if mask is not None:
-        logits = torch.where(mask, logits, torch.full_like(logits, -1e6))
-    return logits.softmax(dim=-1) @ v
+    kt = k.transpose(-1, -2)
+    out = []
+    for sl in _query_chunks(q, k.shape[-2]):
+        logits = q[:, :, sl] @ kt / temp
+        if mask is not None:
+            logits = torch.where(mask, logits, torch.full_like(logits, -1e6))
+        out.append(logits.softmax(dim=-1) @ v)
+    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -80,8 +99,9 @@ class CtxAtt(nn.Module):
     -----
     Inputs are NCHW: q (B, C, H, W), k/v (B, Ck, h, w) with h*w tokens (the original requires the same
     token count only for masks). The mask (any resolution, bool) is nearest-resized to (B, h, w) of the
-    keys, batch axis included, exactly like the original (which resizes to the query's shape; all
-    callers use keys and queries of the same size). Output = proj_out(attention) + q.
+    keys, batch axis included. The original resizes it to the query's shape, which is the same thing
+    when, as in all its callers, queries and keys have the same size; resizing to the keys also allows a
+    context image of another size than the image. Output = proj_out(attention) + q.
     """
 
     def __init__(self, num_heads: int, in_dim: int, k_dim: int | None = None, v_dim: int | None = None,
@@ -108,8 +128,9 @@ class CtxAtt(nn.Module):
         b, _, h, w = q.shape
         k = q if k is None else k
         v = q if v is None else v
-        if mask is not None:
-            mask = resize_nearest(mask.bool(), (b, h, w)).reshape(b, 1, 1, h * w)
+        if mask is not None:  # the mask belongs to the keys (the original: to the query, same size there)
+            kh, kw = k.shape[-2:]
+            mask = resize_nearest(mask.bool(), (b, kh, kw)).reshape(b, 1, 1, kh * kw)
         q_in = to_channels_last(q)
         qt = self._tokens(self.proj_q(q_in))
         kt = self._tokens(self.proj_k(to_channels_last(k)))

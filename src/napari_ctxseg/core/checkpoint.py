@@ -115,6 +115,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, sigma_data: fl
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

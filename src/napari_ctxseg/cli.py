@@ -1,0 +1,166 @@
+"""The ``ctxseg`` command line: segment, train, finetune, convert, eval.
+
+Errors of the user's input or files print one line (``ctxseg: error: ...``) and exit with status 2;
+tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from . import __version__
+
+__all__ = ["main"]
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def _command(name: str):
+    def deco(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        _COMMANDS[name] = fn
+        return fn
+
+    return deco
+
+
+def _progress_line(text: str) -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + text[:150].ljust(150))
+    else:
+        sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (default: CUDA, then MPS, then CPU), cpu, cuda, mps")
+
+
+# ---- train / finetune -------------------------------------------------------------------------------------
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, type=Path, help="folder of images")
+    p.add_argument("--labels", required=True, type=Path, help="folder of label images with the same file names")
+    p.add_argument("--masks", type=Path, help="folder of region masks (non-zero where annotation is complete)")
+    p.add_argument("--split", type=Path, help="JSON file with 'train' (and 'val') lists of names")
+    p.add_argument("-o", "--output", required=True, type=Path, help="checkpoint to write (.safetensors)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--crop-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-every", type=int, default=500)
+    p.add_argument("--no-augment", action="store_true", help="no flips, rescaling or intensity changes")
+    p.add_argument("--resume", type=Path, help="training state to continue from")
+    p.add_argument("--state", type=Path, help="where to write the resumable training state")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="also write the checkpoint every N steps")
+    p.add_argument("--half", action="store_true", help="store weights as float16")
+    _add_device(p)
+
+
+def _train_request(args: argparse.Namespace, *, preset: str | None, base: str | None, lr: float | None = None):
+    from .core.training import TrainConfig
+    from .core.training_data import AugmentConfig
+    from .services.training import TrainRequest, load_folder_pairs, read_split
+
+    train_names = read_split(args.split, "train") if args.split else None
+    val_names = read_split(args.split, "val") if args.split else []
+    train_images = load_folder_pairs(args.images, args.labels, train_names)
+    if args.masks is not None:
+        from .services.training import attach_regions
+
+        attach_regions(train_images, args.masks)
+    val_images = load_folder_pairs(args.images, args.labels, val_names) if val_names else []
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, crop_size=args.crop_size,
+                      lr=lr if lr is not None else args.lr, seed=args.seed, val_every=args.val_every,
+                      augment=AugmentConfig.none() if args.no_augment else AugmentConfig(),
+                      warmup=min(200, max(1, args.steps // 10)))
+    return TrainRequest(output=args.output, train_images=train_images, val_images=val_images,
+                        preset=preset or "small", base=base, config=cfg, device=args.device,
+                        state_path=args.state, resume=args.resume, half=args.half,
+                        checkpoint_every=args.checkpoint_every,
+                        provenance={"images": str(args.images), "labels": str(args.labels),
+                                    "split": str(args.split) if args.split else None})
+
+
+def _run_training(req) -> int:
+    from .services.training import run_training
+
+    gen = run_training(req)
+    try:
+        while True:
+            p = next(gen)
+            val = f" val {p.val_loss:.4f}" if p.val_loss is not None else ""
+            if p.step == 1 or p.step % 10 == 0 or p.step == p.total or p.val_loss is not None:
+                _progress_line(f"step {p.step}/{p.total} loss {p.loss:.4f}{val} {p.samples_per_s:.1f} samples/s "
+                               f"ETA {p.eta_s / 60:.1f} min")
+    except StopIteration as stop:
+        sys.stderr.write("\n")
+        print(f"wrote {stop.value}")
+        return 0
+    except KeyboardInterrupt:
+        gen.close()
+        sys.stderr.write("\n")
+        print(f"interrupted; best weights so far written to {req.output}")
+        return 130
+
+
+@_command("train")
+def _cmd_train(args: argparse.Namespace) -> int:
+    return _run_training(_train_request(args, preset=args.preset, base=None))
+
+
+@_command("finetune")
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    return _run_training(_train_request(args, preset=None, base=getattr(args, "from")))
+
+
+# ---- parser ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``ctxseg`` (subcommands register their options here)."""
+    parser = argparse.ArgumentParser(prog="ctxseg", description="In-context cell segmentation with diffusion "
+                                     "models (napari-ctxseg).")
+    parser.add_argument("--version", action="version", version=f"napari-ctxseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model from scratch on folders of images and labels")
+    _add_train_args(p)
+    p.add_argument("--preset", default="small", help="model size: tiny, small (the default model), original")
+
+    p = sub.add_parser("finetune", help="adapt a model to your own annotated images")
+    _add_train_args(p)
+    p.add_argument("--from", default="default", help="checkpoint to start from (default: the bundled model)")
+    p.set_defaults(lr=3e-4)
+
+    from .cli_segment import add_segment_parsers
+
+    add_segment_parsers(sub, _command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ctxseg`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .core.errors import CtxSegError
+
+    t0 = time.perf_counter()
+    try:
+        return _COMMANDS[args.command](args)
+    except CtxSegError as exc:
+        print(f"ctxseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"ctxseg {args.command}: error: file not found: {exc.filename}", file=sys.stderr)
+        return 2
+    finally:
+        if getattr(args, "verbose", False):
+            print(f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

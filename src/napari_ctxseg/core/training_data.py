@@ -1,0 +1,288 @@
+"""Training data: annotated images, random crops with augmentation, and context pairs.
+
+Layouts: an :class:`AnnotatedImage` keeps the image as float32 (C, H, W) (normalised exactly as at
+inference by :func:`model_input`), labels (H, W), flows (2, H, W) channels (dy, dx) and an optional region
+(H, W) bool marking where the annotation is complete. Batches are NCHW torch tensors.
+
+Flows are computed once per image (:func:`mask_to_flow`) and transformed with the crop: rescaling resizes
+them bilinearly and renormalises them to unit length inside objects, flips negate a component, transposes
+swap the components. Pixels outside the region carry no loss (partial annotations are not taught as
+background).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .flows import mask_to_flow
+from .preprocess import normalize_image
+
+__all__ = [
+    "AnnotatedImage",
+    "AugmentConfig",
+    "Batch",
+    "CropSampler",
+    "annotate",
+    "model_input",
+]
+
+
+def model_input(image: np.ndarray, channels: int = 3) -> np.ndarray:
+    """Numpy image (H, W) or (H, W, C) -> normalised float32 (channels, H, W): the one layout change.
+
+    Grey images are repeated to 3 channels and 2-channel images padded with a zero channel, as the
+    original's ``pad_channel``; more than ``channels`` channels raise :class:`InputError`.
+    """
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3:
+        raise InputError(f"expected a 2D image (H, W) or (H, W, C), got shape {image.shape}")
+    c = image.shape[-1]
+    if c > channels:
+        raise InputError(f"image has {c} channels; expected at most {channels} (H, W, C) with C last")
+    norm = normalize_image(image.astype(np.float32, copy=False))
+    if c == 1:
+        norm = np.repeat(norm, channels, axis=-1)
+    elif c < channels:
+        norm = np.concatenate([norm, np.zeros(norm.shape[:2] + (channels - c,), np.float32)], axis=-1)
+    return np.ascontiguousarray(norm.transpose(2, 0, 1), dtype=np.float32)
+
+
+@dataclass
+class AnnotatedImage:
+    """One training image with its labels, flows and optional complete-annotation region."""
+
+    image: np.ndarray  # (C, H, W) float32, normalised
+    labels: np.ndarray  # (H, W) int32
+    flow: np.ndarray  # (2, H, W) float32
+    region: np.ndarray | None = None  # (H, W) bool; None = complete everywhere
+    name: str = ""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.labels.shape  # type: ignore[return-value]
+
+
+def annotate(image: np.ndarray, labels: np.ndarray, region: np.ndarray | None = None, *,
+             name: str = "") -> AnnotatedImage:
+    """Validate an (image, labels[, region]) pair and compute its flows once.
+
+    Raises
+    ------
+    InputError
+        Shapes differ, labels are not integers, or (with a region) no object lies in it.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise InputError(f"{name or 'labels'}: expected 2D labels (H, W), got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"{name or 'labels'}: expected integer labels, got dtype {labels.dtype}")
+    img = model_input(image)
+    if img.shape[1:] != labels.shape:
+        raise InputError(f"{name or 'image'}: image shape {np.asarray(image).shape} does not match labels "
+                         f"shape {labels.shape}")
+    if region is not None:
+        region = np.asarray(region).astype(bool)
+        if region.shape != labels.shape:
+            raise InputError(f"{name or 'region'}: region shape {region.shape} does not match labels "
+                             f"shape {labels.shape}")
+        if not region.any():
+            raise InputError(f"{name or 'region'}: the region mask is empty; mark where the annotation is "
+                             f"complete")
+    labels = labels.astype(np.int32)
+    return AnnotatedImage(img, labels, mask_to_flow(labels).astype(np.float32), region, name)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random augmentation of training crops.
+
+    Parameters
+    ----------
+    scale_range
+        Log-uniform rescale factor range (object diameters of DSB nuclei, ~10-40 px, then cover ~5-80 px).
+    flips
+        Random flips and transposes (the 8 symmetries of the square).
+    intensity
+        Random gamma, contrast, offset, noise and (RGB) channel order.
+    invert_prob
+        Probability of inverting intensities (bright-field vs fluorescence look).
+    """
+
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    flips: bool = True
+    intensity: bool = True
+    invert_prob: float = 0.1
+
+    @classmethod
+    def none(cls) -> AugmentConfig:
+        return cls(scale_range=(1.0, 1.0), flips=False, intensity=False, invert_prob=0.0)
+
+
+@dataclass
+class Batch:
+    """A training batch (NCHW). ``weight`` is 1 where the loss applies (inside the complete region)."""
+
+    image: torch.Tensor  # (B, C, S, S)
+    flow: torch.Tensor  # (B, 2, S, S)
+    weight: torch.Tensor  # (B, 1, S, S)
+    ref_image: torch.Tensor | None = None
+    ref_flow: torch.Tensor | None = None
+    ref_mask: torch.Tensor | None = None  # (B, S, S) bool
+    context_weight: torch.Tensor | None = None  # (B,) 1 = use context, 0 = none
+    names: list[str] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> Batch:
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Batch(mv(self.image), mv(self.flow), mv(self.weight), mv(self.ref_image), mv(self.ref_flow),
+                     mv(self.ref_mask), mv(self.context_weight), self.names)  # type: ignore[arg-type]
+
+
+def _renormalise(flow: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    norm = flow.square().sum(0, keepdim=True).sqrt()
+    return torch.where(inside, flow / norm.clamp_min(1e-6), torch.zeros_like(flow))
+
+
+class CropSampler:
+    """Draws augmented square crops (and context crops) from annotated images.
+
+    Parameters
+    ----------
+    images
+        The training images.
+    crop_size
+        Side of the crops (a multiple of the model stride).
+    augment
+        Augmentation settings.
+    p_no_context
+        Probability that a sample is trained without context (one model serves both uses).
+    partial_prob
+        Probability that a context crop is only partially annotated (random rectangles), teaching the
+        model to use incomplete annotations.
+    seed
+        Seed of the numpy generator that makes every random choice (deterministic).
+    """
+
+    def __init__(self, images: Sequence[AnnotatedImage], crop_size: int = 128, *,
+                 augment: AugmentConfig | None = None, p_no_context: float = 0.5,
+                 partial_prob: float = 0.5, seed: int = 0) -> None:
+        if not images:
+            raise InputError("no training images")
+        self.images = list(images)
+        self.crop_size = int(crop_size)
+        self.augment = augment or AugmentConfig()
+        self.p_no_context = float(p_no_context)
+        self.partial_prob = float(partial_prob)
+        self.rng = np.random.default_rng(seed)
+        # sample images in proportion to sqrt(area): large images are seen more, small ones still often
+        areas = np.array([np.sqrt(im.labels.size) for im in self.images], dtype=np.float64)
+        self._p = areas / areas.sum()
+
+    # ---- geometry -------------------------------------------------------------------------------
+    def _crop(self, im: AnnotatedImage, scale: float, flips: tuple[bool, bool, bool]) -> tuple[torch.Tensor, ...]:
+        s = self.crop_size
+        src = max(2, int(round(s / scale)))
+        h, w = im.shape
+        y0 = int(self.rng.integers(0, max(h - src, 0) + 1))
+        x0 = int(self.rng.integers(0, max(w - src, 0) + 1))
+        sl = (slice(y0, y0 + src), slice(x0, x0 + src))
+        image = torch.from_numpy(im.image[(slice(None), *sl)])
+        flow = torch.from_numpy(im.flow[(slice(None), *sl)])
+        labels = torch.from_numpy(im.labels[sl])
+        region = torch.ones_like(labels, dtype=torch.bool) if im.region is None else torch.from_numpy(im.region[sl])
+        ph, pw = src - labels.shape[0], src - labels.shape[1]
+        if ph or pw:  # image smaller than the crop: pad with background that counts as annotated
+            image = F.pad(image, (0, pw, 0, ph))
+            flow = F.pad(flow, (0, pw, 0, ph))
+            labels = F.pad(labels, (0, pw, 0, ph))
+            region = F.pad(region, (0, pw, 0, ph), value=True)
+        if src != s:
+            image = F.interpolate(image[None], size=(s, s), mode="bilinear", align_corners=False,
+                                  antialias=src > s)[0]
+            flow = F.interpolate(flow[None], size=(s, s), mode="bilinear", align_corners=False)[0]
+            labels = F.interpolate(labels[None, None].float(), size=(s, s), mode="nearest-exact")[0, 0].long()
+            region = F.interpolate(region[None, None].float(), size=(s, s), mode="nearest-exact")[0, 0] > 0.5
+            flow = _renormalise(flow, labels[None] > 0)
+        flip_y, flip_x, transpose = flips
+        if flip_y:
+            image, flow, labels, region = image.flip(-2), flow.flip(-2), labels.flip(-2), region.flip(-2)
+            flow = flow * torch.tensor([-1.0, 1.0]).view(2, 1, 1)
+        if flip_x:
+            image, flow, labels, region = image.flip(-1), flow.flip(-1), labels.flip(-1), region.flip(-1)
+            flow = flow * torch.tensor([1.0, -1.0]).view(2, 1, 1)
+        if transpose:
+            image, labels, region = image.transpose(-1, -2), labels.transpose(-1, -2), region.transpose(-1, -2)
+            flow = flow.transpose(-1, -2).flip(0)  # (dy, dx) -> (dx, dy) of the transposed image
+        return image.contiguous(), flow.contiguous(), labels.contiguous(), region.contiguous()
+
+    def _geometry(self) -> tuple[float, tuple[bool, bool, bool]]:
+        lo, hi = self.augment.scale_range
+        scale = float(np.exp(self.rng.uniform(np.log(lo), np.log(hi)))) if hi > lo else float(lo)
+        flips = tuple(bool(b) for b in self.rng.integers(0, 2, 3)) if self.augment.flips else (False,) * 3
+        return scale, flips  # type: ignore[return-value]
+
+    # ---- intensity --------------------------------------------------------------------------------
+    def _intensity(self, image: torch.Tensor) -> torch.Tensor:
+        a = self.augment
+        if a.invert_prob and self.rng.random() < a.invert_prob:
+            image = 1.0 - image
+        if not a.intensity:
+            return image
+        if image.shape[0] == 3 and not torch.equal(image[0], image[1]) and self.rng.random() < 0.5:
+            image = image[torch.from_numpy(self.rng.permutation(3))]
+        gamma = float(np.exp(self.rng.uniform(-0.4, 0.4)))
+        image = image.clamp_min(0).pow(gamma)
+        image = image * float(self.rng.uniform(0.7, 1.3)) + float(self.rng.uniform(-0.1, 0.1))
+        if self.rng.random() < 0.3:
+            noise = torch.from_numpy(self.rng.standard_normal(image.shape[1:]).astype(np.float32))
+            image = image + float(self.rng.uniform(0.0, 0.08)) * noise
+        return image
+
+    def _partial_region(self, labels: torch.Tensor) -> torch.Tensor:
+        """A random union of rectangles (at least one object inside) marking the annotated part."""
+        s = labels.shape[-1]
+        region = torch.zeros_like(labels, dtype=torch.bool)
+        for _ in range(int(self.rng.integers(1, 4))):
+            hh, ww = (int(v) for v in self.rng.integers(s // 4, s + 1, 2))
+            y, x = int(self.rng.integers(0, s - hh + 1)), int(self.rng.integers(0, s - ww + 1))
+            region[y:y + hh, x:x + ww] = True
+        return region
+
+    # ---- batches ---------------------------------------------------------------------------------
+    def sample(self, batch_size: int, *, context: bool = True) -> Batch:
+        """Draw a batch; with ``context`` every sample also gets a reference crop of the same image."""
+        imgs, flows, weights, names = [], [], [], []
+        r_imgs, r_flows, r_masks, cw = [], [], [], []
+        for _ in range(batch_size):
+            im = self.images[int(self.rng.choice(len(self.images), p=self._p))]
+            scale, flips = self._geometry()
+            image, flow, labels, region = self._crop(im, scale, flips)
+            imgs.append(self._intensity(image))
+            flows.append(flow)
+            weights.append(region[None].float())
+            names.append(im.name)
+            if context:
+                use = self.rng.random() >= self.p_no_context
+                r_image, r_flow, r_labels, r_region = self._crop(im, scale, self._geometry()[1])
+                if self.rng.random() < self.partial_prob:
+                    r_region = r_region & self._partial_region(r_labels)
+                r_imgs.append(self._intensity(r_image))
+                r_flows.append(torch.where(r_region[None], r_flow, torch.zeros_like(r_flow)))
+                r_masks.append(r_region)
+                cw.append(1.0 if use else 0.0)
+        batch = Batch(torch.stack(imgs), torch.stack(flows), torch.stack(weights), names=names)
+        if context:
+            batch.ref_image = torch.stack(r_imgs)
+            batch.ref_flow = torch.stack(r_flows)
+            batch.ref_mask = torch.stack(r_masks)
+            batch.context_weight = torch.tensor(cw)
+        return batch

@@ -1,0 +1,337 @@
+"""Segment one 2D image, optionally in context: the use case behind the widget, the CLI and the API.
+
+:func:`segment_steps` is a generator of :class:`SegmentProgress` that returns a :class:`SegmentResult`;
+closing it between steps cancels the work (nothing is returned, nothing is left half-written).
+:func:`segment` runs it to the end.
+
+Layouts at this boundary are numpy, channels-last: image (H, W) or (H, W, C) with C <= 3 (RGBA drops
+alpha); labels (H, W); returned flows (N, 2, H, W) channel-first (dy, dx). Inside, tensors are NCHW.
+
+Scale: the bundled model was trained on nuclei of median diameter ``MODEL_DIAMETER`` (20 px) with
+random rescaling by 0.5-2x. ``diameter`` (the typical object diameter in pixels of *this* image) rescales
+the image by ``MODEL_DIAMETER / diameter`` before the model sees it; flow following runs at the model's
+scale and labels are resized back with nearest neighbours.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..core.edm import EDMDenoiser
+from ..core.errors import ConfigError, InputError
+from ..core.flows import flow_to_mask, mask_to_flow
+from ..core.models import CtxSegP, ImageFeatures, PContext
+from ..core.sampling import num_model_calls, sample_steps
+from ..core.tiling import Tile, blend_weight, pad_to_multiple, plan_tiles
+from ..core.training_data import model_input
+from .models import LoadedModel, load_model
+
+__all__ = [
+    "MODEL_DIAMETER",
+    "FlowParams",
+    "SegmentProgress",
+    "SegmentRequest",
+    "SegmentResult",
+    "labels_from_flows",
+    "segment",
+    "segment_steps",
+]
+
+MODEL_DIAMETER = 20.0
+SOLVERS = ("euler", "heun", "edf")
+
+
+@dataclass(frozen=True)
+class FlowParams:
+    """Flow-following settings (applied to cached flows without re-running the network).
+
+    ``min_size`` is in pixels of the input image; ``max_flow_err`` > 0 drops objects whose flow disagrees
+    with the flow of their own shape (mean squared error above the threshold).
+    """
+
+    niter: int = 200
+    step_size: float = 0.5
+    min_seed_cnts: int = 30
+    expand_min_cnts: int = 2
+    max_flow_err: float = 0.0
+    min_size: int = 15
+    remove_border: bool = False
+
+
+@dataclass
+class SegmentRequest:
+    """Everything that decides a segmentation (so a run can be reproduced from it)."""
+
+    image: np.ndarray
+    checkpoint: str | None = "default"
+    device: str = "auto"
+    steps: int = 1
+    solver: Literal["euler", "heun", "edf"] = "edf"
+    discretization: str = "edm"
+    num_samples: int = 1
+    seed: int = 0
+    diameter: float | None = None
+    context_image: np.ndarray | None = None
+    context_labels: np.ndarray | None = None
+    context_region: np.ndarray | None = None
+    flow: FlowParams = field(default_factory=FlowParams)
+    tile_size: int = 1024
+    tile_overlap: int = 128
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+
+
+@dataclass
+class SegmentProgress:
+    """``stage`` is "encode", "denoise" or "labels"; ``done``/``total`` count model calls or steps."""
+
+    stage: str
+    done: int
+    total: int
+    message: str = ""
+
+
+@dataclass
+class SegmentResult:
+    """Labels, flows per sample and what was used to make them."""
+
+    labels: np.ndarray  # (H, W) uint32, consecutive
+    flows: np.ndarray  # (N, 2, H, W) float32
+    sample_labels: np.ndarray  # (N, H, W) uint32 (the fused labels come from the mean flow)
+    disagreement: np.ndarray  # (H, W) float32: std of the flow over samples (0 for one sample)
+    scale: float
+    metadata: dict[str, Any]
+    flows_model_scale: np.ndarray  # (N, 2, h, w) flows at the model's scale (for re-thresholding)
+
+
+# ---- validation ------------------------------------------------------------------------------------------
+
+def _as_image(image: np.ndarray, what: str) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 4:
+        image = image[..., :3]  # RGBA -> RGB
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] > 3):
+        raise InputError(f"{what} must be 2D: (H, W) grey or (H, W, C) with C <= 3 channels last; got shape "
+                         f"{image.shape} (stacks are segmented slice by slice by the stack service)")
+    if min(image.shape[:2]) < 8:
+        raise InputError(f"{what} is too small ({image.shape[:2]}); expected at least 8 x 8 pixels")
+    return image
+
+
+def _validate(req: SegmentRequest) -> None:
+    if req.steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {req.steps}")
+    if req.num_samples < 1:
+        raise ConfigError(f"num_samples must be >= 1, got {req.num_samples}")
+    if req.solver not in SOLVERS:
+        raise ConfigError(f"unknown solver {req.solver!r}; expected one of {list(SOLVERS)}")
+    if req.diameter is not None and not (req.diameter > 0 and math.isfinite(req.diameter)):
+        raise ConfigError(f"diameter must be a positive number of pixels, got {req.diameter}")
+    if (req.context_image is None) != (req.context_labels is None):
+        raise InputError("a context needs both an image and its labels")
+    if req.context_image is not None:
+        ci = np.asarray(req.context_image)
+        cl = np.asarray(req.context_labels)
+        if ci.shape[:2] != cl.shape:
+            raise InputError(f"context labels shape {cl.shape} does not match context image shape "
+                             f"{ci.shape[:2]} (image {ci.shape})")
+        if not np.issubdtype(cl.dtype, np.integer):
+            raise InputError(f"context labels must be integer instance labels, got dtype {cl.dtype}")
+        if req.context_region is not None and np.asarray(req.context_region).shape != cl.shape:
+            raise InputError(f"context region shape {np.asarray(req.context_region).shape} does not match "
+                             f"context labels shape {cl.shape}")
+        region = None if req.context_region is None else np.asarray(req.context_region).astype(bool)
+        if region is not None and not region.any():
+            raise InputError("the context region is empty: mark where the context annotation is complete")
+        if not (cl[region] if region is not None else cl).any():
+            raise InputError("the context labels contain no annotated object (inside the region)")
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+
+def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest-exact")
+    down = size[0] < x.shape[-2]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=down)
+
+
+def _scaled_size(shape: tuple[int, int], scale: float) -> tuple[int, int]:
+    return max(8, int(round(shape[0] * scale))), max(8, int(round(shape[1] * scale)))
+
+
+def _prepare_context(model: CtxSegP, req: SegmentRequest, scale: float, stride: int,
+                     device: torch.device) -> PContext:
+    img = torch.from_numpy(model_input(_as_image(req.context_image, "context image")))[None]
+    labels = np.asarray(req.context_labels).astype(np.int64)
+    region = (np.ones(labels.shape, bool) if req.context_region is None
+              else np.asarray(req.context_region).astype(bool))
+    size = _scaled_size(labels.shape, scale)
+    img = _resize(img, size, "bilinear")
+    lab_t = _resize(torch.from_numpy(labels)[None, None].double(), size, "nearest")[0, 0].long().numpy()
+    reg_t = _resize(torch.from_numpy(region)[None, None].float(), size, "nearest")[0, 0] > 0.5
+    flow = torch.from_numpy(mask_to_flow(lab_t).astype(np.float32))[None]
+    flow = torch.where(reg_t[None, None], flow, torch.zeros_like(flow))
+    img, _ = pad_to_multiple(img, stride)
+    flow, _ = pad_to_multiple(flow, stride, mode="constant")
+    reg_p, _ = pad_to_multiple(reg_t[None, None].float(), stride, mode="constant")
+    return model.encode_context(img.to(device), flow.to(device), (reg_p[:, 0] > 0.5).to(device))
+
+
+class _TiledDenoiser:
+    """D(x, sigma) evaluated tile by tile with precomputed image features, blended with ramp weights."""
+
+    def __init__(self, model: torch.nn.Module, sigma_data: float, tiles: list[Tile],
+                 features: list[ImageFeatures], shape: tuple[int, int], overlap: int) -> None:
+        self.tiles, self.features, self.shape = tiles, features, shape
+        self.weights = [blend_weight(t, shape, overlap) for t in tiles]
+        self.model = model
+        self.sigma_data = sigma_data
+
+    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        if len(self.tiles) == 1:
+            f = self.features[0]
+            return EDMDenoiser(lambda xi, c: self.model.predict(xi, c, f), sigma_data=self.sigma_data)(x, sigma)
+        out = torch.zeros_like(x)
+        norm = torch.zeros(self.shape, dtype=x.dtype, device=x.device)
+        for tile, f, w in zip(self.tiles, self.features, self.weights):
+            w = w.to(x.device, x.dtype)
+            den = EDMDenoiser(lambda xi, c, f=f: self.model.predict(xi, c, f), sigma_data=self.sigma_data)
+            out[(..., *tile.slices)] += den(x[(..., *tile.slices)], sigma) * w
+            norm[tile.slices] += w
+        return out / norm
+
+
+# ---- the use case ----------------------------------------------------------------------------------------
+
+def labels_from_flows(flows: np.ndarray, params: FlowParams, *, out_shape: tuple[int, int] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Instance labels from flows (N, 2, h, w): (fused labels of the mean flow, labels per sample).
+
+    Labels are computed at the flows' resolution, cleaned (small objects removed, border objects
+    optionally removed, relabelled 1..n) and resized to ``out_shape`` with nearest neighbours.
+    """
+    from skimage.morphology import remove_small_objects
+    from skimage.segmentation import clear_border, relabel_sequential
+
+    kw = dict(niter=params.niter, step_size=params.step_size, min_seed_cnts=params.min_seed_cnts,
+              expand_min_cnts=params.expand_min_cnts, max_flow_err=params.max_flow_err)
+    stack = np.concatenate([flows.mean(axis=0, keepdims=True), flows]) if len(flows) > 1 else flows
+    raw = np.asarray(flow_to_mask(np.ascontiguousarray(stack, dtype=np.float32), **kw)).reshape(
+        len(stack), *flows.shape[-2:])
+    out = []
+    for lab in raw:
+        lab = lab.astype(np.int64)
+        if out_shape is not None and lab.shape != tuple(out_shape):
+            lab = F.interpolate(torch.from_numpy(lab)[None, None].double(), size=out_shape,
+                                mode="nearest-exact")[0, 0].long().numpy()
+        lab = remove_small_objects(lab, max_size=max(0, params.min_size - 1)) if params.min_size > 1 else lab
+        if params.remove_border:
+            lab = clear_border(lab)
+        out.append(relabel_sequential(lab)[0].astype(np.uint32))
+    return out[0], np.stack(out[1:] if len(flows) > 1 else out)
+
+
+def segment_steps(req: SegmentRequest, *, loaded: LoadedModel | None = None
+                  ) -> Generator[SegmentProgress, None, SegmentResult]:
+    """Segment ``req.image``, yielding progress; returns a :class:`SegmentResult`.
+
+    Raises
+    ------
+    InputError
+        Bad image or context (shape, NaN, empty, constant, mismatched context).
+    ConfigError, CheckpointError
+        Bad settings or checkpoint.
+    """
+    _validate(req)
+    image = _as_image(req.image, "image")
+    x = torch.from_numpy(model_input(image))[None]  # (1, 3, H, W), normalised
+    loaded = loaded or load_model(req.checkpoint, device=req.device)
+    model, device = loaded.model, loaded.device
+    if req.context_image is not None and not isinstance(model, CtxSegP):
+        raise ConfigError(f"{loaded.name} is a {loaded.info.kind} model without a context path; use a "
+                          f"ctxseg-p checkpoint for in-context segmentation")
+    stride = model.config.stride
+    scale = 1.0 if req.diameter is None else MODEL_DIAMETER / float(req.diameter)
+    h0, w0 = image.shape[:2]
+    size = _scaled_size((h0, w0), scale)
+    x = _resize(x, size, "bilinear")
+    xp, (h, w) = pad_to_multiple(x, stride, min_size=stride)
+    tile = max(stride, req.tile_size // stride * stride)
+    overlap = min(req.tile_overlap // stride * stride, tile // 2)
+    tiles = plan_tiles(tuple(xp.shape[-2:]), tile, overlap, multiple=stride)
+    calls = num_model_calls("one_step" if req.steps == 1 else req.solver, req.steps)
+    total = len(tiles) + calls
+    with torch.inference_mode():
+        context = None
+        if req.context_image is not None:
+            context = _prepare_context(model, req, scale, stride, device)
+        features = []
+        for i, t in enumerate(tiles):
+            features.append(model.prepare(xp[(..., *t.slices)].to(device), context))
+            yield SegmentProgress("encode", i + 1, total, f"encoding tile {i + 1}/{len(tiles)}")
+        denoiser = _TiledDenoiser(model, loaded.sigma_data, tiles, features, tuple(xp.shape[-2:]), overlap)
+        gen = torch.Generator(device=device).manual_seed(int(req.seed))
+        steps = sample_steps(
+            denoiser, (2, *xp.shape[-2:]), num_samples=req.num_samples, num_steps=req.steps,
+            solver="one_step" if req.steps == 1 else req.solver, discretization=req.discretization,
+            sigma_min=req.sigma_min, sigma_max=req.sigma_max, generator=gen, device=device)
+        final = None
+        for st in steps:
+            final = st.x
+            yield SegmentProgress("denoise", len(tiles) + st.model_calls, total,
+                                  f"sampler step {st.step}/{st.num_steps}")
+    flows_s = final[..., :h, :w].float().cpu()  # (N, 2, h, w) at model scale
+    yield SegmentProgress("labels", total, total, "following flows")
+    labels, sample_labels = labels_from_flows(flows_s.numpy(), req.flow, out_shape=(h0, w0))
+    flows_full = _resize(flows_s, (h0, w0), "bilinear").numpy()
+    disagreement = (flows_full.std(axis=0).mean(axis=0) if len(flows_full) > 1
+                    else np.zeros((h0, w0), np.float32)).astype(np.float32)
+    meta = {
+        "checkpoint": loaded.name, "checkpoint_sha256": loaded.info.sha256, "model_kind": loaded.info.kind,
+        "seed": int(req.seed), "steps": req.steps, "solver": "one_step" if req.steps == 1 else req.solver,
+        "discretization": req.discretization, "num_samples": req.num_samples, "diameter": req.diameter,
+        "scale": scale, "device": str(device), "tiles": len(tiles), "flow_params": asdict(req.flow),
+        "context": None if req.context_image is None else _context_digest(req),
+    }
+    return SegmentResult(labels, flows_full.astype(np.float32), sample_labels, disagreement, scale, meta,
+                         flows_s.numpy())
+
+
+def _context_digest(req: SegmentRequest) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in (req.context_image, req.context_labels, req.context_region):
+        if a is not None:
+            a = np.ascontiguousarray(a)
+            h.update(str((a.shape, a.dtype.str)).encode())
+            h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def segment(image: np.ndarray, **kwargs: Any) -> SegmentResult:
+    """Segment a 2D image; keyword arguments are :class:`SegmentRequest` fields.
+
+    Examples
+    --------
+    >>> from napari_ctxseg import segment            # doctest: +SKIP
+    >>> result = segment(image, num_samples=4)       # doctest: +SKIP
+    >>> result.labels.max()                          # doctest: +SKIP
+    """
+    loaded = kwargs.pop("loaded", None)
+    gen = segment_steps(SegmentRequest(image=image, **kwargs), loaded=loaded)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value

@@ -1,0 +1,209 @@
+"""Training and fine-tuning as a service: folders or in-memory pairs in, a checkpoint out.
+
+Used by ``ctxseg train`` / ``ctxseg finetune`` and by the napari fine-tune widget. Work is a generator of
+:class:`~napari_ctxseg.core.training.TrainProgress`; closing it stops training after the current step
+and still writes the best weights so far (nothing is lost on cancel).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..core.checkpoint import file_sha256, save_checkpoint
+from ..core.config import ModelConfig
+from ..core.errors import ConfigError, InputError
+from ..core.models import SegP, build_model
+from ..core.training import TrainConfig, Trainer, TrainProgress
+from ..core.training_data import AnnotatedImage, AugmentConfig, CropSampler, annotate
+from .devices import resolve_device
+from .models import PRESETS, load_model
+
+__all__ = ["TrainRequest", "load_folder_pairs", "read_split", "run_training"]
+
+
+def read_split(path: str | os.PathLike, subset: str) -> list[str]:
+    """Names of one subset (``"train"``/``"val"``) of a JSON split file ``{"train": [...], "val": [...]}``."""
+    data = json.loads(Path(path).read_text())
+    if subset not in data:
+        raise InputError(f"split file {path} has no {subset!r} subset (has {sorted(data)})")
+    return [str(n) for n in data[subset]]
+
+
+def _find(folder: Path, name: str) -> Path:
+    for ext in (".tif", ".tiff", ".png", ".npy"):
+        p = folder / f"{name}{ext}"
+        if p.is_file():
+            return p
+    raise InputError(f"no image named {name!r} in {folder}")
+
+
+def read_array(path: str | os.PathLike) -> np.ndarray:
+    """Read a TIFF, PNG or .npy file into a numpy array."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        return tifffile.imread(path)
+    if suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    from skimage.io import imread
+
+    return imread(path)
+
+
+def load_folder_pairs(images: str | os.PathLike, labels: str | os.PathLike,
+                      names: Sequence[str] | None = None) -> list[AnnotatedImage]:
+    """Annotated images from two folders with the same file names (flows computed once here)."""
+    images, labels = Path(images), Path(labels)
+    if names is None:
+        names = sorted(p.stem for p in labels.iterdir() if p.suffix.lower() in (".tif", ".tiff", ".png", ".npy"))
+    if not names:
+        raise InputError(f"no label images found in {labels}")
+    return [annotate(read_array(_find(images, n)), read_array(_find(labels, n)), name=n) for n in names]
+
+
+@dataclass
+class TrainRequest:
+    """What to train, on what, and where to write it.
+
+    Parameters
+    ----------
+    output
+        Destination checkpoint (``.safetensors``).
+    train_images, val_images
+        Annotated images (see :func:`load_folder_pairs` and :func:`~napari_ctxseg.core.training_data.annotate`).
+    preset, base
+        Start from a fresh model of a preset size, or from a checkpoint (``"default"`` or a path) to
+        fine-tune. Exactly one is used; ``base`` wins.
+    config
+        Training settings.
+    device
+        ``auto``/``cpu``/``cuda``/``mps``.
+    state_path
+        Resumable training state (written every ``state_every`` steps); ``resume`` continues from one.
+    provenance
+        Extra facts recorded in the checkpoint (e.g. layer names and hashes).
+    half
+        Store the weights as float16 (half the file size).
+    """
+
+    output: str | os.PathLike
+    train_images: list[AnnotatedImage]
+    val_images: list[AnnotatedImage] = field(default_factory=list)
+    preset: str = "small"
+    base: str | os.PathLike | None = None
+    config: TrainConfig = field(default_factory=TrainConfig)
+    device: str = "auto"
+    state_path: str | os.PathLike | None = None
+    state_every: int = 200
+    resume: str | os.PathLike | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    half: bool = False
+    checkpoint_every: int = 0
+
+
+def _initial_model(req: TrainRequest) -> tuple[SegP, dict[str, Any], float]:
+    if req.base is not None:
+        loaded = load_model(req.base, device="cpu")
+        model = build_model(loaded.info.config)
+        model.load_state_dict(loaded.model.state_dict())
+        base = {"base_checkpoint": loaded.name, "base_sha256": loaded.info.sha256}
+        return model, base, loaded.sigma_data  # type: ignore[return-value]
+    if req.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {req.preset!r}; expected one of {sorted(PRESETS)}")
+    torch.manual_seed(req.config.seed)
+    config: ModelConfig = PRESETS[req.preset]
+    return build_model(config), {"preset": req.preset}, req.config.sigma_data  # type: ignore[return-value]
+
+
+def run_training(req: TrainRequest) -> Generator[TrainProgress, None, Path]:
+    """Train per ``req``, yielding progress; returns the written checkpoint path.
+
+    Closing the generator (cancel) writes the best validation weights (or the current EMA if there is no
+    validation yet) to ``req.output`` before returning, so a cancelled run still leaves a usable model.
+    """
+    if not req.train_images:
+        raise InputError("no training images")
+    if not any(int(im.labels.max()) > 0 for im in req.train_images):
+        raise InputError("the training labels contain no annotated objects")
+    cfg = req.config
+    model, prov, sigma_data = _initial_model(req)
+    if abs(sigma_data - cfg.sigma_data) > 1e-12:
+        cfg = TrainConfig(**{**cfg.to_dict(), "sigma_data": sigma_data})
+    device = resolve_device(req.device)
+    torch.manual_seed(cfg.seed)
+    sampler = CropSampler(req.train_images, cfg.crop_size, augment=cfg.augment, p_no_context=cfg.p_no_context,
+                          partial_prob=cfg.partial_prob, seed=cfg.seed)
+    val_sampler = (CropSampler(req.val_images, cfg.crop_size, augment=AugmentConfig.none(),
+                               p_no_context=cfg.p_no_context, partial_prob=0.0, seed=cfg.seed + 1)
+                   if req.val_images else None)
+    provenance = {
+        **prov, **req.provenance,
+        "train_images": len(req.train_images), "val_images": len(req.val_images),
+        "train_config": cfg.to_dict(), "device": str(device),
+        "torch": torch.__version__,
+    }
+    t0 = time.time()
+    trainer = Trainer(model, sampler, cfg, val_sampler=val_sampler, device=device, resume=req.resume,
+                      state_path=req.state_path, state_every=req.state_every)
+    gen = trainer.run()
+    last: TrainProgress | None = None
+    history = None
+    try:
+        while True:
+            try:
+                last = next(gen)
+            except StopIteration as stop:
+                history = stop.value.history
+                break
+            if req.checkpoint_every and last.step % req.checkpoint_every == 0 and last.step < cfg.steps:
+                _write(req, trainer.best_model(), sigma_data, provenance, last, t0, final=False)
+            yield last
+    finally:
+        if history is None:  # cancelled or failed: keep what was learned so far
+            gen.close()
+            if last is not None:
+                _write(req, trainer.best_model(), sigma_data, provenance, last, t0, final=False)
+    return _write(req, trainer.best_model(), sigma_data, provenance, last, t0, final=True, history=history)
+
+
+def _write(req: TrainRequest, model: SegP, sigma_data: float, provenance: dict[str, Any],
+           last: TrainProgress | None, t0: float, *, final: bool, history: list | None = None) -> Path:
+    prov = dict(provenance)
+    prov.update({
+        "steps_done": last.step if last else 0, "complete": final,
+        "train_seconds": round(time.time() - t0, 1),
+        "best_val_loss": last.best_val_loss if last else None,
+    })
+    if history:
+        prov["loss_curve"] = [[h["step"], round(h["loss"], 5)] for h in history[:: max(1, len(history) // 100)]]
+    path = save_checkpoint(req.output, model.cpu(), sigma_data=sigma_data, provenance=prov,
+                           dtype=torch.float16 if req.half else None)
+    return Path(path)
+
+
+def checkpoint_digest(path: str | os.PathLike) -> str:
+    """Short hash of a checkpoint file for provenance."""
+    return file_sha256(path)[:16]
+
+
+def attach_regions(images: list[AnnotatedImage], masks: str | os.PathLike) -> None:
+    """Set each image's complete-annotation region from a folder of masks with the same names."""
+    folder = Path(masks)
+    for im in images:
+        region = read_array(_find(folder, im.name)) != 0
+        if region.shape != im.labels.shape:
+            raise InputError(f"{im.name}: region mask shape {region.shape} does not match labels {im.labels.shape}")
+        if not region.any():
+            raise InputError(f"{im.name}: the region mask is empty")
+        im.region = region
