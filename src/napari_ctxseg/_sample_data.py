@@ -11,7 +11,7 @@ __all__ = ["context_pair", "nuclei", "read_sample"]
 
 
 def read_sample(name: str) -> np.ndarray:
-    """Read one of the bundled sample TIFFs (``nuclei``, ``nuclei_labels``, ``context``, ``context_labels``)."""
+    """Read a bundled sample TIFF: ``nuclei``, ``nuclei_labels``, ``context`` or ``context_labels``."""
     import tifffile
 
     with resources.as_file(resources.files("napari_ctxseg") / "sample_data" / f"{name}.tif") as path:

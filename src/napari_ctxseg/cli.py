@@ -36,15 +36,22 @@ def _progress_line(text: str) -> None:
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (default: CUDA, then MPS, then CPU), cpu, cuda, mps")
+    p.add_argument(
+        "--device", default="auto", help="auto (default: CUDA, then MPS, then CPU), cpu, cuda, mps"
+    )
 
 
 # ---- train / finetune -------------------------------------------------------------------------------------
 
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True, type=Path, help="folder of images")
-    p.add_argument("--labels", required=True, type=Path, help="folder of label images with the same file names")
-    p.add_argument("--masks", type=Path, help="folder of region masks (non-zero where annotation is complete)")
+    p.add_argument(
+        "--labels", required=True, type=Path, help="folder of label images with the same file names"
+    )
+    p.add_argument(
+        "--masks", type=Path, help="folder of region masks (non-zero where annotation is complete)"
+    )
     p.add_argument("--split", type=Path, help="JSON file with 'train' (and 'val') lists of names")
     p.add_argument("-o", "--output", required=True, type=Path, help="checkpoint to write (.safetensors)")
     p.add_argument("--steps", type=int, default=2000)
@@ -61,7 +68,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     _add_device(p)
 
 
-def _train_request(args: argparse.Namespace, *, preset: str | None, base: str | None, lr: float | None = None):
+def _train_request(
+    args: argparse.Namespace, *, preset: str | None, base: str | None, lr: float | None = None
+):
     from .core.training import TrainConfig
     from .core.training_data import AugmentConfig
     from .services.training import TrainRequest, load_folder_pairs, read_split
@@ -74,16 +83,34 @@ def _train_request(args: argparse.Namespace, *, preset: str | None, base: str | 
 
         attach_regions(train_images, args.masks)
     val_images = load_folder_pairs(args.images, args.labels, val_names) if val_names else []
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, crop_size=args.crop_size,
-                      lr=lr if lr is not None else args.lr, seed=args.seed, val_every=args.val_every,
-                      augment=AugmentConfig.none() if args.no_augment else AugmentConfig(),
-                      warmup=min(200, max(1, args.steps // 10)))
-    return TrainRequest(output=args.output, train_images=train_images, val_images=val_images,
-                        preset=preset or "small", base=base, config=cfg, device=args.device,
-                        state_path=args.state, resume=args.resume, half=args.half,
-                        checkpoint_every=args.checkpoint_every,
-                        provenance={"images": str(args.images), "labels": str(args.labels),
-                                    "split": str(args.split) if args.split else None})
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        crop_size=args.crop_size,
+        lr=lr if lr is not None else args.lr,
+        seed=args.seed,
+        val_every=args.val_every,
+        augment=AugmentConfig.none() if args.no_augment else AugmentConfig(),
+        warmup=min(200, max(1, args.steps // 10)),
+    )
+    return TrainRequest(
+        output=args.output,
+        train_images=train_images,
+        val_images=val_images,
+        preset=preset or "small",
+        base=base,
+        config=cfg,
+        device=args.device,
+        state_path=args.state,
+        resume=args.resume,
+        half=args.half,
+        checkpoint_every=args.checkpoint_every,
+        provenance={
+            "images": str(args.images),
+            "labels": str(args.labels),
+            "split": str(args.split) if args.split else None,
+        },
+    )
 
 
 def _run_training(req) -> int:
@@ -95,8 +122,10 @@ def _run_training(req) -> int:
             p = next(gen)
             val = f" val {p.val_loss:.4f}" if p.val_loss is not None else ""
             if p.step == 1 or p.step % 10 == 0 or p.step == p.total or p.val_loss is not None:
-                _progress_line(f"step {p.step}/{p.total} loss {p.loss:.4f}{val} {p.samples_per_s:.1f} samples/s "
-                               f"ETA {p.eta_s / 60:.1f} min")
+                _progress_line(
+                    f"step {p.step}/{p.total} loss {p.loss:.4f}{val} {p.samples_per_s:.1f} samples/s "
+                    f"ETA {p.eta_s / 60:.1f} min"
+                )
     except StopIteration as stop:
         sys.stderr.write("\n")
         print(f"wrote {stop.value}")
@@ -120,10 +149,12 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 # ---- parser ----------------------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``ctxseg`` (subcommands register their options here)."""
-    parser = argparse.ArgumentParser(prog="ctxseg", description="In-context cell segmentation with diffusion "
-                                     "models (napari-ctxseg).")
+    parser = argparse.ArgumentParser(
+        prog="ctxseg", description="In-context cell segmentation with diffusion models (napari-ctxseg)."
+    )
     parser.add_argument("--version", action="version", version=f"napari-ctxseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -3,8 +3,173 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
+from pathlib import Path
+
+
+def _progress(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint", default="default", help="a .safetensors checkpoint (default: bundled model)"
+    )
+    p.add_argument(
+        "--steps", type=int, default=1, help="sampler steps (1 = one-step prediction, the default)"
+    )
+    p.add_argument("--solver", default="edf", choices=["euler", "heun", "edf"])
+    p.add_argument("--samples", type=int, default=1, help="diffusion samples per image (flows are averaged)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--diameter",
+        type=float,
+        default=None,
+        help="typical object diameter in pixels (default: the model's training scale, 20 px)",
+    )
+    p.add_argument("--min-size", type=int, default=15, help="remove objects smaller than this (pixels)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
+    p.add_argument(
+        "--tile-size", type=int, default=1024, help="images larger than this are processed in tiles"
+    )
+
+
+def _segment_options(args: argparse.Namespace) -> dict:
+    from .services.segment import FlowParams
+
+    return dict(
+        checkpoint=args.checkpoint,
+        device=args.device,
+        steps=args.steps,
+        solver=args.solver,
+        num_samples=args.samples,
+        seed=args.seed,
+        diameter=args.diameter,
+        flow=FlowParams(min_size=args.min_size),
+        tile_size=args.tile_size,
+    )
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from .services.batch import collect_inputs, segment_files
+
+    inputs = collect_inputs(args.inputs)
+    options = _segment_options(args)
+    if args.context_image is not None:
+        if args.context_labels is None:
+            from .core.errors import InputError
+
+            raise InputError("--context-image needs --context-labels")
+        options["context_paths"] = (
+            str(args.context_image),
+            str(args.context_labels),
+            None if args.context_region is None else str(args.context_region),
+        )
+    done = segment_files(
+        inputs,
+        args.output,
+        options=options,
+        overwrite=args.overwrite,
+        workers=args.workers,
+        scheduler=args.scheduler,
+        progress=_progress,
+    )
+    for record in done:
+        print(f"{record['input']} -> {record['labels']} ({record['objects']} objects, {record['status']})")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import warnings
+
+    from .services.convert import convert_flax_checkpoint
+
+    overrides = {"ctx_head_dim": args.ctx_head_dim} if args.ctx_head_dim else None
+    if args.trust:
+        print(
+            "warning: unpickling runs code from the file; only convert checkpoints you trust", file=sys.stderr
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # said once above
+        info = convert_flax_checkpoint(
+            args.source,
+            args.output,
+            kind=args.model,
+            trust=args.trust,
+            overrides=overrides,
+            sigma_data=args.sigma_data,
+            half=args.half,
+        )
+    print(f"wrote {info.path} ({info.kind}, sha256 {info.sha256[:16]})")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .services.evaluate import evaluate_folder, format_report
+
+    report = evaluate_folder(
+        args.images,
+        args.labels,
+        names_file=args.split,
+        subset=args.subset,
+        options=_segment_options(args),
+        baseline=args.baseline,
+        progress=_progress,
+        limit=args.limit,
+    )
+    print(format_report(report))
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
 
 
 def add_segment_parsers(sub: argparse._SubParsersAction, register: Callable) -> None:
     """Add the inference-side subcommands to the ``ctxseg`` parser."""
+    p = sub.add_parser("segment", help="segment images (files, folders or globs) and write labels + CSV")
+    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns (TIFF, PNG, NPY)")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("ctxseg_output"),
+        help="output folder (NAME_labels.tif and NAME_objects.csv per image)",
+    )
+    p.add_argument("--context-image", type=Path, help="an annotated reference image (in-context use)")
+    p.add_argument("--context-labels", type=Path, help="its instance labels")
+    p.add_argument("--context-region", type=Path, help="where its annotation is complete (non-zero)")
+    p.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist (else skipped)")
+    p.add_argument("--workers", type=int, default=0, help="run on a local dask cluster with N workers")
+    p.add_argument("--scheduler", help="address of an existing dask.distributed scheduler")
+    _add_sampler_args(p)
+    register("segment")(_cmd_segment)
+
+    p = sub.add_parser("convert", help="convert an original ctxseg (Flax) checkpoint to .safetensors")
+    p.add_argument("source", type=Path, help="pickle (nnx State, Module, Optimizer/EMA) or flattened .npz")
+    p.add_argument("-o", "--output", required=True, type=Path)
+    p.add_argument("--model", required=True, choices=["ctxseg-p", "seg-p", "seg-d", "ctxseg-d"])
+    p.add_argument(
+        "--trust",
+        action="store_true",
+        help="allow reading a pickle: unpickling runs code from the file, use only trusted files",
+    )
+    p.add_argument("--ctx-head-dim", type=int, default=0, help="context attention head width (default 128)")
+    p.add_argument(
+        "--sigma-data", type=float, default=1.0, help="EDM sigma_data (the original inference: 1.0)"
+    )
+    p.add_argument("--half", action="store_true", help="store float16 weights")
+    register("convert")(_cmd_convert)
+
+    p = sub.add_parser("eval", help="segment annotated images and print AP/F1 (pooled and per modality)")
+    p.add_argument("--images", required=True, type=Path)
+    p.add_argument("--labels", required=True, type=Path)
+    p.add_argument("--split", type=Path, help="JSON split file; evaluates its --subset list")
+    p.add_argument("--subset", default="val")
+    p.add_argument("--baseline", action="store_true", help="also score an Otsu + watershed baseline")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images")
+    p.add_argument("--json", type=Path, help="also write the report as JSON")
+    _add_sampler_args(p)
+    register("eval")(_cmd_eval)

@@ -12,8 +12,14 @@ from napari_ctxseg.core.flax_params import flax_to_state_dict, state_dict_to_fla
 from napari_ctxseg.core.models import CtxSegD, CtxSegP, SegD, SegP, build_model
 from tests.parity import load_json, load_npz, nhwc_to_nchw
 
-P_SMALL = dict(model_dim=8, patch_size=4, depths=(2, 1, 1, 2), dim_multi=(1, 2, 4, 8),
-               encoder_depths=(1, 1, 2, 1), mha_head_dim=16)
+P_SMALL = dict(
+    model_dim=8,
+    patch_size=4,
+    depths=(2, 1, 1, 2),
+    dim_multi=(1, 2, 4, 8),
+    encoder_depths=(1, 1, 2, 1),
+    mha_head_dim=16,
+)
 D_SMALL = dict(encoder_dim=8, encoder_depths=(1, 1, 2, 1), decoder_dim=8)
 CONFIGS = {
     "segp": SegPConfig(**P_SMALL),
@@ -81,8 +87,10 @@ def test_segp() -> None:
     for s in ("80", "0.5"):
         close(den(t(io[f"input.precond_x.sigma_{s}"]), float(s)), io[f"output.precond_predict.sigma_{s}"])
     den_call = EDMDenoiser(lambda x, cn: m(x, cn, image=image), sigma_data=1.0)
-    close(den_call(t(io["input.precond_x.sigma_vec"]), t(io["input.precond_sigma_vec"])),
-          io["output.precond_call.sigma_vec"])
+    close(
+        den_call(t(io["input.precond_x.sigma_vec"]), t(io["input.precond_sigma_vec"])),
+        io["output.precond_call.sigma_vec"],
+    )
 
 
 @torch.inference_mode()
@@ -94,10 +102,14 @@ def test_ctxsegp() -> None:
     ref_mask = torch.from_numpy(io["input.ref_mask"])
     close(m.label_emb(c), io["inter.emb"])
     close(m(x_t, c, image=image), io["output.call_noref"])
-    close(m(x_t, c, image=image, image_ref=image_ref, flow_ref=flow_ref, ref_mask=ref_mask),
-          io["output.call_ref"])
-    close(m(x_t, c, image=image, image_ref=image_ref, flow_ref=flow_ref,
-            ref_mask=torch.ones_like(ref_mask)), io["output.call_ref_maskones"])
+    close(
+        m(x_t, c, image=image, image_ref=image_ref, flow_ref=flow_ref, ref_mask=ref_mask),
+        io["output.call_ref"],
+    )
+    close(
+        m(x_t, c, image=image, image_ref=image_ref, flow_ref=flow_ref, ref_mask=torch.ones_like(ref_mask)),
+        io["output.call_ref_maskones"],
+    )
     # the mask-less training call is defined (the original fails) and equals an all-True mask
     close(m(x_t, c, image=image, image_ref=image_ref, flow_ref=flow_ref), io["output.call_ref_maskones"])
     ctx = m.encode_context(image_ref, flow_ref, ref_mask)
@@ -112,15 +124,21 @@ def test_ctxsegp() -> None:
         close(f, io[f"inter.ref_features_mask.{k}"])
     close(m.predict(x_t, c, feats), io["output.predict_ref_mask"])
     close(m.predict(x_t, c, m.prepare(image)), io["output.predict_noref"])
-    close(m.predict(x_t, c, m.prepare(image, m.encode_context(image_ref, flow_ref))),
-          io["output.predict_ref_nomask"])
-    close(m.predict(x_t, c, m.prepare(image, m.encode_context(image_ref[:1], flow_ref[:1]))),
-          io["output.predict_ref1_nomask"])
+    close(
+        m.predict(x_t, c, m.prepare(image, m.encode_context(image_ref, flow_ref))),
+        io["output.predict_ref_nomask"],
+    )
+    close(
+        m.predict(x_t, c, m.prepare(image, m.encode_context(image_ref[:1], flow_ref[:1]))),
+        io["output.predict_ref1_nomask"],
+    )
     for name, f in (("ref_mask", feats), ("noref", m.prepare(image))):
         den = EDMDenoiser(lambda x, cn, f=f: m.predict(x, cn, f), sigma_data=1.0)
         for s in ("80", "0.5"):
-            close(den(t(io[f"input.precond_x.sigma_{s}"]), float(s)),
-                  io[f"output.precond_predict_{name}.sigma_{s}"])
+            close(
+                den(t(io[f"input.precond_x.sigma_{s}"]), float(s)),
+                io[f"output.precond_predict_{name}.sigma_{s}"],
+            )
 
 
 @torch.inference_mode()
@@ -129,8 +147,9 @@ def test_ctxsegp_context_weight_zero_is_no_context_and_one_image_serves_many_sam
     m: CtxSegP = _model("ctxsegp")
     x_t, c, image = t(io["input.x_t"]), t(io["input.noise_labels"]), t(io["input.image"])
     image_ref, flow_ref = t(io["input.image_ref"]), t(io["input.flow_ref"])
-    out = m(x_t, c, image=image, image_ref=image_ref, flow_ref=flow_ref,
-            context_weight=torch.tensor([0.0, 1.0]))
+    out = m(
+        x_t, c, image=image, image_ref=image_ref, flow_ref=flow_ref, context_weight=torch.tensor([0.0, 1.0])
+    )
     close(out[:1], io["output.call_noref"][:1])
     close(out[1:], io["output.call_ref_maskones"][1:])
     # one image's features broadcast over two samples == the image repeated

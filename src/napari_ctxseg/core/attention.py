@@ -25,8 +25,9 @@ def _query_chunks(q: torch.Tensor, n_keys: int) -> list[slice]:
     return [slice(i, i + size) for i in range(0, q.shape[2], size)]
 
 
-def sigmoid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                      temp: float) -> torch.Tensor:
+def sigmoid_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, temp: float
+) -> torch.Tensor:
     """A = sigmoid(q k^T / temp), normalised by the number of (valid) keys; returns A v.
 
     Shapes: q (B, H, Lq, D), k and v (B, H, Lk, D), mask (B, 1, 1, Lk) bool or None. Rows of A do not
@@ -45,8 +46,9 @@ def sigmoid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return torch.cat(out, dim=2) if len(out) > 1 else out[0]
 
 
-def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                      temp: float) -> torch.Tensor:
+def softmax_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, temp: float
+) -> torch.Tensor:
     """Softmax attention; masked logits are set to -1e6 (so a fully masked row becomes uniform)."""
     kt = k.transpose(-1, -2)
     out = []
@@ -58,8 +60,9 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return torch.cat(out, dim=2) if len(out) > 1 else out[0]
 
 
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                     temp: float) -> torch.Tensor:
+def linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, temp: float
+) -> torch.Tensor:
     """Linear attention: softmax(q, features) / temp @ (softmax(k, tokens)^T v).
 
     Notes
@@ -104,8 +107,14 @@ class CtxAtt(nn.Module):
     context image of another size than the image. Output = proj_out(attention) + q.
     """
 
-    def __init__(self, num_heads: int, in_dim: int, k_dim: int | None = None, v_dim: int | None = None,
-                 kind: AttentionKind = "sigmoid") -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        in_dim: int,
+        k_dim: int | None = None,
+        v_dim: int | None = None,
+        kind: AttentionKind = "sigmoid",
+    ) -> None:
         super().__init__()
         if kind not in ATTENTION_KINDS:
             raise ConfigError(f"unknown attention kind {kind!r}; expected one of {sorted(ATTENTION_KINDS)}")
@@ -123,8 +132,13 @@ class CtxAtt(nn.Module):
         b, h, w, c = x.shape
         return x.reshape(b, h * w, self.num_heads, c // self.num_heads).transpose(1, 2)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         b, _, h, w = q.shape
         k = q if k is None else k
         v = q if v is None else v
@@ -139,8 +153,9 @@ class CtxAtt(nn.Module):
         x = x.transpose(1, 2).reshape(b, h, w, -1)
         return to_channels_first(self.proj_out(x) + q_in)
 
-    def batch_process(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    def batch_process(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Each of the B queries attends to each of the N references separately; results are averaged.
 
         q (B, C, H, W); k, v (N, ., H, W); mask (N, h, w) or None. Returns (B, C, H, W).

@@ -70,8 +70,14 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, sigma_data: float,
-                    provenance: dict[str, Any] | None = None, dtype: torch.dtype | None = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    sigma_data: float,
+    provenance: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write ``model`` with its config to ``path`` atomically.
 
     Parameters
@@ -154,7 +160,9 @@ def read_info(path: str | os.PathLike) -> CheckpointInfo:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as exc:  # safetensors raises several error types for corrupt files
-        raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {exc}") from exc
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (corrupt or truncated?): {exc}"
+        ) from exc
     return _info_from_metadata(meta, path)
 
 
@@ -162,10 +170,13 @@ def _info_from_metadata(meta: dict[str, str], path: Path) -> CheckpointInfo:
     if meta.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is a safetensors file but not a napari-ctxseg checkpoint (metadata format="
-            f"{meta.get('format')!r}, expected {FORMAT!r}); original Flax checkpoints need `ctxseg convert`")
+            f"{meta.get('format')!r}, expected {FORMAT!r}); original Flax checkpoints need `ctxseg convert`"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {meta.get('format_version')!r}; this "
-                              f"napari-ctxseg reads version {FORMAT_VERSION!r} (upgrade the package?)")
+        raise CheckpointError(
+            f"{path} has checkpoint format version {meta.get('format_version')!r}; this "
+            f"napari-ctxseg reads version {FORMAT_VERSION!r} (upgrade the package?)"
+        )
     try:
         config = config_from_dict(json.loads(meta["config"]))
         sigma_data = float(meta["sigma_data"])
@@ -177,8 +188,12 @@ def _info_from_metadata(meta: dict[str, str], path: Path) -> CheckpointInfo:
     return CheckpointInfo(path, config, sigma_data, provenance, meta.get("package_version", ""))
 
 
-def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                    expected_kinds: tuple[str, ...] | None = None) -> tuple[nn.Module, CheckpointInfo]:
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    expected_kinds: tuple[str, ...] | None = None,
+) -> tuple[nn.Module, CheckpointInfo]:
     """Load a checkpoint written by :func:`save_checkpoint`; returns ``(model in eval mode, info)``.
 
     Parameters
@@ -209,17 +224,22 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{k}: {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)]
+    wrong = [
+        f"{k}: {tuple(tensors[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)
+    ]
     if missing or unexpected or wrong:
         raise CheckpointError(
             f"{path} does not match its {info.kind} config: missing {missing[:3]}"
-            f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}, wrong shapes {wrong[:2]}")
+            f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}, wrong shapes {wrong[:2]}"
+        )
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{path} has non-finite weights in {bad[:3]}")
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
     model.to(device).eval()
-    info = CheckpointInfo(info.path, info.config, info.sigma_data, info.provenance, info.package_version,
-                          file_sha256(path))
+    info = CheckpointInfo(
+        info.path, info.config, info.sigma_data, info.provenance, info.package_version, file_sha256(path)
+    )
     return model, info

@@ -106,8 +106,9 @@ class SegPConfig(ModelConfig):
         for lvl in self.att_levels:
             dim = self.model_dim * self.dim_multi[lvl]
             if dim % self.mha_head_dim:
-                raise ConfigError(f"level {lvl} width {dim} is not a multiple of mha_head_dim "
-                                  f"{self.mha_head_dim}")
+                raise ConfigError(
+                    f"level {lvl} width {dim} is not a multiple of mha_head_dim {self.mha_head_dim}"
+                )
         if not 0.0 <= self.drop_rate < 1.0:
             raise ConfigError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
 
@@ -139,12 +140,15 @@ class CtxSegPConfig(SegPConfig):
         super().__post_init__()
         _positive("ctx_head_dim", self.ctx_head_dim)
         if len(self.ctx_att_kinds) != len(self.depths) or any(k not in _ATT for k in self.ctx_att_kinds):
-            raise ConfigError(f"ctx_att_kinds must give one of {_ATT} per level ({len(self.depths)}), "
-                              f"got {self.ctx_att_kinds!r}")
+            raise ConfigError(
+                f"ctx_att_kinds must give one of {_ATT} per level ({len(self.depths)}), "
+                f"got {self.ctx_att_kinds!r}"
+            )
         for m in self.dim_multi:
             if (self.model_dim * m) % self.ctx_head_dim:
-                raise ConfigError(f"width {self.model_dim * m} is not a multiple of ctx_head_dim "
-                                  f"{self.ctx_head_dim}")
+                raise ConfigError(
+                    f"width {self.model_dim * m} is not a multiple of ctx_head_dim {self.ctx_head_dim}"
+                )
 
 
 @dataclass(frozen=True)
@@ -207,12 +211,15 @@ class CtxSegDConfig(SegDConfig):
         _positive("ref_encoder_dim", self.ref_encoder_dim)
         _positive("ctx_head_dim", self.ctx_head_dim)
         if len(self.ctx_att_kinds) != len(self.encoder_depths) or any(
-                k not in _ATT for k in self.ctx_att_kinds):
+            k not in _ATT for k in self.ctx_att_kinds
+        ):
             raise ConfigError(f"ctx_att_kinds must give one of {_ATT} per level, got {self.ctx_att_kinds!r}")
         for m in self.decoder_dim_multi:
             if (self.decoder_dim * m) % self.ctx_head_dim:
-                raise ConfigError(f"decoder width {self.decoder_dim * m} is not a multiple of ctx_head_dim "
-                                  f"{self.ctx_head_dim}")
+                raise ConfigError(
+                    f"decoder width {self.decoder_dim * m} is not a multiple of ctx_head_dim "
+                    f"{self.ctx_head_dim}"
+                )
 
 
 MODEL_KINDS: dict[str, type[ModelConfig]] = {

@@ -12,7 +12,16 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .layers import GRN, DropPath, LayerNorm, LayerNorm2d, SameConv2d, gelu, to_channels_first, to_channels_last
+from .layers import (
+    GRN,
+    DropPath,
+    LayerNorm,
+    LayerNorm2d,
+    SameConv2d,
+    gelu,
+    to_channels_first,
+    to_channels_last,
+)
 
 __all__ = ["ConvBlock", "ConvDecoder", "ConvNeXt"]
 
@@ -69,13 +78,24 @@ class ConvNeXt(nn.Module):
         Level k has ``model_dim * dim_multi[k]`` channels.
     """
 
-    def __init__(self, in_dim: int = 3, patch_size: int = 4, depths: Sequence[int] = (3, 3, 27, 3),
-                 model_dim: int = 128, dim_multi: Sequence[int] = (1, 2, 4, 8)) -> None:
+    def __init__(
+        self,
+        in_dim: int = 3,
+        patch_size: int = 4,
+        depths: Sequence[int] = (3, 3, 27, 3),
+        model_dim: int = 128,
+        dim_multi: Sequence[int] = (1, 2, 4, 8),
+    ) -> None:
         super().__init__()
         dims = [model_dim * m for m in dim_multi]
         self.layers = nn.ModuleList(
-            _EncoderLevel(in_dim if k == 0 else dims[k - 1], dims[k], patch_size if k == 0 else 2,
-                          first=k == 0, depth=depths[k])
+            _EncoderLevel(
+                in_dim if k == 0 else dims[k - 1],
+                dims[k],
+                patch_size if k == 0 else 2,
+                first=k == 0,
+                depth=depths[k],
+            )
             for k in range(len(depths))
         )
 
@@ -88,8 +108,9 @@ class ConvNeXt(nn.Module):
 
 
 class _DecoderLevel(nn.Module):
-    def __init__(self, dim: int, out_dim: int, stride: int, depth: int, skip_dim: int | None,
-                 drop_rate: float) -> None:
+    def __init__(
+        self, dim: int, out_dim: int, stride: int, depth: int, skip_dim: int | None, drop_rate: float
+    ) -> None:
         super().__init__()
         self.up = nn.ConvTranspose2d(dim, out_dim, stride, stride=stride)
         self.norm = LayerNorm2d(dim)
@@ -120,16 +141,28 @@ class ConvDecoder(nn.Module):
         Whole-sample dropout of the blocks (0.2 in the original, active in training only).
     """
 
-    def __init__(self, out_dim: int, patch_size: int, model_dim: int, depths: Sequence[int],
-                 dim_multi: Sequence[int], skip_multi: Sequence[int] | None = None,
-                 skip_dim: int | None = None, drop_rate: float = 0.2) -> None:
+    def __init__(
+        self,
+        out_dim: int,
+        patch_size: int,
+        model_dim: int,
+        depths: Sequence[int],
+        dim_multi: Sequence[int],
+        skip_multi: Sequence[int] | None = None,
+        skip_dim: int | None = None,
+        drop_rate: float = 0.2,
+    ) -> None:
         super().__init__()
         dims = [model_dim * m for m in dim_multi]
         skip_dim = model_dim if skip_dim is None else skip_dim
         self.layers = nn.ModuleList(
             _DecoderLevel(
-                dims[k], out_dim if k == 0 else dims[k - 1], patch_size if k == 0 else 2, depths[k],
-                None if skip_multi is None else skip_dim * skip_multi[k], drop_rate,
+                dims[k],
+                out_dim if k == 0 else dims[k - 1],
+                patch_size if k == 0 else 2,
+                depths[k],
+                None if skip_multi is None else skip_dim * skip_multi[k],
+                drop_rate,
             )
             for k in range(len(depths))
         )

@@ -8,7 +8,7 @@ Flax parameter                     shape                   PyTorch
 =================================  ======================  =======================================
 ``Linear.kernel``                  (in, out)               ``weight = kernel.T``
 ``Conv.kernel``                    (kh, kw, in/g, out)     ``weight = kernel.transpose(3, 2, 0, 1)``
-``ConvTranspose.kernel``           (kh, kw, in, out)       ``weight = flip(kernel, 0, 1).transpose(2, 3, 0, 1)``
+``ConvTranspose.kernel``           (kh, kw, in, out)       ``flip(kernel, 0, 1).transpose(2, 3, 0, 1)``
 ``LayerNorm.scale``                (C,)                    ``weight``
 ``GRN.gamma / beta``               (1, 1, 1, C)            (C,)
 ``MultiHeadAttention.*.kernel``    (in, heads, hd)         ``reshape(in, heads * hd).T``
@@ -113,8 +113,9 @@ def _to_flax(rule: str, t: np.ndarray, module: object) -> np.ndarray:
     raise AssertionError(rule)
 
 
-def flax_to_state_dict(model: nn.Module, params: Mapping[str, np.ndarray], *,
-                       strict: bool = True) -> dict[str, torch.Tensor]:
+def flax_to_state_dict(
+    model: nn.Module, params: Mapping[str, np.ndarray], *, strict: bool = True
+) -> dict[str, torch.Tensor]:
     """Convert flat Flax parameters into a ``state_dict`` for ``model``.
 
     Parameters
@@ -142,8 +143,10 @@ def flax_to_state_dict(model: nn.Module, params: Mapping[str, np.ndarray], *,
         used.add(fkey)
         arr = np.ascontiguousarray(_to_torch(rule, np.asarray(params[fkey]), module), dtype=np.float32)
         if tuple(arr.shape) != tuple(expected[tkey].shape):
-            mismatched.append(f"{fkey}: {tuple(np.shape(params[fkey]))} -> {arr.shape}, "
-                              f"expected {tuple(expected[tkey].shape)}")
+            mismatched.append(
+                f"{fkey}: {tuple(np.shape(params[fkey]))} -> {arr.shape}, "
+                f"expected {tuple(expected[tkey].shape)}"
+            )
             continue
         state[tkey] = torch.from_numpy(arr)
     unused = sorted(set(params) - used) if strict else []
@@ -165,5 +168,7 @@ def flax_to_state_dict(model: nn.Module, params: Mapping[str, np.ndarray], *,
 def state_dict_to_flax(model: nn.Module) -> dict[str, np.ndarray]:
     """The inverse mapping: the model's parameters as flat Flax arrays (for round-trip tests)."""
     sd = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    return {fkey: np.ascontiguousarray(_to_flax(rule, sd[tkey], module))
-            for tkey, fkey, rule, module in _pairs(model)}
+    return {
+        fkey: np.ascontiguousarray(_to_flax(rule, sd[tkey], module))
+        for tkey, fkey, rule, module in _pairs(model)
+    }

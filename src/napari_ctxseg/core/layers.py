@@ -118,11 +118,25 @@ class SameConv2d(nn.Conv2d):
     low = total // 2, high = total - low. Odd kernels with stride 1 use the symmetric built-in padding.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 groups: int = 1, bias: bool = True) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
+        bias: bool = True,
+    ) -> None:
         symmetric = stride == 1 and kernel_size % 2 == 1
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride,
-                         padding=kernel_size // 2 if symmetric else 0, groups=groups, bias=bias)
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=kernel_size // 2 if symmetric else 0,
+            groups=groups,
+            bias=bias,
+        )
         self._symmetric = symmetric
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,7 +210,7 @@ def resize_nearest(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         raise ValueError(f"cannot resize a {x.ndim}D tensor to shape {tuple(shape)}")
     for axis, (n_in, n_out) in enumerate(zip(x.shape, shape)):
         if n_in != n_out:
-            idx = ((torch.arange(n_out, device=x.device, dtype=torch.float64) + 0.5) * n_in / n_out)
+            idx = (torch.arange(n_out, device=x.device, dtype=torch.float64) + 0.5) * n_in / n_out
             idx = idx.floor().long().clamp_(max=n_in - 1)
             x = x.index_select(axis, idx)
     return x

@@ -71,21 +71,26 @@ def _check_image(image: torch.Tensor, channels: int, stride: int, name: str = "i
     if image.ndim != 4 or image.shape[1] != channels:
         raise InputError(f"{name} must be (B, {channels}, H, W), got shape {tuple(image.shape)}")
     if image.shape[-1] % stride or image.shape[-2] % stride:
-        raise InputError(f"{name} height and width must be multiples of {stride}, got "
-                         f"{tuple(image.shape[-2:])} (pad the image first)")
+        raise InputError(
+            f"{name} height and width must be multiples of {stride}, got "
+            f"{tuple(image.shape[-2:])} (pad the image first)"
+        )
 
 
-def _check_context(image_ref: torch.Tensor, flow_ref: torch.Tensor, ref_mask: torch.Tensor | None,
-                   channels: int, stride: int) -> None:
+def _check_context(
+    image_ref: torch.Tensor, flow_ref: torch.Tensor, ref_mask: torch.Tensor | None, channels: int, stride: int
+) -> None:
     _check_image(image_ref, channels, stride, "reference image")
     if flow_ref.ndim != 4 or flow_ref.shape[1] != 2:
         raise InputError(f"reference flow must be (N, 2, H, W), got shape {tuple(flow_ref.shape)}")
     if flow_ref.shape[0] != image_ref.shape[0] or flow_ref.shape[-2:] != image_ref.shape[-2:]:
-        raise InputError(f"reference flow {tuple(flow_ref.shape)} does not match reference image "
-                         f"{tuple(image_ref.shape)}")
+        raise InputError(
+            f"reference flow {tuple(flow_ref.shape)} does not match reference image {tuple(image_ref.shape)}"
+        )
     if ref_mask is not None and (ref_mask.ndim != 3 or ref_mask.shape[0] != image_ref.shape[0]):
-        raise InputError(f"reference mask must be (N, H, W) with N = {image_ref.shape[0]}, got "
-                         f"{tuple(ref_mask.shape)}")
+        raise InputError(
+            f"reference mask must be (N, H, W) with N = {image_ref.shape[0]}, got {tuple(ref_mask.shape)}"
+        )
 
 
 class SegP(nn.Module):
@@ -98,9 +103,16 @@ class SegP(nn.Module):
         c = config
         self.label_emb = LabelEmbedding(c.model_dim, endpoint=True)
         self.x_encoder = ConvNeXt(c.in_channels, c.patch_size, c.encoder_depths, c.model_dim, c.dim_multi)
-        unet = dict(patch_size=c.patch_size, model_dim=c.model_dim, emb_dim=c.model_dim, depths=c.depths,
-                    dim_multi=c.dim_multi, att_levels=c.att_levels, head_dim=c.mha_head_dim,
-                    drop_rate=c.drop_rate)
+        unet = dict(
+            patch_size=c.patch_size,
+            model_dim=c.model_dim,
+            emb_dim=c.model_dim,
+            depths=c.depths,
+            dim_multi=c.dim_multi,
+            att_levels=c.att_levels,
+            head_dim=c.mha_head_dim,
+            drop_rate=c.drop_rate,
+        )
         self.y_encoder = UNetDown(in_dim=2, **unet)
         self.decoder = UNetUp(out_dim=2, cond_dim=c.model_dim, **unet)
 
@@ -125,8 +137,9 @@ class SegP(nn.Module):
         y_skips = self._encode_flow(x_t, emb, features.ref_features)
         return self.decoder(y_skips, emb, conds=features.x_skips)
 
-    def _encode_flow(self, y: torch.Tensor, emb: torch.Tensor,
-                     ref_features: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    def _encode_flow(
+        self, y: torch.Tensor, emb: torch.Tensor, ref_features: list[torch.Tensor] | None
+    ) -> list[torch.Tensor]:
         if ref_features is None:
             return self.y_encoder(y, emb)
         feats = iter(ref_features)
@@ -159,8 +172,9 @@ class CtxSegP(SegP):
             for k, m in enumerate(c.dim_multi)
         )
 
-    def encode_context(self, image_ref: torch.Tensor, flow_ref: torch.Tensor,
-                       ref_mask: torch.Tensor | None = None) -> PContext:
+    def encode_context(
+        self, image_ref: torch.Tensor, flow_ref: torch.Tensor, ref_mask: torch.Tensor | None = None
+    ) -> PContext:
         """Encode N reference images (N, C, H, W) with flows (N, 2, H, W) and masks (N, H, W) or None.
 
         The reference flow goes through the same flow encoder with the learned ``ref_emb`` as its
@@ -190,10 +204,17 @@ class CtxSegP(SegP):
                 ref_features.append(yy)
         return ImageFeatures(x_skips, ref_features)
 
-    def forward(self, x_t: torch.Tensor, noise_labels: torch.Tensor, *, image: torch.Tensor,
-                image_ref: torch.Tensor | None = None, flow_ref: torch.Tensor | None = None,
-                ref_mask: torch.Tensor | None = None,
-                context_weight: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        noise_labels: torch.Tensor,
+        *,
+        image: torch.Tensor,
+        image_ref: torch.Tensor | None = None,
+        flow_ref: torch.Tensor | None = None,
+        ref_mask: torch.Tensor | None = None,
+        context_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Training-style call: reference i is paired with image i (the original ``__call__``).
 
         Parameters
@@ -212,14 +233,19 @@ class CtxSegP(SegP):
         x_skips = self.encode_image(image)
         ctx = self.encode_context(image_ref, flow_ref, ref_mask)
         if ctx.num_refs != image.shape[0]:
-            raise InputError(f"training-style calls pair reference i with image i: got "
-                             f"{ctx.num_refs} references for {image.shape[0]} images")
+            raise InputError(
+                f"training-style calls pair reference i with image i: got "
+                f"{ctx.num_refs} references for {image.shape[0]} images"
+            )
         y_ref = iter(ctx.y_ref)
         features = []
         for k, atts in enumerate(self.atts):
             shape = (image.shape[0], *x_skips[k].shape[-2:])
-            mask = (torch.ones(shape, dtype=torch.bool, device=image.device) if ctx.mask is None
-                    else resize_nearest(ctx.mask, shape))
+            mask = (
+                torch.ones(shape, dtype=torch.bool, device=image.device)
+                if ctx.mask is None
+                else resize_nearest(ctx.mask, shape)
+            )
             for att in atts:
                 f = att(x_skips[k], ctx.x_ref[k], next(y_ref), mask)
                 if context_weight is not None:
@@ -237,12 +263,20 @@ class SegD(nn.Module):
         config = config or SegDConfig()
         self.config = config
         c = config
-        self.encoder = ConvNeXt(c.in_channels, c.patch_size, c.encoder_depths, c.encoder_dim,
-                                c.encoder_dim_multi)
+        self.encoder = ConvNeXt(
+            c.in_channels, c.patch_size, c.encoder_depths, c.encoder_dim, c.encoder_dim_multi
+        )
         # encoder skip k has encoder_dim * encoder_dim_multi[k] channels, projected by a Linear
-        self.decoder = ConvDecoder(c.out_channels, c.patch_size, c.decoder_dim, c.decoder_depths,
-                                   c.decoder_dim_multi, skip_multi=c.encoder_dim_multi, skip_dim=c.encoder_dim,
-                                   drop_rate=c.drop_rate)
+        self.decoder = ConvDecoder(
+            c.out_channels,
+            c.patch_size,
+            c.decoder_dim,
+            c.decoder_depths,
+            c.decoder_dim_multi,
+            skip_multi=c.encoder_dim_multi,
+            skip_dim=c.encoder_dim,
+            drop_rate=c.drop_rate,
+        )
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         _check_image(image, self.config.in_channels, self.config.stride)
@@ -268,8 +302,9 @@ class CtxSegD(SegD):
             kv_dim = (c.encoder_dim + c.ref_encoder_dim) * c.encoder_dim_multi[k]
             self.atts.append(CtxAtt(q_dim // c.ctx_head_dim, q_dim, kv_dim, kv_dim, kind=c.ctx_att_kinds[k]))
 
-    def encode_context(self, image_ref: torch.Tensor, flow_ref: torch.Tensor,
-                       ref_mask: torch.Tensor | None = None) -> DContext:
+    def encode_context(
+        self, image_ref: torch.Tensor, flow_ref: torch.Tensor, ref_mask: torch.Tensor | None = None
+    ) -> DContext:
         """Encode references: per level concat(encoder(image_ref), ref_encoder(flow_ref)) on channels."""
         _check_context(image_ref, flow_ref, ref_mask, self.config.in_channels, self.config.stride)
         kv = [torch.cat([x, y], dim=1) for x, y in zip(self.encoder(image_ref), self.ref_encoder(flow_ref))]
@@ -290,8 +325,13 @@ class CtxSegD(SegD):
             x = self.decoder.level_forward(k, x)
         return x  # type: ignore[return-value]
 
-    def forward(self, image: torch.Tensor, ref_image: torch.Tensor | None = None,
-                ref_flow: torch.Tensor | None = None, ref_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        image: torch.Tensor,
+        ref_image: torch.Tensor | None = None,
+        ref_flow: torch.Tensor | None = None,
+        ref_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Training-style call: reference i is paired with image i."""
         if ref_image is None:
             return self._decode(image, None, paired=True)
@@ -305,7 +345,10 @@ class CtxSegD(SegD):
 
 
 _CLASSES: dict[type[ModelConfig], type[nn.Module]] = {
-    SegPConfig: SegP, CtxSegPConfig: CtxSegP, SegDConfig: SegD, CtxSegDConfig: CtxSegD,
+    SegPConfig: SegP,
+    CtxSegPConfig: CtxSegP,
+    SegDConfig: SegD,
+    CtxSegDConfig: CtxSegD,
 }
 
 

@@ -17,7 +17,9 @@ LOW_PERCENTILE = 1.0
 HIGH_PERCENTILE = 99.8
 
 
-def normalize_image(image: np.ndarray, low: float = LOW_PERCENTILE, high: float = HIGH_PERCENTILE) -> np.ndarray:
+def normalize_image(
+    image: np.ndarray, low: float = LOW_PERCENTILE, high: float = HIGH_PERCENTILE
+) -> np.ndarray:
     """Percentile-normalise an image to float32: ``(x - p_low) / (p_high - p_low)``.
 
     Parameters
@@ -60,7 +62,7 @@ def normalize_image(image: np.ndarray, low: float = LOW_PERCENTILE, high: float 
 
 
 def pad_channel(image: np.ndarray) -> np.ndarray:
-    """Make 3 channels, as the original: grey repeated, 2 channels + a zero channel; (H, W[, C]) -> (H, W, 3)."""
+    """3 channels as the original: grey repeated, 2 channels + a zero one. (H, W[, C]) -> (H, W, 3)."""
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[..., None]
@@ -89,5 +91,8 @@ def center_crop(image: np.ndarray, mask: np.ndarray | None = None, *, crop_size:
         image = np.pad(image, [*pad, (0, 0)])
         mask = None if mask is None else np.pad(mask, pad)
         h, w = image.shape[:2]
-    sl = (slice((h - crop_size) // 2, (h + crop_size) // 2), slice((w - crop_size) // 2, (w + crop_size) // 2))
+    sl = (
+        slice((h - crop_size) // 2, (h + crop_size) // 2),
+        slice((w - crop_size) // 2, (w + crop_size) // 2),
+    )
     return image[sl] if mask is None else (image[sl], mask[sl])

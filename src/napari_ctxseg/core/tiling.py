@@ -71,14 +71,15 @@ def blend_weight(tile: Tile, shape: tuple[int, int], overlap: int, *, dtype=torc
         if start > 0:
             r[:overlap] = torch.minimum(r[:overlap], ramp_up[: min(overlap, n)])
         if start + n < total:
-            r[-overlap:] = torch.minimum(r[-overlap:], ramp_up.flip(0)[-min(overlap, n):])
+            r[-overlap:] = torch.minimum(r[-overlap:], ramp_up.flip(0)[-min(overlap, n) :])
         return r
 
     return ramp(tile.size_y, tile.y0, h)[:, None] * ramp(tile.size_x, tile.x0, w)[None, :]
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int, *, min_size: int = 0, mode: str = "reflect"
-                    ) -> tuple[torch.Tensor, tuple[int, int]]:
+def pad_to_multiple(
+    x: torch.Tensor, multiple: int, *, min_size: int = 0, mode: str = "reflect"
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """Pad the last two axes of an NCHW tensor at the bottom/right up to a multiple of ``multiple``.
 
     Returns the padded tensor and the original (H, W). Reflection is used where the image is large

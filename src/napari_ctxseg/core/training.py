@@ -30,7 +30,15 @@ from .errors import CheckpointError, ConfigError
 from .models import CtxSegP, SegP
 from .training_data import AugmentConfig, Batch, CropSampler
 
-__all__ = ["TrainConfig", "TrainProgress", "TrainResult", "Trainer", "mixed_max_schedule", "train", "weighted_edm_loss"]
+__all__ = [
+    "TrainConfig",
+    "TrainProgress",
+    "TrainResult",
+    "Trainer",
+    "mixed_max_schedule",
+    "train",
+    "weighted_edm_loss",
+]
 
 
 @dataclass(frozen=True)
@@ -129,14 +137,18 @@ class TrainResult:
     best_state: dict[str, torch.Tensor] | None
 
 
-def mixed_max_schedule(base: str, p_max: float, sigma_max: float) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+def mixed_max_schedule(
+    base: str, p_max: float, sigma_max: float
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """A schedule that draws sigma_max with probability ``p_max`` and the ``base`` schedule otherwise.
 
     The loss weight at sigma_max is the EDM weight 1/sigma^2 + 1/sigma_data^2.
     """
     base_fn = get_schedule(base)
 
-    def schedule(x: torch.Tensor, *, generator: torch.Generator, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def schedule(
+        x: torch.Tensor, *, generator: torch.Generator, sigma_data: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         sigma, weight = base_fn(x, generator=generator, sigma_data=sigma_data)
         pick = torch.rand(sigma.shape, generator=generator, device=generator.device).to(x.device) < p_max
         sigma = torch.where(pick, torch.full_like(sigma, sigma_max), sigma)
@@ -147,16 +159,21 @@ def mixed_max_schedule(base: str, p_max: float, sigma_max: float) -> Callable[..
     return schedule
 
 
-def weighted_edm_loss(model: SegP, batch: Batch, *, schedule: Callable[..., Any], sigma_data: float,
-                      generator: torch.Generator) -> torch.Tensor:
+def weighted_edm_loss(
+    model: SegP, batch: Batch, *, schedule: Callable[..., Any], sigma_data: float, generator: torch.Generator
+) -> torch.Tensor:
     """EDM loss mean(0.5 * lambda * w * (D(x + sigma n, sigma) - x)^2) / mean(w), w = annotated pixels."""
     x = batch.flow
     sigma, lam = schedule(x, generator=generator, sigma_data=sigma_data)
     noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
     kwargs: dict[str, Any] = {"image": batch.image}
     if isinstance(model, CtxSegP) and batch.ref_image is not None:
-        kwargs.update(image_ref=batch.ref_image, flow_ref=batch.ref_flow, ref_mask=batch.ref_mask,
-                      context_weight=batch.context_weight)
+        kwargs.update(
+            image_ref=batch.ref_image,
+            flow_ref=batch.ref_flow,
+            ref_mask=batch.ref_mask,
+            context_weight=batch.context_weight,
+        )
     denoiser = EDMDenoiser(model, sigma_data=sigma_data)
     d = denoiser(x + sigma * noise, sigma.view(-1), **kwargs)
     w = batch.weight
@@ -177,13 +194,19 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 @torch.no_grad()
-def _validation_loss(model: nn.Module, batches: Sequence[Batch], cfg: TrainConfig, device: torch.device) -> float:
+def _validation_loss(
+    model: nn.Module, batches: Sequence[Batch], cfg: TrainConfig, device: torch.device
+) -> float:
     """Loss on fixed validation batches at fixed noise (comparable across steps)."""
     model.eval()
     g = torch.Generator().manual_seed(cfg.seed + 12345)
     schedule = mixed_max_schedule(cfg.schedule, cfg.p_sigma_max, cfg.sigma_max)
-    losses = [float(weighted_edm_loss(model, b.to(device), schedule=schedule, sigma_data=cfg.sigma_data,
-                                      generator=g)) for b in batches]
+    losses = [
+        float(
+            weighted_edm_loss(model, b.to(device), schedule=schedule, sigma_data=cfg.sigma_data, generator=g)
+        )
+        for b in batches
+    ]
     return float(np.mean(losses))
 
 
@@ -211,10 +234,18 @@ class Trainer:
     available between steps, so a caller that stops early still gets a usable model.
     """
 
-    def __init__(self, model: SegP, train_sampler: CropSampler, cfg: TrainConfig, *,
-                 val_sampler: CropSampler | None = None, device: str | torch.device = "cpu",
-                 resume: str | os.PathLike | None = None, state_path: str | os.PathLike | None = None,
-                 state_every: int = 200) -> None:
+    def __init__(
+        self,
+        model: SegP,
+        train_sampler: CropSampler,
+        cfg: TrainConfig,
+        *,
+        val_sampler: CropSampler | None = None,
+        device: str | torch.device = "cpu",
+        resume: str | os.PathLike | None = None,
+        state_path: str | os.PathLike | None = None,
+        state_every: int = 200,
+    ) -> None:
         if not isinstance(model, SegP):
             raise ConfigError(f"only SegP/CtxSegP models can be trained here, got {type(model).__name__}")
         self.cfg = cfg
@@ -226,8 +257,11 @@ class Trainer:
         decay, no_decay = [], []
         for name, p in model.named_parameters():
             (no_decay if p.ndim <= 1 or name.endswith("ref_emb") else decay).append(p)
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            betas=(0.9, 0.99),
+        )
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.sampler = train_sampler
         self.val_sampler = val_sampler
@@ -238,7 +272,8 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] | None = None
         if resume is not None:
             self.step, self.history, self.best_val = _load_state(
-                resume, self.model, self.ema, self.opt, self.gen, train_sampler)
+                resume, self.model, self.ema, self.opt, self.gen, train_sampler
+            )
 
     def best_model(self) -> nn.Module:
         """A copy of the best weights so far: best validation EMA if validated, else the current EMA."""
@@ -252,8 +287,11 @@ class Trainer:
         cfg, model, ema, device = self.cfg, self.model, self.ema, self.device
         context = isinstance(model, CtxSegP)
         schedule = mixed_max_schedule(cfg.schedule, cfg.p_sigma_max, cfg.sigma_max)
-        val_batches = ([self.val_sampler.sample(cfg.batch_size, context=context) for _ in range(cfg.val_batches)]
-                       if self.val_sampler is not None and cfg.val_every > 0 else [])
+        val_batches = (
+            [self.val_sampler.sample(cfg.batch_size, context=context) for _ in range(cfg.val_batches)]
+            if self.val_sampler is not None and cfg.val_every > 0
+            else []
+        )
         start = self.step
         t0 = time.perf_counter()
         for step in range(start, cfg.steps):
@@ -262,8 +300,9 @@ class Trainer:
                 group["lr"] = lr
             batch = self.sampler.sample(cfg.batch_size, context=context).to(device)
             model.train()
-            loss = weighted_edm_loss(model, batch, schedule=schedule, sigma_data=cfg.sigma_data,
-                                     generator=self.gen)
+            loss = weighted_edm_loss(
+                model, batch, schedule=schedule, sigma_data=cfg.sigma_data, generator=self.gen
+            )
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training diverged at step {step}: loss {float(loss)}")
             self.opt.zero_grad(set_to_none=True)
@@ -285,26 +324,56 @@ class Trainer:
                     self.best_state = {k: v.detach().clone() for k, v in ema.state_dict().items()}
             self.history.append(rec)
             if self.state_path is not None and (self.step % self.state_every == 0 or self.step == cfg.steps):
-                _save_state(self.state_path, self.step, model, ema, self.opt, self.gen, self.sampler,
-                            self.history, self.best_val, cfg)
-            yield TrainProgress(self.step, cfg.steps, loss_value, lr, done * cfg.batch_size / elapsed, elapsed,
-                                elapsed / done * (cfg.steps - self.step), val, self.best_val)
+                _save_state(
+                    self.state_path,
+                    self.step,
+                    model,
+                    ema,
+                    self.opt,
+                    self.gen,
+                    self.sampler,
+                    self.history,
+                    self.best_val,
+                    cfg,
+                )
+            yield TrainProgress(
+                self.step,
+                cfg.steps,
+                loss_value,
+                lr,
+                done * cfg.batch_size / elapsed,
+                elapsed,
+                elapsed / done * (cfg.steps - self.step),
+                val,
+                self.best_val,
+            )
         model.load_state_dict(ema.state_dict())
         model.eval()
         return TrainResult(model, cfg.steps, self.history, self.best_val, self.best_state)
 
 
-def train(model: SegP, train_sampler: CropSampler, cfg: TrainConfig, **kwargs: Any
-          ) -> Generator[TrainProgress, None, TrainResult]:
+def train(
+    model: SegP, train_sampler: CropSampler, cfg: TrainConfig, **kwargs: Any
+) -> Generator[TrainProgress, None, TrainResult]:
     """Shorthand for ``Trainer(model, train_sampler, cfg, **kwargs).run()``."""
     return Trainer(model, train_sampler, cfg, **kwargs).run()
 
 
 # ---- resumable state (safetensors + JSON, never pickle) ---------------------------------------------------
 
-def _save_state(path: str | os.PathLike, step: int, model: nn.Module, ema: nn.Module,
-                opt: torch.optim.Optimizer, gen: torch.Generator, sampler: CropSampler,
-                history: list[dict[str, float]], best_val: float | None, cfg: TrainConfig) -> None:
+
+def _save_state(
+    path: str | os.PathLike,
+    step: int,
+    model: nn.Module,
+    ema: nn.Module,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    sampler: CropSampler,
+    history: list[dict[str, float]],
+    best_val: float | None,
+    cfg: TrainConfig,
+) -> None:
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -334,8 +403,14 @@ def _save_state(path: str | os.PathLike, step: int, model: nn.Module, ema: nn.Mo
         raise
 
 
-def _load_state(path: str | os.PathLike, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
-                gen: torch.Generator, sampler: CropSampler) -> tuple[int, list[dict[str, float]], float | None]:
+def _load_state(
+    path: str | os.PathLike,
+    model: nn.Module,
+    ema: nn.Module,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    sampler: CropSampler,
+) -> tuple[int, list[dict[str, float]], float | None]:
     from safetensors import safe_open
 
     try:

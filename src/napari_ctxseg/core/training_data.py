@@ -70,8 +70,9 @@ class AnnotatedImage:
         return self.labels.shape  # type: ignore[return-value]
 
 
-def annotate(image: np.ndarray, labels: np.ndarray, region: np.ndarray | None = None, *,
-             name: str = "") -> AnnotatedImage:
+def annotate(
+    image: np.ndarray, labels: np.ndarray, region: np.ndarray | None = None, *, name: str = ""
+) -> AnnotatedImage:
     """Validate an (image, labels[, region]) pair and compute its flows once.
 
     Raises
@@ -86,16 +87,20 @@ def annotate(image: np.ndarray, labels: np.ndarray, region: np.ndarray | None = 
         raise InputError(f"{name or 'labels'}: expected integer labels, got dtype {labels.dtype}")
     img = model_input(image)
     if img.shape[1:] != labels.shape:
-        raise InputError(f"{name or 'image'}: image shape {np.asarray(image).shape} does not match labels "
-                         f"shape {labels.shape}")
+        raise InputError(
+            f"{name or 'image'}: image shape {np.asarray(image).shape} does not match labels "
+            f"shape {labels.shape}"
+        )
     if region is not None:
         region = np.asarray(region).astype(bool)
         if region.shape != labels.shape:
-            raise InputError(f"{name or 'region'}: region shape {region.shape} does not match labels "
-                             f"shape {labels.shape}")
+            raise InputError(
+                f"{name or 'region'}: region shape {region.shape} does not match labels shape {labels.shape}"
+            )
         if not region.any():
-            raise InputError(f"{name or 'region'}: the region mask is empty; mark where the annotation is "
-                             f"complete")
+            raise InputError(
+                f"{name or 'region'}: the region mask is empty; mark where the annotation is complete"
+            )
     labels = labels.astype(np.int32)
     return AnnotatedImage(img, labels, mask_to_flow(labels).astype(np.float32), region, name)
 
@@ -143,8 +148,16 @@ class Batch:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
-        return Batch(mv(self.image), mv(self.flow), mv(self.weight), mv(self.ref_image), mv(self.ref_flow),
-                     mv(self.ref_mask), mv(self.context_weight), self.names)  # type: ignore[arg-type]
+        return Batch(
+            mv(self.image),
+            mv(self.flow),
+            mv(self.weight),
+            mv(self.ref_image),
+            mv(self.ref_flow),
+            mv(self.ref_mask),
+            mv(self.context_weight),
+            self.names,
+        )  # type: ignore[arg-type]
 
 
 def _renormalise(flow: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
@@ -172,9 +185,16 @@ class CropSampler:
         Seed of the numpy generator that makes every random choice (deterministic).
     """
 
-    def __init__(self, images: Sequence[AnnotatedImage], crop_size: int = 128, *,
-                 augment: AugmentConfig | None = None, p_no_context: float = 0.5,
-                 partial_prob: float = 0.5, seed: int = 0) -> None:
+    def __init__(
+        self,
+        images: Sequence[AnnotatedImage],
+        crop_size: int = 128,
+        *,
+        augment: AugmentConfig | None = None,
+        p_no_context: float = 0.5,
+        partial_prob: float = 0.5,
+        seed: int = 0,
+    ) -> None:
         if not images:
             raise InputError("no training images")
         self.images = list(images)
@@ -188,7 +208,9 @@ class CropSampler:
         self._p = areas / areas.sum()
 
     # ---- geometry -------------------------------------------------------------------------------
-    def _crop(self, im: AnnotatedImage, scale: float, flips: tuple[bool, bool, bool]) -> tuple[torch.Tensor, ...]:
+    def _crop(
+        self, im: AnnotatedImage, scale: float, flips: tuple[bool, bool, bool]
+    ) -> tuple[torch.Tensor, ...]:
         s = self.crop_size
         src = max(2, int(round(s / scale)))
         h, w = im.shape
@@ -198,7 +220,11 @@ class CropSampler:
         image = torch.from_numpy(im.image[(slice(None), *sl)])
         flow = torch.from_numpy(im.flow[(slice(None), *sl)])
         labels = torch.from_numpy(im.labels[sl])
-        region = torch.ones_like(labels, dtype=torch.bool) if im.region is None else torch.from_numpy(im.region[sl])
+        region = (
+            torch.ones_like(labels, dtype=torch.bool)
+            if im.region is None
+            else torch.from_numpy(im.region[sl])
+        )
         ph, pw = src - labels.shape[0], src - labels.shape[1]
         if ph or pw:  # image smaller than the crop: pad with background that counts as annotated
             image = F.pad(image, (0, pw, 0, ph))
@@ -206,8 +232,9 @@ class CropSampler:
             labels = F.pad(labels, (0, pw, 0, ph))
             region = F.pad(region, (0, pw, 0, ph), value=True)
         if src != s:
-            image = F.interpolate(image[None], size=(s, s), mode="bilinear", align_corners=False,
-                                  antialias=src > s)[0]
+            image = F.interpolate(
+                image[None], size=(s, s), mode="bilinear", align_corners=False, antialias=src > s
+            )[0]
             flow = F.interpolate(flow[None], size=(s, s), mode="bilinear", align_corners=False)[0]
             labels = F.interpolate(labels[None, None].float(), size=(s, s), mode="nearest-exact")[0, 0].long()
             region = F.interpolate(region[None, None].float(), size=(s, s), mode="nearest-exact")[0, 0] > 0.5
@@ -220,7 +247,11 @@ class CropSampler:
             image, flow, labels, region = image.flip(-1), flow.flip(-1), labels.flip(-1), region.flip(-1)
             flow = flow * torch.tensor([1.0, -1.0]).view(2, 1, 1)
         if transpose:
-            image, labels, region = image.transpose(-1, -2), labels.transpose(-1, -2), region.transpose(-1, -2)
+            image, labels, region = (
+                image.transpose(-1, -2),
+                labels.transpose(-1, -2),
+                region.transpose(-1, -2),
+            )
             flow = flow.transpose(-1, -2).flip(0)  # (dy, dx) -> (dx, dy) of the transposed image
         return image.contiguous(), flow.contiguous(), labels.contiguous(), region.contiguous()
 
@@ -254,7 +285,7 @@ class CropSampler:
         for _ in range(int(self.rng.integers(1, 4))):
             hh, ww = (int(v) for v in self.rng.integers(s // 4, s + 1, 2))
             y, x = int(self.rng.integers(0, s - hh + 1)), int(self.rng.integers(0, s - ww + 1))
-            region[y:y + hh, x:x + ww] = True
+            region[y : y + hh, x : x + ww] = True
         return region
 
     # ---- batches ---------------------------------------------------------------------------------
@@ -265,7 +296,7 @@ class CropSampler:
         for _ in range(batch_size):
             im = self.images[int(self.rng.choice(len(self.images), p=self._p))]
             scale, flips = self._geometry()
-            image, flow, labels, region = self._crop(im, scale, flips)
+            image, flow, _, region = self._crop(im, scale, flips)
             imgs.append(self._intensity(image))
             flows.append(flow)
             weights.append(region[None].float())

@@ -57,8 +57,9 @@ class DMConvBlock(nn.Module):
     with attention, h = MHA(h) replaces h (no residual around it); returns x + h.
     """
 
-    def __init__(self, dim: int, emb_dim: int, num_heads: int = 0, drop_rate: float = 0.0,
-                 kernel_size: int = 7) -> None:
+    def __init__(
+        self, dim: int, emb_dim: int, num_heads: int = 0, drop_rate: float = 0.0, kernel_size: int = 7
+    ) -> None:
         super().__init__()
         self.conv = SameConv2d(dim, dim, kernel_size, groups=dim, bias=False)
         self.norm = LayerNorm(dim, scale=False)
@@ -85,14 +86,23 @@ def _heads(dim: int, level: int, att_levels: Sequence[int], head_dim: int) -> in
 
 
 class _DownLevel(nn.Module):
-    def __init__(self, in_dim: int, dim: int, stride: int, first: bool, depth: int, emb_dim: int,
-                 num_heads: int, cond_dim: int | None, drop_rate: float) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        stride: int,
+        first: bool,
+        depth: int,
+        emb_dim: int,
+        num_heads: int,
+        cond_dim: int | None,
+        drop_rate: float,
+    ) -> None:
         super().__init__()
         self.down = SameConv2d(in_dim, dim, stride, stride=stride)
         self.norm = LayerNorm2d(dim if first else in_dim)
         self.first = first
-        self.blocks = nn.ModuleList(
-            DMConvBlock(dim, emb_dim, num_heads, drop_rate) for _ in range(depth))
+        self.blocks = nn.ModuleList(DMConvBlock(dim, emb_dim, num_heads, drop_rate) for _ in range(depth))
         self.merge = nn.Linear(cond_dim, dim) if cond_dim else None
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,22 +124,40 @@ class UNetDown(nn.Module):
         If > 0, a ``merge`` Linear adds ``conds[k]`` (width ``cond_dim * dim_multi[k]``) after the down layer.
     """
 
-    def __init__(self, *, in_dim: int, patch_size: int, model_dim: int, emb_dim: int,
-                 depths: Sequence[int], dim_multi: Sequence[int], att_levels: Sequence[int] = (),
-                 head_dim: int = 64, cond_dim: int = -1, drop_rate: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        in_dim: int,
+        patch_size: int,
+        model_dim: int,
+        emb_dim: int,
+        depths: Sequence[int],
+        dim_multi: Sequence[int],
+        att_levels: Sequence[int] = (),
+        head_dim: int = 64,
+        cond_dim: int = -1,
+        drop_rate: float = 0.0,
+    ) -> None:
         super().__init__()
         dims = [model_dim * m for m in dim_multi]
         self.layers = nn.ModuleList(
             _DownLevel(
-                in_dim if k == 0 else dims[k - 1], dims[k], patch_size if k == 0 else 2, k == 0,
-                depths[k], emb_dim, _heads(dims[k], k, att_levels, head_dim),
-                cond_dim * dim_multi[k] if cond_dim > 0 else None, drop_rate,
+                in_dim if k == 0 else dims[k - 1],
+                dims[k],
+                patch_size if k == 0 else 2,
+                k == 0,
+                depths[k],
+                emb_dim,
+                _heads(dims[k], k, att_levels, head_dim),
+                cond_dim * dim_multi[k] if cond_dim > 0 else None,
+                drop_rate,
             )
             for k in range(len(depths))
         )
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor,
-                conds: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, conds: Sequence[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
         skips = []
         for k, level in enumerate(self.layers):
             x = level.stem(x)
@@ -143,13 +171,21 @@ class UNetDown(nn.Module):
 
 
 class _UpLevel(nn.Module):
-    def __init__(self, dim: int, out_dim: int, stride: int, depth: int, emb_dim: int, num_heads: int,
-                 cond_dim: int | None, drop_rate: float) -> None:
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int,
+        stride: int,
+        depth: int,
+        emb_dim: int,
+        num_heads: int,
+        cond_dim: int | None,
+        drop_rate: float,
+    ) -> None:
         super().__init__()
         self.up = nn.ConvTranspose2d(dim, out_dim, stride, stride=stride)
         self.norm = LayerNorm2d(dim)
-        self.blocks = nn.ModuleList(
-            DMConvBlock(dim, emb_dim, num_heads, drop_rate) for _ in range(depth))
+        self.blocks = nn.ModuleList(DMConvBlock(dim, emb_dim, num_heads, drop_rate) for _ in range(depth))
         self.merge = nn.Linear(cond_dim, dim) if cond_dim else None
 
 
@@ -160,22 +196,39 @@ class UNetUp(nn.Module):
     over the batch, so one image may condition several samples.
     """
 
-    def __init__(self, *, out_dim: int, patch_size: int, model_dim: int, emb_dim: int,
-                 depths: Sequence[int], dim_multi: Sequence[int], att_levels: Sequence[int] = (),
-                 head_dim: int = 64, cond_dim: int = -1, drop_rate: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        out_dim: int,
+        patch_size: int,
+        model_dim: int,
+        emb_dim: int,
+        depths: Sequence[int],
+        dim_multi: Sequence[int],
+        att_levels: Sequence[int] = (),
+        head_dim: int = 64,
+        cond_dim: int = -1,
+        drop_rate: float = 0.0,
+    ) -> None:
         super().__init__()
         dims = [model_dim * m for m in dim_multi]
         self.layers = nn.ModuleList(
             _UpLevel(
-                dims[k], out_dim if k == 0 else dims[k - 1], patch_size if k == 0 else 2, depths[k],
-                emb_dim, _heads(dims[k], k, att_levels, head_dim),
-                cond_dim * dim_multi[k] if cond_dim > 0 else None, drop_rate,
+                dims[k],
+                out_dim if k == 0 else dims[k - 1],
+                patch_size if k == 0 else 2,
+                depths[k],
+                emb_dim,
+                _heads(dims[k], k, att_levels, head_dim),
+                cond_dim * dim_multi[k] if cond_dim > 0 else None,
+                drop_rate,
             )
             for k in range(len(depths))
         )
 
-    def forward(self, skips: Sequence[torch.Tensor], emb: torch.Tensor,
-                conds: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self, skips: Sequence[torch.Tensor], emb: torch.Tensor, conds: Sequence[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         skips = list(skips)
         x: torch.Tensor | float = 0.0
         for k in reversed(range(len(self.layers))):

@@ -37,7 +37,11 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     if kind not in DEVICE_CHOICES:
         raise ConfigError(f"unknown device {spec!r}; expected one of {list(DEVICE_CHOICES)} (or cuda:N)")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available here; use 'auto' or 'cpu'")
+        raise ConfigError(
+            "device 'cuda' was asked for but no CUDA GPU is available here; use 'auto' or 'cpu'"
+        )
     if kind == "mps" and not _mps_available():
-        raise ConfigError("device 'mps' was asked for but Apple MPS is not available here; use 'auto' or 'cpu'")
+        raise ConfigError(
+            "device 'mps' was asked for but Apple MPS is not available here; use 'auto' or 'cpu'"
+        )
     return torch.device(spec)

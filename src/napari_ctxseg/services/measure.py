@@ -13,7 +13,16 @@ from ..core.flows import flow_error
 
 __all__ = ["PROPERTIES", "best_iou_per_object", "measure_objects"]
 
-PROPERTIES = ("label", "area", "centroid", "bbox", "intensity_mean", "intensity_max", "eccentricity", "solidity")
+PROPERTIES = (
+    "label",
+    "area",
+    "centroid",
+    "bbox",
+    "intensity_mean",
+    "intensity_max",
+    "eccentricity",
+    "solidity",
+)
 
 
 def best_iou_per_object(labels: np.ndarray, other: np.ndarray) -> np.ndarray:
@@ -35,9 +44,13 @@ def best_iou_per_object(labels: np.ndarray, other: np.ndarray) -> np.ndarray:
     return iou.max(axis=1)
 
 
-def measure_objects(labels: np.ndarray, image: np.ndarray | None = None, *,
-                    sample_labels: np.ndarray | None = None, flows: np.ndarray | None = None
-                    ) -> dict[str, np.ndarray]:
+def measure_objects(
+    labels: np.ndarray,
+    image: np.ndarray | None = None,
+    *,
+    sample_labels: np.ndarray | None = None,
+    flows: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """Measure every object of ``labels`` (H, W).
 
     Parameters
@@ -76,9 +89,13 @@ def measure_objects(labels: np.ndarray, image: np.ndarray | None = None, *,
     table = {k: np.asarray(v) for k, v in table.items()}
     n = len(table["label"])
     if sample_labels is not None:
-        ious = [best_iou_per_object(labels, s)[table["label"] - 1] if n else np.zeros(0) for s in sample_labels]
+        ious = [
+            best_iou_per_object(labels, s)[table["label"] - 1] if n else np.zeros(0) for s in sample_labels
+        ]
         table["agreement"] = np.mean(ious, axis=0) if ious else np.ones(n)
     if flows is not None:
         err = flow_error(np.asarray(flows, dtype=np.float32).mean(axis=0), labels)
-        table["flow_error"] = np.array([err.get(int(lab), np.nan) for lab in table["label"]], dtype=np.float64)
+        table["flow_error"] = np.array(
+            [err.get(int(lab), np.nan) for lab in table["label"]], dtype=np.float64
+        )
     return table

@@ -20,10 +20,12 @@ __all__ = ["PRESETS", "LoadedModel", "bundled_model_path", "load_model", "resolv
 
 #: Model sizes for training. "small" is the bundled default (CPU-friendly); "original" the paper's size.
 PRESETS: dict[str, ModelConfig] = {
-    "tiny": CtxSegPConfig(model_dim=8, depths=(1, 1, 1, 1), encoder_depths=(1, 1, 1, 1), mha_head_dim=8,
-                          ctx_head_dim=8),
-    "small": CtxSegPConfig(model_dim=32, depths=(1, 1, 2, 1), encoder_depths=(2, 2, 6, 2), mha_head_dim=32,
-                           ctx_head_dim=32),
+    "tiny": CtxSegPConfig(
+        model_dim=8, depths=(1, 1, 1, 1), encoder_depths=(1, 1, 1, 1), mha_head_dim=8, ctx_head_dim=8
+    ),
+    "small": CtxSegPConfig(
+        model_dim=32, depths=(1, 1, 2, 1), encoder_depths=(2, 2, 6, 2), mha_head_dim=32, ctx_head_dim=32
+    ),
     "original": CtxSegPConfig(),
 }
 
@@ -69,8 +71,12 @@ _CACHE: dict[tuple[str, float, str], LoadedModel] = {}
 _LOCK = threading.Lock()
 
 
-def load_model(checkpoint: str | os.PathLike | None = DEFAULT_NAME, *, device: str | torch.device = "auto",
-               kinds: tuple[str, ...] = ("ctxseg-p", "seg-p")) -> LoadedModel:
+def load_model(
+    checkpoint: str | os.PathLike | None = DEFAULT_NAME,
+    *,
+    device: str | torch.device = "auto",
+    kinds: tuple[str, ...] = ("ctxseg-p", "seg-p"),
+) -> LoadedModel:
     """Load a checkpoint (``"default"`` = the bundled model), cached per (file, mtime, device).
 
     Parameters

@@ -113,13 +113,16 @@ class SegmentResult:
 
 # ---- validation ------------------------------------------------------------------------------------------
 
+
 def _as_image(image: np.ndarray, what: str) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[-1] == 4:
         image = image[..., :3]  # RGBA -> RGB
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] > 3):
-        raise InputError(f"{what} must be 2D: (H, W) grey or (H, W, C) with C <= 3 channels last; got shape "
-                         f"{image.shape} (stacks are segmented slice by slice by the stack service)")
+        raise InputError(
+            f"{what} must be 2D: (H, W) grey or (H, W, C) with C <= 3 channels last; got shape "
+            f"{image.shape} (stacks are segmented slice by slice by the stack service)"
+        )
     if min(image.shape[:2]) < 8:
         raise InputError(f"{what} is too small ({image.shape[:2]}); expected at least 8 x 8 pixels")
     return image
@@ -140,13 +143,17 @@ def _validate(req: SegmentRequest) -> None:
         ci = np.asarray(req.context_image)
         cl = np.asarray(req.context_labels)
         if ci.shape[:2] != cl.shape:
-            raise InputError(f"context labels shape {cl.shape} does not match context image shape "
-                             f"{ci.shape[:2]} (image {ci.shape})")
+            raise InputError(
+                f"context labels shape {cl.shape} does not match context image shape "
+                f"{ci.shape[:2]} (image {ci.shape})"
+            )
         if not np.issubdtype(cl.dtype, np.integer):
             raise InputError(f"context labels must be integer instance labels, got dtype {cl.dtype}")
         if req.context_region is not None and np.asarray(req.context_region).shape != cl.shape:
-            raise InputError(f"context region shape {np.asarray(req.context_region).shape} does not match "
-                             f"context labels shape {cl.shape}")
+            raise InputError(
+                f"context region shape {np.asarray(req.context_region).shape} does not match "
+                f"context labels shape {cl.shape}"
+            )
         region = None if req.context_region is None else np.asarray(req.context_region).astype(bool)
         if region is not None and not region.any():
             raise InputError("the context region is empty: mark where the context annotation is complete")
@@ -155,6 +162,7 @@ def _validate(req: SegmentRequest) -> None:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
+
 
 def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
@@ -169,12 +177,16 @@ def _scaled_size(shape: tuple[int, int], scale: float) -> tuple[int, int]:
     return max(8, int(round(shape[0] * scale))), max(8, int(round(shape[1] * scale)))
 
 
-def _prepare_context(model: CtxSegP, req: SegmentRequest, scale: float, stride: int,
-                     device: torch.device) -> PContext:
+def _prepare_context(
+    model: CtxSegP, req: SegmentRequest, scale: float, stride: int, device: torch.device
+) -> PContext:
     img = torch.from_numpy(model_input(_as_image(req.context_image, "context image")))[None]
     labels = np.asarray(req.context_labels).astype(np.int64)
-    region = (np.ones(labels.shape, bool) if req.context_region is None
-              else np.asarray(req.context_region).astype(bool))
+    region = (
+        np.ones(labels.shape, bool)
+        if req.context_region is None
+        else np.asarray(req.context_region).astype(bool)
+    )
     size = _scaled_size(labels.shape, scale)
     img = _resize(img, size, "bilinear")
     lab_t = _resize(torch.from_numpy(labels)[None, None].double(), size, "nearest")[0, 0].long().numpy()
@@ -190,8 +202,15 @@ def _prepare_context(model: CtxSegP, req: SegmentRequest, scale: float, stride: 
 class _TiledDenoiser:
     """D(x, sigma) evaluated tile by tile with precomputed image features, blended with ramp weights."""
 
-    def __init__(self, model: torch.nn.Module, sigma_data: float, tiles: list[Tile],
-                 features: list[ImageFeatures], shape: tuple[int, int], overlap: int) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        sigma_data: float,
+        tiles: list[Tile],
+        features: list[ImageFeatures],
+        shape: tuple[int, int],
+        overlap: int,
+    ) -> None:
         self.tiles, self.features, self.shape = tiles, features, shape
         self.weights = [blend_weight(t, shape, overlap) for t in tiles]
         self.model = model
@@ -200,7 +219,9 @@ class _TiledDenoiser:
     def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         if len(self.tiles) == 1:
             f = self.features[0]
-            return EDMDenoiser(lambda xi, c: self.model.predict(xi, c, f), sigma_data=self.sigma_data)(x, sigma)
+            return EDMDenoiser(lambda xi, c: self.model.predict(xi, c, f), sigma_data=self.sigma_data)(
+                x, sigma
+            )
         out = torch.zeros_like(x)
         norm = torch.zeros(self.shape, dtype=x.dtype, device=x.device)
         for tile, f, w in zip(self.tiles, self.features, self.weights):
@@ -213,8 +234,10 @@ class _TiledDenoiser:
 
 # ---- the use case ----------------------------------------------------------------------------------------
 
-def labels_from_flows(flows: np.ndarray, params: FlowParams, *, out_shape: tuple[int, int] | None = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
+
+def labels_from_flows(
+    flows: np.ndarray, params: FlowParams, *, out_shape: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Instance labels from flows (N, 2, h, w): (fused labels of the mean flow, labels per sample).
 
     Labels are computed at the flows' resolution, cleaned (small objects removed, border objects
@@ -223,17 +246,28 @@ def labels_from_flows(flows: np.ndarray, params: FlowParams, *, out_shape: tuple
     from skimage.morphology import remove_small_objects
     from skimage.segmentation import clear_border, relabel_sequential
 
-    kw = dict(niter=params.niter, step_size=params.step_size, min_seed_cnts=params.min_seed_cnts,
-              expand_min_cnts=params.expand_min_cnts, max_flow_err=params.max_flow_err)
+    kw = dict(
+        niter=params.niter,
+        step_size=params.step_size,
+        min_seed_cnts=params.min_seed_cnts,
+        expand_min_cnts=params.expand_min_cnts,
+        max_flow_err=params.max_flow_err,
+    )
     stack = np.concatenate([flows.mean(axis=0, keepdims=True), flows]) if len(flows) > 1 else flows
     raw = np.asarray(flow_to_mask(np.ascontiguousarray(stack, dtype=np.float32), **kw)).reshape(
-        len(stack), *flows.shape[-2:])
+        len(stack), *flows.shape[-2:]
+    )
     out = []
     for lab in raw:
         lab = lab.astype(np.int64)
         if out_shape is not None and lab.shape != tuple(out_shape):
-            lab = F.interpolate(torch.from_numpy(lab)[None, None].double(), size=out_shape,
-                                mode="nearest-exact")[0, 0].long().numpy()
+            lab = (
+                F.interpolate(
+                    torch.from_numpy(lab)[None, None].double(), size=out_shape, mode="nearest-exact"
+                )[0, 0]
+                .long()
+                .numpy()
+            )
         lab = remove_small_objects(lab, max_size=max(0, params.min_size - 1)) if params.min_size > 1 else lab
         if params.remove_border:
             lab = clear_border(lab)
@@ -241,8 +275,9 @@ def labels_from_flows(flows: np.ndarray, params: FlowParams, *, out_shape: tuple
     return out[0], np.stack(out[1:] if len(flows) > 1 else out)
 
 
-def segment_steps(req: SegmentRequest, *, loaded: LoadedModel | None = None
-                  ) -> Generator[SegmentProgress, None, SegmentResult]:
+def segment_steps(
+    req: SegmentRequest, *, loaded: LoadedModel | None = None
+) -> Generator[SegmentProgress, None, SegmentResult]:
     """Segment ``req.image``, yielding progress; returns a :class:`SegmentResult`.
 
     Raises
@@ -258,8 +293,10 @@ def segment_steps(req: SegmentRequest, *, loaded: LoadedModel | None = None
     loaded = loaded or load_model(req.checkpoint, device=req.device)
     model, device = loaded.model, loaded.device
     if req.context_image is not None and not isinstance(model, CtxSegP):
-        raise ConfigError(f"{loaded.name} is a {loaded.info.kind} model without a context path; use a "
-                          f"ctxseg-p checkpoint for in-context segmentation")
+        raise ConfigError(
+            f"{loaded.name} is a {loaded.info.kind} model without a context path; use a "
+            f"ctxseg-p checkpoint for in-context segmentation"
+        )
     stride = model.config.stride
     scale = 1.0 if req.diameter is None else MODEL_DIAMETER / float(req.diameter)
     h0, w0 = image.shape[:2]
@@ -282,29 +319,49 @@ def segment_steps(req: SegmentRequest, *, loaded: LoadedModel | None = None
         denoiser = _TiledDenoiser(model, loaded.sigma_data, tiles, features, tuple(xp.shape[-2:]), overlap)
         gen = torch.Generator(device=device).manual_seed(int(req.seed))
         steps = sample_steps(
-            denoiser, (2, *xp.shape[-2:]), num_samples=req.num_samples, num_steps=req.steps,
-            solver="one_step" if req.steps == 1 else req.solver, discretization=req.discretization,
-            sigma_min=req.sigma_min, sigma_max=req.sigma_max, generator=gen, device=device)
+            denoiser,
+            (2, *xp.shape[-2:]),
+            num_samples=req.num_samples,
+            num_steps=req.steps,
+            solver="one_step" if req.steps == 1 else req.solver,
+            discretization=req.discretization,
+            sigma_min=req.sigma_min,
+            sigma_max=req.sigma_max,
+            generator=gen,
+            device=device,
+        )
         final = None
         for st in steps:
             final = st.x
-            yield SegmentProgress("denoise", len(tiles) + st.model_calls, total,
-                                  f"sampler step {st.step}/{st.num_steps}")
+            yield SegmentProgress(
+                "denoise", len(tiles) + st.model_calls, total, f"sampler step {st.step}/{st.num_steps}"
+            )
     flows_s = final[..., :h, :w].float().cpu()  # (N, 2, h, w) at model scale
     yield SegmentProgress("labels", total, total, "following flows")
     labels, sample_labels = labels_from_flows(flows_s.numpy(), req.flow, out_shape=(h0, w0))
     flows_full = _resize(flows_s, (h0, w0), "bilinear").numpy()
-    disagreement = (flows_full.std(axis=0).mean(axis=0) if len(flows_full) > 1
-                    else np.zeros((h0, w0), np.float32)).astype(np.float32)
+    disagreement = (
+        flows_full.std(axis=0).mean(axis=0) if len(flows_full) > 1 else np.zeros((h0, w0), np.float32)
+    ).astype(np.float32)
     meta = {
-        "checkpoint": loaded.name, "checkpoint_sha256": loaded.info.sha256, "model_kind": loaded.info.kind,
-        "seed": int(req.seed), "steps": req.steps, "solver": "one_step" if req.steps == 1 else req.solver,
-        "discretization": req.discretization, "num_samples": req.num_samples, "diameter": req.diameter,
-        "scale": scale, "device": str(device), "tiles": len(tiles), "flow_params": asdict(req.flow),
+        "checkpoint": loaded.name,
+        "checkpoint_sha256": loaded.info.sha256,
+        "model_kind": loaded.info.kind,
+        "seed": int(req.seed),
+        "steps": req.steps,
+        "solver": "one_step" if req.steps == 1 else req.solver,
+        "discretization": req.discretization,
+        "num_samples": req.num_samples,
+        "diameter": req.diameter,
+        "scale": scale,
+        "device": str(device),
+        "tiles": len(tiles),
+        "flow_params": asdict(req.flow),
         "context": None if req.context_image is None else _context_digest(req),
     }
-    return SegmentResult(labels, flows_full.astype(np.float32), sample_labels, disagreement, scale, meta,
-                         flows_s.numpy())
+    return SegmentResult(
+        labels, flows_full.astype(np.float32), sample_labels, disagreement, scale, meta, flows_s.numpy()
+    )
 
 
 def _context_digest(req: SegmentRequest) -> str:

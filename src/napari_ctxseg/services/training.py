@@ -61,12 +61,15 @@ def read_array(path: str | os.PathLike) -> np.ndarray:
     return imread(path)
 
 
-def load_folder_pairs(images: str | os.PathLike, labels: str | os.PathLike,
-                      names: Sequence[str] | None = None) -> list[AnnotatedImage]:
+def load_folder_pairs(
+    images: str | os.PathLike, labels: str | os.PathLike, names: Sequence[str] | None = None
+) -> list[AnnotatedImage]:
     """Annotated images from two folders with the same file names (flows computed once here)."""
     images, labels = Path(images), Path(labels)
     if names is None:
-        names = sorted(p.stem for p in labels.iterdir() if p.suffix.lower() in (".tif", ".tiff", ".png", ".npy"))
+        names = sorted(
+            p.stem for p in labels.iterdir() if p.suffix.lower() in (".tif", ".tiff", ".png", ".npy")
+        )
     if not names:
         raise InputError(f"no label images found in {labels}")
     return [annotate(read_array(_find(images, n)), read_array(_find(labels, n)), name=n) for n in names]
@@ -81,7 +84,7 @@ class TrainRequest:
     output
         Destination checkpoint (``.safetensors``).
     train_images, val_images
-        Annotated images (see :func:`load_folder_pairs` and :func:`~napari_ctxseg.core.training_data.annotate`).
+        Annotated images (:func:`load_folder_pairs`, :func:`~napari_ctxseg.core.training_data.annotate`).
     preset, base
         Start from a fresh model of a preset size, or from a checkpoint (``"default"`` or a path) to
         fine-tune. Exactly one is used; ``base`` wins.
@@ -142,20 +145,46 @@ def run_training(req: TrainRequest) -> Generator[TrainProgress, None, Path]:
         cfg = TrainConfig(**{**cfg.to_dict(), "sigma_data": sigma_data})
     device = resolve_device(req.device)
     torch.manual_seed(cfg.seed)
-    sampler = CropSampler(req.train_images, cfg.crop_size, augment=cfg.augment, p_no_context=cfg.p_no_context,
-                          partial_prob=cfg.partial_prob, seed=cfg.seed)
-    val_sampler = (CropSampler(req.val_images, cfg.crop_size, augment=AugmentConfig.none(),
-                               p_no_context=cfg.p_no_context, partial_prob=0.0, seed=cfg.seed + 1)
-                   if req.val_images else None)
+    sampler = CropSampler(
+        req.train_images,
+        cfg.crop_size,
+        augment=cfg.augment,
+        p_no_context=cfg.p_no_context,
+        partial_prob=cfg.partial_prob,
+        seed=cfg.seed,
+    )
+    val_sampler = (
+        CropSampler(
+            req.val_images,
+            cfg.crop_size,
+            augment=AugmentConfig.none(),
+            p_no_context=cfg.p_no_context,
+            partial_prob=0.0,
+            seed=cfg.seed + 1,
+        )
+        if req.val_images
+        else None
+    )
     provenance = {
-        **prov, **req.provenance,
-        "train_images": len(req.train_images), "val_images": len(req.val_images),
-        "train_config": cfg.to_dict(), "device": str(device),
+        **prov,
+        **req.provenance,
+        "train_images": len(req.train_images),
+        "val_images": len(req.val_images),
+        "train_config": cfg.to_dict(),
+        "device": str(device),
         "torch": torch.__version__,
     }
     t0 = time.time()
-    trainer = Trainer(model, sampler, cfg, val_sampler=val_sampler, device=device, resume=req.resume,
-                      state_path=req.state_path, state_every=req.state_every)
+    trainer = Trainer(
+        model,
+        sampler,
+        cfg,
+        val_sampler=val_sampler,
+        device=device,
+        resume=req.resume,
+        state_path=req.state_path,
+        state_every=req.state_every,
+    )
     gen = trainer.run()
     last: TrainProgress | None = None
     history = None
@@ -177,18 +206,37 @@ def run_training(req: TrainRequest) -> Generator[TrainProgress, None, Path]:
     return _write(req, trainer.best_model(), sigma_data, provenance, last, t0, final=True, history=history)
 
 
-def _write(req: TrainRequest, model: SegP, sigma_data: float, provenance: dict[str, Any],
-           last: TrainProgress | None, t0: float, *, final: bool, history: list | None = None) -> Path:
+def _write(
+    req: TrainRequest,
+    model: SegP,
+    sigma_data: float,
+    provenance: dict[str, Any],
+    last: TrainProgress | None,
+    t0: float,
+    *,
+    final: bool,
+    history: list | None = None,
+) -> Path:
     prov = dict(provenance)
-    prov.update({
-        "steps_done": last.step if last else 0, "complete": final,
-        "train_seconds": round(time.time() - t0, 1),
-        "best_val_loss": last.best_val_loss if last else None,
-    })
+    prov.update(
+        {
+            "steps_done": last.step if last else 0,
+            "complete": final,
+            "train_seconds": round(time.time() - t0, 1),
+            "best_val_loss": last.best_val_loss if last else None,
+        }
+    )
     if history:
-        prov["loss_curve"] = [[h["step"], round(h["loss"], 5)] for h in history[:: max(1, len(history) // 100)]]
-    path = save_checkpoint(req.output, model.cpu(), sigma_data=sigma_data, provenance=prov,
-                           dtype=torch.float16 if req.half else None)
+        prov["loss_curve"] = [
+            [h["step"], round(h["loss"], 5)] for h in history[:: max(1, len(history) // 100)]
+        ]
+    path = save_checkpoint(
+        req.output,
+        model.cpu(),
+        sigma_data=sigma_data,
+        provenance=prov,
+        dtype=torch.float16 if req.half else None,
+    )
     return Path(path)
 
 
@@ -203,7 +251,9 @@ def attach_regions(images: list[AnnotatedImage], masks: str | os.PathLike) -> No
     for im in images:
         region = read_array(_find(folder, im.name)) != 0
         if region.shape != im.labels.shape:
-            raise InputError(f"{im.name}: region mask shape {region.shape} does not match labels {im.labels.shape}")
+            raise InputError(
+                f"{im.name}: region mask shape {region.shape} does not match labels {im.labels.shape}"
+            )
         if not region.any():
             raise InputError(f"{im.name}: the region mask is empty")
         im.region = region

@@ -1,0 +1,120 @@
+"""Stacks and time series: 2D segmentation slice by slice, with labels stitched across slices.
+
+An array with more than two non-channel axes is treated as a stack of 2D images along its leading axes
+(Z for a z-stack, T for a time series, or both): each 2D plane is segmented on its own, then labels of
+consecutive planes are linked when their IoU is at least ``stitch_threshold`` (as cellpose's
+``stitch_threshold``), so one object keeps one label through the stack. ``stitch_threshold=0`` keeps
+independent labels per plane (offset so they stay unique).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+from scipy import sparse
+
+from .segment import SegmentProgress, SegmentRequest, segment_steps
+
+__all__ = ["is_rgb", "segment_stack_steps", "stitch_labels"]
+
+
+def is_rgb(shape: tuple[int, ...]) -> bool:
+    """Whether the last axis holds colour channels (napari's rule: 3 or 4 channels last)."""
+    return len(shape) >= 3 and shape[-1] in (3, 4)
+
+
+def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    na, nb = int(a.max()), int(b.max())
+    if na == 0 or nb == 0:
+        return np.zeros((na, nb))
+    inter = sparse.coo_matrix((np.ones(a.size), (a.ravel(), b.ravel())), shape=(na + 1, nb + 1)).toarray()[
+        1:, 1:
+    ]
+    area_a = np.bincount(a.ravel(), minlength=na + 1)[1:]
+    area_b = np.bincount(b.ravel(), minlength=nb + 1)[1:]
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1)
+
+
+def stitch_labels(planes: np.ndarray, threshold: float = 0.25) -> np.ndarray:
+    """Relabel (Z, H, W) per-plane labels so overlapping objects of consecutive planes share a label.
+
+    Each object of plane z takes the label of its best-IoU object in plane z - 1 if that IoU is at least
+    ``threshold`` and the match is mutual-best; otherwise it gets a new label.
+    """
+    out = np.zeros(planes.shape, dtype=np.uint32)
+    next_label = 1
+    for z, plane in enumerate(planes):
+        plane = plane.astype(np.int64)
+        n = int(plane.max())
+        lut = np.zeros(n + 1, dtype=np.uint32)
+        if z > 0 and threshold > 0 and n:
+            prev = out[z - 1].astype(np.int64)
+            prev_ids, prev_compact = np.unique(prev, return_inverse=True)
+            iou = _iou_matrix(plane, prev_compact.reshape(prev.shape))
+            if iou.size:
+                best = iou.argmax(axis=1)
+                back = iou.argmax(axis=0)
+                for i in range(n):
+                    j = best[i]
+                    if iou[i, j] >= threshold and back[j] == i:
+                        lut[i + 1] = prev_ids[j + 1]
+        for i in range(1, n + 1):
+            if lut[i] == 0 and (plane == i).any():
+                lut[i] = next_label
+                next_label += 1
+            elif lut[i] >= next_label:
+                next_label = int(lut[i]) + 1
+        out[z] = lut[plane]
+    return out
+
+
+def segment_stack_steps(
+    image: np.ndarray, *, stitch_threshold: float = 0.25, loaded: Any = None, **options: Any
+) -> Generator[SegmentProgress, None, np.ndarray]:
+    """Segment every 2D plane of ``image`` (leading axes = stack/time; RGB last axis kept), yielding progress.
+
+    Returns labels with the image's spatial shape (channels dropped); with more than one leading axis
+    (e.g. T, Z) stitching runs along the last leading axis within each of the others.
+    """
+    image = np.asarray(image)
+    rgb = is_rgb(image.shape)
+    spatial_nd = 3 if rgb else 2
+    lead = image.shape[: image.ndim - spatial_nd]
+    planes = image.reshape((-1, *image.shape[len(lead) :]))
+    base = SegmentRequest(image=planes[0], **options)
+    labels = []
+    for i, plane in enumerate(planes):
+        gen = segment_steps(replace(base, image=plane), loaded=loaded)
+        while True:
+            try:
+                p = next(gen)
+            except StopIteration as stop:
+                labels.append(stop.value.labels)
+                break
+            yield SegmentProgress(
+                p.stage,
+                i * p.total + p.done,
+                len(planes) * p.total,
+                f"plane {i + 1}/{len(planes)}: {p.message}",
+            )
+    out = np.stack(labels).reshape((*lead, *labels[0].shape)) if labels else np.zeros(0, np.uint32)
+    if not lead:
+        return out
+    groups = out.reshape((-1, lead[-1], *labels[0].shape))
+    stitched = np.stack(
+        [stitch_labels(g, stitch_threshold) if stitch_threshold > 0 else _offset(g) for g in groups]
+    )
+    return stitched.reshape(out.shape)
+
+
+def _offset(planes: np.ndarray) -> np.ndarray:
+    out = planes.astype(np.uint32).copy()
+    offset = 0
+    for z in range(len(out)):
+        m = out[z] > 0
+        out[z][m] += offset
+        offset = int(out[z].max()) if m.any() else offset
+    return out

@@ -1,0 +1,88 @@
+"""Packaging: the manifest and data ship in the wheel, the plugin is discovered, layering holds."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*cmd: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_import_is_light_and_lazy_api_resolves() -> None:
+    code = (
+        "import sys, napari_ctxseg as n; "
+        "heavy=[m for m in ('torch','qtpy','napari','PyQt5') if m in sys.modules];"
+        "print(heavy); assert not heavy, heavy; assert callable(n.segment) and 'torch' in sys.modules"
+    )
+    r = _run(sys.executable, "-c", code)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_manifest_is_valid_and_found_by_the_editable_install() -> None:
+    from importlib import resources
+
+    path = resources.files("napari_ctxseg") / "napari.yaml"
+    assert path.is_file() and "napari-ctxseg.segment_widget" in path.read_text()
+    r = _run(sys.executable, "-m", "npe2", "validate", "napari-ctxseg")
+    assert r.returncode == 0 and "valid" in r.stdout, r.stdout + r.stderr
+
+
+def test_layering_contracts_hold() -> None:
+    lint = Path(sys.executable).with_name("lint-imports")
+    if not lint.exists():
+        pytest.skip("import-linter not installed")
+    r = _run(str(lint), cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "0 broken" in r.stdout
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```bash\n(.+?)\n```", readme)
+    test_cmd = next(c for c in commands if "pytest" in c)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test_cmd.strip() in ci.splitlines()
+
+
+@pytest.mark.slow
+def test_wheel_contains_manifest_model_and_samples_and_npe2_lists_it(tmp_path) -> None:
+    r = _run(sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(ROOT))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    wheel = next(tmp_path.glob("napari_ctxseg-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for needed in (
+        "napari_ctxseg/napari.yaml",
+        "napari_ctxseg/sample_data/nuclei.tif",
+        "napari_ctxseg/models/default.safetensors",
+    ):
+        assert needed in names, f"{needed} missing from {wheel.name}"
+    with zipfile.ZipFile(wheel) as z:
+        meta = z.read(next(n for n in names if n.endswith("METADATA"))).decode()
+        entry = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "Classifier: Framework :: napari" in meta
+    assert "napari-ctxseg = napari_ctxseg:napari.yaml" in entry
+    # a fresh venv beside the installed napari (system site-packages), with the wheel but not the source
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    py = env_dir / "bin" / "python"
+    r = _run(str(py), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel))
+    assert r.returncode == 0, r.stderr
+    r = _run(str(py), "-m", "npe2", "list", cwd=tmp_path)
+    assert r.returncode == 0 and "napari-ctxseg" in r.stdout, r.stdout + r.stderr
+    r = _run(
+        str(py),
+        "-c",
+        "import napari_ctxseg, pathlib; print(pathlib.Path(napari_ctxseg.__file__).parent)",
+        cwd=tmp_path,
+    )
+    assert str(env_dir) in r.stdout, r.stdout  # the wheel, not the source tree, was imported

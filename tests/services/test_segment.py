@@ -1,0 +1,115 @@
+"""The segment service on real tensors (tiny random model: checks plumbing, shapes and errors)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_ctxseg.core.errors import CheckpointError, ConfigError, InputError
+from napari_ctxseg.services.segment import (
+    FlowParams,
+    SegmentRequest,
+    labels_from_flows,
+    segment,
+    segment_steps,
+)
+from tests.conftest import blobs
+
+
+def test_segment_returns_labels_flows_and_provenance(tiny_checkpoint) -> None:
+    image, _ = blobs()
+    before = image.copy()
+    r = segment(image, checkpoint=str(tiny_checkpoint), device="cpu", num_samples=2, steps=2, solver="heun")
+    assert r.labels.shape == image.shape and r.labels.dtype == np.uint32
+    assert r.flows.shape == (2, 2, *image.shape)
+    assert r.sample_labels.shape == (2, *image.shape)
+    assert r.disagreement.shape == image.shape and r.disagreement.max() > 0
+    assert r.metadata["seed"] == 0 and r.metadata["steps"] == 2 and len(r.metadata["checkpoint_sha256"]) == 64
+    np.testing.assert_array_equal(image, before)  # the input is never modified
+
+
+def test_same_seed_same_result_other_seed_differs(tiny_checkpoint) -> None:
+    image, _ = blobs()
+    kw = dict(checkpoint=str(tiny_checkpoint), device="cpu", steps=2, solver="euler")
+    a = segment(image, seed=3, **kw).flows
+    b = segment(image, seed=3, **kw).flows
+    c = segment(image, seed=4, **kw).flows
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_progress_counts_model_calls_and_close_cancels(tiny_checkpoint) -> None:
+    image, _ = blobs()
+    gen = segment_steps(
+        SegmentRequest(image, checkpoint=str(tiny_checkpoint), device="cpu", steps=3, solver="heun")
+    )
+    events = [next(gen) for _ in range(2)]
+    assert events[0].stage == "encode" and events[1].stage == "denoise"
+    assert events[0].total == 1 + 5  # one tile + heun's 2 * 3 - 1 model calls
+    gen.close()  # cancel: no result, no error
+
+
+def test_tiles_cover_the_image_and_agree_with_untiled_on_smooth_input(tiny_checkpoint) -> None:
+    image, _ = blobs((160, 200))
+    kw = dict(checkpoint=str(tiny_checkpoint), device="cpu", seed=1)
+    tiled = segment(image, tile_size=96, tile_overlap=32, **kw)
+    assert tiled.metadata["tiles"] > 1
+    assert tiled.flows.shape == (1, 2, 160, 200) and np.isfinite(tiled.flows).all()
+
+
+def test_diameter_rescales_and_labels_come_back_at_input_size(tiny_checkpoint) -> None:
+    image, _ = blobs((100, 120))
+    r = segment(image, checkpoint=str(tiny_checkpoint), device="cpu", diameter=40)
+    assert r.scale == pytest.approx(0.5)
+    assert r.labels.shape == (100, 120) and r.flows.shape[-2:] == (100, 120)
+    assert r.flows_model_scale.shape[-2:] == (50, 60)
+
+
+def test_context_path_runs_and_changes_the_prediction(tiny_checkpoint) -> None:
+    image, labels = blobs(seed=1)
+    kw = dict(checkpoint=str(tiny_checkpoint), device="cpu", seed=0)
+    plain = segment(image, **kw)
+    ctx = segment(image, context_image=image, context_labels=labels, **kw)
+    assert ctx.metadata["context"] is not None
+    assert not np.allclose(plain.flows, ctx.flows)
+
+
+def test_rethreshold_cached_flows_without_the_network() -> None:
+    from napari_ctxseg.core.flows import mask_to_flow
+
+    _, labels = blobs()
+    flow = mask_to_flow(labels)[None]
+    fused, _ = labels_from_flows(flow, FlowParams(min_size=1))
+    assert fused.max() == labels.max()
+    fused_big, _ = labels_from_flows(flow, FlowParams(min_size=10_000))
+    assert fused_big.max() == 0
+
+
+@pytest.mark.parametrize(
+    ("image", "match"),
+    [
+        (np.zeros((4, 5, 6, 7)), "must be 2D"),
+        (np.zeros((0, 10)), "too small|empty"),
+        (np.full((32, 32), 7.0), "constant"),
+        (np.where(np.eye(32) > 0, np.nan, 1.0), "NaN"),
+        (np.zeros((32, 32, 5)), "must be 2D"),
+    ],
+)
+def test_bad_images_raise_input_error(tiny_checkpoint, image, match) -> None:
+    with pytest.raises(InputError, match=match):
+        segment(image, checkpoint=str(tiny_checkpoint), device="cpu")
+
+
+def test_bad_context_and_settings(tiny_checkpoint) -> None:
+    image, labels = blobs()
+    kw = dict(checkpoint=str(tiny_checkpoint), device="cpu")
+    with pytest.raises(InputError, match="does not match context image"):
+        segment(image, context_image=image, context_labels=labels[:50], **kw)
+    with pytest.raises(InputError, match="no annotated object"):
+        segment(image, context_image=image, context_labels=np.zeros_like(labels), **kw)
+    with pytest.raises(InputError, match="both an image and its labels"):
+        segment(image, context_image=image, **kw)
+    with pytest.raises(ConfigError, match="unknown solver"):
+        segment(image, solver="rk4", **kw)
+    with pytest.raises(CheckpointError, match="not found"):
+        segment(image, checkpoint="/nonexistent.safetensors", device="cpu")

@@ -1,0 +1,203 @@
+"""The ``ctxseg`` command line, run in-process through :func:`napari_ctxseg.cli.main`."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_ctxseg.cli import main
+from tests.conftest import blobs
+
+
+@pytest.fixture()
+def image_dir(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(2):
+        img, lab = blobs((64, 72), seed=i)
+        tifffile.imwrite(d / f"im{i}.tif", img)
+        tifffile.imwrite(d / f"lab{i}.tif", lab.astype(np.uint16))
+    return d
+
+
+def test_help_and_version(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert "segment" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert "napari-ctxseg" in capsys.readouterr().out
+
+
+def test_segment_writes_labels_and_csv_then_resumes(tmp_path, image_dir, tiny_checkpoint, capsys) -> None:
+    out = tmp_path / "out"
+    args = [
+        str(image_dir / "im*.tif"),
+        "-o",
+        str(out),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--device",
+        "cpu",
+        "--samples",
+        "2",
+    ]
+    assert main(["segment", *args]) == 0
+    for i in range(2):
+        labels = tifffile.imread(out / f"im{i}_labels.tif")
+        assert labels.shape == (64, 72) and labels.dtype == np.uint32
+        with open(out / f"im{i}_objects.csv") as f:
+            header = next(csv.reader(f))
+        assert {"label", "area", "agreement", "flow_error"} <= set(header)
+    assert main(["segment", *args]) == 0
+    assert capsys.readouterr().out.count("skipped") == 2
+
+
+def test_segment_with_context_files(tmp_path, image_dir, tiny_checkpoint) -> None:
+    out = tmp_path / "ctx"
+    assert (
+        main(
+            [
+                "segment",
+                str(image_dir / "im0.tif"),
+                "-o",
+                str(out),
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--device",
+                "cpu",
+                "--context-image",
+                str(image_dir / "im1.tif"),
+                "--context-labels",
+                str(image_dir / "lab1.tif"),
+            ]
+        )
+        == 0
+    )
+    assert (out / "im0_labels.tif").is_file()
+
+
+def test_bad_inputs_print_one_line_and_exit_2(tmp_path, image_dir, tiny_checkpoint, capsys) -> None:
+    tifffile.imwrite(tmp_path / "flat.tif", np.full((32, 32), 5, np.uint8))
+    code = main(
+        [
+            "segment",
+            str(tmp_path / "flat.tif"),
+            "-o",
+            str(tmp_path / "o"),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--device",
+            "cpu",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 2 and "constant" in err[-1] and "Traceback" not in "".join(err)
+    assert main(["segment", str(tmp_path / "missing*.tif"), "--device", "cpu"]) == 2
+    assert "no image found" in capsys.readouterr().err
+    (tmp_path / "bad.safetensors").write_bytes(b"\x80\x04junk")
+    assert (
+        main(
+            [
+                "segment",
+                str(image_dir / "im0.tif"),
+                "-o",
+                str(tmp_path / "o2"),
+                "--checkpoint",
+                str(tmp_path / "bad.safetensors"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
+    assert "ctxseg convert" in capsys.readouterr().err
+    tifffile.imwrite(tmp_path / "badlab.tif", np.zeros((10, 10), np.uint16))
+    assert (
+        main(
+            [
+                "segment",
+                str(image_dir / "im0.tif"),
+                "-o",
+                str(tmp_path / "o3"),
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--device",
+                "cpu",
+                "--context-image",
+                str(image_dir / "im1.tif"),
+                "--context-labels",
+                str(tmp_path / "badlab.tif"),
+            ]
+        )
+        == 2
+    )
+    assert "does not match context image" in capsys.readouterr().err
+    assert main(["segment", str(image_dir / "im0.tif"), "--device", "quantum"]) == 2
+
+
+def test_convert_npz_fixture(tmp_path, capsys) -> None:
+    from tests.parity import parity_path
+
+    src = parity_path("models", "ctxsegp.params.npz")
+    out = tmp_path / "conv.safetensors"
+    assert main(["convert", str(src), "-o", str(out), "--model", "ctxseg-p", "--ctx-head-dim", "8"]) == 0
+    assert out.is_file() and "wrote" in capsys.readouterr().out
+    assert main(["convert", str(src), "-o", str(out), "--model", "seg-d"]) == 2
+
+
+def test_train_and_eval_smoke(tmp_path, image_dir, tiny_checkpoint, capsys) -> None:
+    imgs, labs = tmp_path / "i", tmp_path / "l"
+    imgs.mkdir(), labs.mkdir()
+    for i in range(2):
+        (imgs / f"x{i}.tif").write_bytes((image_dir / f"im{i}.tif").read_bytes())
+        (labs / f"x{i}.tif").write_bytes((image_dir / f"lab{i}.tif").read_bytes())
+    out = tmp_path / "trained.safetensors"
+    assert (
+        main(
+            [
+                "train",
+                "--images",
+                str(imgs),
+                "--labels",
+                str(labs),
+                "-o",
+                str(out),
+                "--preset",
+                "tiny",
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--crop-size",
+                "64",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert out.is_file()
+    assert (
+        main(
+            [
+                "eval",
+                "--images",
+                str(imgs),
+                "--labels",
+                str(labs),
+                "--checkpoint",
+                str(out),
+                "--device",
+                "cpu",
+                "--baseline",
+            ]
+        )
+        == 0
+    )
+    report = capsys.readouterr().out
+    assert "baseline" in report and "AP@0.5" in report
