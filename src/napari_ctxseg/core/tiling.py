@@ -38,22 +38,20 @@ def _starts(n: int, tile: int, overlap: int) -> list[int]:
     return [int(round(i * (n - tile) / (count - 1))) for i in range(count)]
 
 
-def plan_tiles(shape: tuple[int, int], tile: int, overlap: int, multiple: int = 1) -> list[Tile]:
+def plan_tiles(shape: tuple[int, int], tile: int, overlap: int) -> list[Tile]:
     """Tiles of at most ``tile`` pixels covering ``shape`` with at least ``overlap`` pixels of overlap.
 
-    Tile starts are multiples of ``multiple`` when the image allows (the image should be padded to a
-    multiple of ``multiple`` first, see :func:`pad_to_multiple`).
+    Every tile has the full ``tile`` size along an axis longer than ``tile`` (so a tile size that is a
+    multiple of the model stride stays one); starts are spread evenly and the last tile ends at the border.
     """
     h, w = shape
     if tile < 1 or overlap < 0 or overlap >= tile:
         raise ValueError(f"need tile > overlap >= 0, got tile={tile}, overlap={overlap}")
-    tiles = []
-    for y in _starts(h, tile, overlap):
-        for x in _starts(w, tile, overlap):
-            y0 = min(y // multiple * multiple, max(h - tile, 0))
-            x0 = min(x // multiple * multiple, max(w - tile, 0))
-            tiles.append(Tile(y0, x0, min(tile, h), min(tile, w)))
-    return tiles
+    return [
+        Tile(y, x, min(tile, h), min(tile, w))
+        for y in _starts(h, tile, overlap)
+        for x in _starts(w, tile, overlap)
+    ]
 
 
 def blend_weight(tile: Tile, shape: tuple[int, int], overlap: int, *, dtype=torch.float32) -> torch.Tensor:

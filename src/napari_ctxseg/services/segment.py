@@ -305,7 +305,7 @@ def segment_steps(
     xp, (h, w) = pad_to_multiple(x, stride, min_size=stride)
     tile = max(stride, req.tile_size // stride * stride)
     overlap = min(req.tile_overlap // stride * stride, tile // 2)
-    tiles = plan_tiles(tuple(xp.shape[-2:]), tile, overlap, multiple=stride)
+    tiles = plan_tiles(tuple(xp.shape[-2:]), tile, overlap)
     calls = num_model_calls("one_step" if req.steps == 1 else req.solver, req.steps)
     total = len(tiles) + calls
     with torch.inference_mode():

@@ -1,0 +1,86 @@
+"""Stacks (slice-by-slice with stitching), tile seams, and batch segmentation on a dask LocalCluster."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_ctxseg.core.flows import mask_to_flow
+from napari_ctxseg.core.tiling import blend_weight, plan_tiles
+from napari_ctxseg.services.segment import FlowParams, labels_from_flows
+from napari_ctxseg.services.stack import segment_stack_steps, stitch_labels
+from tests.conftest import blobs
+
+
+def test_stitching_links_overlapping_objects_across_planes() -> None:
+    _, lab = blobs((64, 64), n=5, seed=1)
+    planes = np.stack([lab, np.roll(lab, 1, axis=0) * 3, np.zeros_like(lab), lab])
+    out = stitch_labels(planes, threshold=0.25)
+    assert out.dtype == np.uint32
+    for obj in np.unique(lab[lab > 0]):
+        ids0 = np.unique(out[0][lab == obj])
+        ids1 = np.unique(out[1][np.roll(lab, 1, axis=0) == obj])
+        assert len(ids0) == 1 and ids0[0] == ids1[0]  # same object, same label, through relabelling
+    # after an empty plane objects are new objects
+    assert set(np.unique(out[3])) - {0} and not (set(np.unique(out[3])) - {0}) & set(np.unique(out[0]))
+
+
+def test_stack_is_segmented_plane_by_plane_with_progress(tiny_checkpoint) -> None:
+    img, _ = blobs((48, 48))
+    stack = np.stack([img, img, img])
+    gen = segment_stack_steps(stack, checkpoint=str(tiny_checkpoint), device="cpu")
+    events = []
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration as stop:
+            labels = stop.value
+            break
+    assert labels.shape == (3, 48, 48)
+    assert events[-1].done == events[-1].total and "plane 3/3" in events[-1].message
+
+
+def test_tiles_cover_everything_and_weights_are_positive() -> None:
+    shape = (300, 517)
+    tiles = plan_tiles(shape, 128, 32)
+    cover = np.zeros(shape)
+    for t in tiles:
+        w = blend_weight(t, shape, 32).numpy()
+        assert w.min() > 0
+        cover[t.slices] += w
+    assert cover.min() > 0.2
+
+
+def test_blended_flows_segment_objects_on_tile_borders_once() -> None:
+    """Flows predicted per tile and blended (here: ideal flows per tile) give one object per border object."""
+    import torch
+
+    _, lab = blobs((128, 128), n=12, seed=5)
+    full = torch.from_numpy(mask_to_flow(lab))
+    tiles = plan_tiles((128, 128), 64, 32)
+    out, norm = torch.zeros_like(full), torch.zeros(128, 128)
+    for t in tiles:
+        w = blend_weight(t, (128, 128), 32)
+        out[(..., *t.slices)] += full[(..., *t.slices)] * w
+        norm[t.slices] += w
+    fused, _ = labels_from_flows((out / norm)[None].numpy(), FlowParams(min_size=1))
+    assert fused.max() == lab.max()
+
+
+@pytest.mark.slow
+def test_batch_on_a_local_dask_cluster_with_two_workers(tmp_path, tiny_checkpoint) -> None:
+    pytest.importorskip("distributed")
+    from napari_ctxseg.services.batch import segment_files
+
+    paths = []
+    for i in range(3):
+        img, _ = blobs((48, 56), seed=i)
+        p = tmp_path / f"img{i}.tif"
+        tifffile.imwrite(p, img)
+        paths.append(p)
+    records = segment_files(paths, tmp_path / "out", options={"checkpoint": str(tiny_checkpoint), "device": "cpu"},
+                            workers=2)
+    assert [r["status"] for r in records] == ["done"] * 3
+    for p in paths:
+        assert tifffile.imread(tmp_path / "out" / f"{p.stem}_labels.tif").shape == (48, 56)
