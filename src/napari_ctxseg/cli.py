@@ -65,6 +65,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state", type=Path, help="where to write the resumable training state")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also write the checkpoint every N steps")
     p.add_argument("--half", action="store_true", help="store weights as float16")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (default: all cores; 1 is faster on a busy machine)")
     _add_device(p)
 
 
@@ -113,8 +115,13 @@ def _train_request(
     )
 
 
-def _run_training(req) -> int:
+def _run_training(req, threads: int = 0) -> int:
     from .services.training import run_training
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     gen = run_training(req)
     try:
@@ -139,12 +146,12 @@ def _run_training(req) -> int:
 
 @_command("train")
 def _cmd_train(args: argparse.Namespace) -> int:
-    return _run_training(_train_request(args, preset=args.preset, base=None))
+    return _run_training(_train_request(args, preset=args.preset, base=None), args.threads)
 
 
 @_command("finetune")
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    return _run_training(_train_request(args, preset=None, base=getattr(args, "from")))
+    return _run_training(_train_request(args, preset=None, base=getattr(args, "from")), args.threads)
 
 
 # ---- parser ----------------------------------------------------------------------------------------------
