@@ -232,6 +232,23 @@ class _TiledDenoiser:
         return out / norm
 
 
+class _StreamingBlend:
+    """Accumulates weighted tile outputs (on the CPU) and normalises at the end."""
+
+    def __init__(self, shape: tuple[int, ...], spatial: tuple[int, int], overlap: int) -> None:
+        self.out = torch.zeros(shape)
+        self.norm = torch.zeros(spatial)
+        self.spatial, self.overlap = spatial, overlap
+
+    def add(self, tile: Tile, value: torch.Tensor) -> None:
+        w = blend_weight(tile, self.spatial, self.overlap)
+        self.out[(..., *tile.slices)] += value * w
+        self.norm[tile.slices] += w
+
+    def result(self) -> torch.Tensor:
+        return self.out / self.norm
+
+
 # ---- the use case ----------------------------------------------------------------------------------------
 
 
@@ -306,36 +323,51 @@ def segment_steps(
     tile = max(stride, req.tile_size // stride * stride)
     overlap = min(req.tile_overlap // stride * stride, tile // 2)
     tiles = plan_tiles(tuple(xp.shape[-2:]), tile, overlap)
-    calls = num_model_calls("one_step" if req.steps == 1 else req.solver, req.steps)
-    total = len(tiles) + calls
+    one_step = req.steps == 1
+    calls = num_model_calls("one_step" if one_step else req.solver, req.steps)
+    total = len(tiles) if one_step else len(tiles) + calls
     with torch.inference_mode():
         context = None
         if req.context_image is not None:
             context = _prepare_context(model, req, scale, stride, device)
-        features = []
-        for i, t in enumerate(tiles):
-            features.append(model.prepare(xp[(..., *t.slices)].to(device), context))
-            yield SegmentProgress("encode", i + 1, total, f"encoding tile {i + 1}/{len(tiles)}")
-        denoiser = _TiledDenoiser(model, loaded.sigma_data, tiles, features, tuple(xp.shape[-2:]), overlap)
         gen = torch.Generator(device=device).manual_seed(int(req.seed))
-        steps = sample_steps(
-            denoiser,
-            (2, *xp.shape[-2:]),
-            num_samples=req.num_samples,
-            num_steps=req.steps,
-            solver="one_step" if req.steps == 1 else req.solver,
-            discretization=req.discretization,
-            sigma_min=req.sigma_min,
-            sigma_max=req.sigma_max,
-            generator=gen,
-            device=device,
-        )
-        final = None
-        for st in steps:
-            final = st.x
-            yield SegmentProgress(
-                "denoise", len(tiles) + st.model_calls, total, f"sampler step {st.step}/{st.num_steps}"
+        shape = (2, *xp.shape[-2:])
+        if one_step:
+            # stream the tiles: encode, denoise once at sigma_max, blend; memory is bounded by the tile
+            z = torch.randn((req.num_samples, *shape), generator=gen, device=gen.device) * req.sigma_max
+            blended = _StreamingBlend(z.shape, tuple(xp.shape[-2:]), overlap)
+            for i, t in enumerate(tiles):
+                f = model.prepare(xp[(..., *t.slices)].to(device), context)
+                den = EDMDenoiser(lambda xi, c, f=f: model.predict(xi, c, f), sigma_data=loaded.sigma_data)
+                blended.add(t, den(z[(..., *t.slices)].to(device), req.sigma_max).float().cpu())
+                yield SegmentProgress("denoise", i + 1, total, f"tile {i + 1}/{len(tiles)}")
+            final = blended.result()
+        else:
+            features = []
+            for i, t in enumerate(tiles):
+                features.append(model.prepare(xp[(..., *t.slices)].to(device), context))
+                yield SegmentProgress("encode", i + 1, total, f"encoding tile {i + 1}/{len(tiles)}")
+            denoiser = _TiledDenoiser(
+                model, loaded.sigma_data, tiles, features, tuple(xp.shape[-2:]), overlap
             )
+            steps = sample_steps(
+                denoiser,
+                shape,
+                num_samples=req.num_samples,
+                num_steps=req.steps,
+                solver=req.solver,
+                discretization=req.discretization,
+                sigma_min=req.sigma_min,
+                sigma_max=req.sigma_max,
+                generator=gen,
+                device=device,
+            )
+            final = None
+            for st in steps:
+                final = st.x
+                yield SegmentProgress(
+                    "denoise", len(tiles) + st.model_calls, total, f"sampler step {st.step}/{st.num_steps}"
+                )
     flows_s = final[..., :h, :w].float().cpu()  # (N, 2, h, w) at model scale
     yield SegmentProgress("labels", total, total, "following flows")
     labels, sample_labels = labels_from_flows(flows_s.numpy(), req.flow, out_shape=(h0, w0))
