@@ -1,0 +1,76 @@
+"""Forward time and memory of the full-size CtxSegP (179.3M parameters, random weights) on the CPU.
+
+Prints the time to encode a 1x3x512x512 image (``prepare``: the ConvNeXt image encoder) and the time of
+one denoiser call (``predict`` on 1x2x512x512), median of repeats, plus the peak RSS of the process, for
+float32 contiguous (NCHW) and channels-last memory formats. The original JAX/Flax code measured here on
+2 cores: 5.4-6.3 s to encode the image and 3.4-3.8 s per denoiser step; pass ``--jax`` to run it side by
+side when ``jax``/``flax`` and a clone of the original (``--orig PATH``, with ``ctxseg`` importable from
+it) are available.
+
+Usage: ``python benchmarks/bench_model.py [--repeats 3] [--size 512] [--preset original|small]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import torch
+
+from napari_ctxseg.core.models import build_model
+from napari_ctxseg.services.models import PRESETS
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench(model: torch.nn.Module, size: int, repeats: int, channels_last: bool) -> tuple[float, float]:
+    image = torch.rand(1, 3, size, size)
+    x = torch.randn(1, 2, size, size) * 80
+    c = torch.full((1,), torch.log(torch.tensor(80.0)).item() / 4)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        image = image.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    enc, den = [], []
+    with torch.inference_mode():
+        feats = model.prepare(image)  # warm-up
+        model.predict(x, c, feats)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            feats = model.prepare(image)
+            t1 = time.perf_counter()
+            model.predict(x, c, feats)
+            t2 = time.perf_counter()
+            enc.append(t1 - t0)
+            den.append(t2 - t1)
+    return statistics.median(enc), statistics.median(den)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--preset", default="original", choices=sorted(PRESETS))
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = build_model(PRESETS[args.preset]).eval()
+    n = sum(p.numel() for p in model.parameters())
+    print(f"model {args.preset}: {n:,} parameters; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"image 1x3x{args.size}x{args.size}; median of {args.repeats}")
+    print(f"{'layout':<15} {'encode s':>9} {'denoise s':>10} {'peak RSS MB':>12}")
+    for cl in (False, True):
+        e, d = bench(model, args.size, args.repeats, cl)
+        print(f"{'channels-last' if cl else 'contiguous':<15} {e:>9.2f} {d:>10.2f} {peak_rss_mb():>12.0f}")
+    if args.preset == "original":
+        print("original (JAX/Flax, quoted in the issue, 2 cores): encode 5.4-6.3 s, denoise 3.4-3.8 s")
+
+
+if __name__ == "__main__":
+    main()
