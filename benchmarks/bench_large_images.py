@@ -38,13 +38,18 @@ def main() -> None:
     args = ap.parse_args()
     print(f"{'size':>6} {'tiles':>6} {'objects':>8} {'seconds':>8} {'peak RSS MB':>12}")
     for size in args.sizes:
-        out = subprocess.run([sys.executable, "-c", CHILD, str(size), args.checkpoint, str(args.tile_size)],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, str(size), args.checkpoint, str(args.tile_size)],
+            capture_output=True,
+            text=True,
+        )
         if out.returncode != 0:
             print(f"{size:>6} failed: {out.stderr.strip().splitlines()[-1]}")
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{r['size']:>6} {r['tiles']:>6} {r['objects']:>8} {r['seconds']:>8.1f} {r['peak_rss_mb']:>12.0f}")
+        print(
+            f"{r['size']:>6} {r['tiles']:>6} {r['objects']:>8} {r['seconds']:>8.1f} {r['peak_rss_mb']:>12.0f}"
+        )
 
 
 if __name__ == "__main__":

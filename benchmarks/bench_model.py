@@ -62,7 +62,9 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(PRESETS[args.preset]).eval()
     n = sum(p.numel() for p in model.parameters())
-    print(f"model {args.preset}: {n:,} parameters; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"model {args.preset}: {n:,} parameters; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print(f"image 1x3x{args.size}x{args.size}; median of {args.repeats}")
     print(f"{'layout':<15} {'encode s':>9} {'denoise s':>10} {'peak RSS MB':>12}")
     for cl in (False, True):

@@ -1,0 +1,76 @@
+"""DSB 2018 `val` split: pooled AP@0.5 / F1@0.5 per modality for the bundled model (1 step x 1 sample and a
+multi-step, multi-sample setting) and the Otsu + watershed baseline, side by side in one run.
+
+Usage: ``python benchmarks/eval_dsb.py [--checkpoint default] [--data ../shared/data/dsb2018_train]
+[--limit N] [--json out.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from napari_ctxseg.services.evaluate import evaluate_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", default="default")
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "dsb2018_train")
+    ap.add_argument("--subset", default="val")
+    ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--multi", default="4x4", help="steps x samples of the multi-step setting")
+    args = ap.parse_args()
+    steps, samples = (int(v) for v in args.multi.split("x"))
+    settings = {
+        "1 step x 1 sample": dict(steps=1, num_samples=1),
+        f"{steps} steps x {samples} samples (edf)": dict(steps=steps, num_samples=samples, solver="edf"),
+    }
+    rows, reports = [], {}
+    for i, (name, opts) in enumerate(settings.items()):
+        report = evaluate_folder(
+            args.data / "images",
+            args.data / "labels",
+            names_file=args.data / "split.json",
+            subset=args.subset,
+            options=dict(checkpoint=args.checkpoint, device="cpu", **opts),
+            baseline=i == 0,
+            limit=args.limit,
+        )
+        reports[name] = report
+        for method, by_mod in report["methods"].items():
+            label = name if method == "ctxseg" else "Otsu + watershed baseline"
+            for mod, s in by_mod.items():
+                rows.append(
+                    (
+                        label,
+                        mod,
+                        s["images"],
+                        s["tp"],
+                        s["fp"],
+                        s["fn"],
+                        s["ap50"],
+                        s["f1_50"],
+                        report["seconds_per_image"][method],
+                    )
+                )
+    print(f"DSB 2018 {args.subset}: pooled one-to-one matching at IoU 0.5; checkpoint {args.checkpoint}")
+    print(
+        f"{'method':<34} {'modality':<13} {'n':>3} {'TP':>5} {'FP':>5} {'FN':>5} "
+        f"{'AP@0.5':>7} {'F1@0.5':>7} {'s/img':>6}"
+    )
+    for r in rows:
+        print(
+            f"{r[0]:<34} {r[1]:<13} {r[2]:>3} {r[3]:>5} {r[4]:>5} {r[5]:>5} "
+            f"{r[6]:>7.3f} {r[7]:>7.3f} {r[8]:>6.2f}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(reports, indent=1))
+
+
+if __name__ == "__main__":
+    main()
