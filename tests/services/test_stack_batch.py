@@ -41,6 +41,47 @@ def test_stack_is_segmented_plane_by_plane_with_progress(tiny_checkpoint) -> Non
     assert events[-1].done == events[-1].total and "plane 3/3" in events[-1].message
 
 
+class _LazyStack:
+    """An array-like that records which planes were read (stands in for a dask/zarr layer)."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.data, self.shape, self.dtype, self.ndim, self.reads = data, data.shape, data.dtype, data.ndim, []
+
+    def __getitem__(self, index):
+        self.reads.append(index)
+        return self.data[index]
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the whole stack was loaded")
+
+
+def test_lazy_stacks_are_read_one_plane_at_a_time(tiny_checkpoint) -> None:
+    img, _ = blobs((40, 40))
+    lazy = _LazyStack(np.stack([img] * 4).reshape(2, 2, 40, 40))
+    gen = segment_stack_steps(lazy, checkpoint=str(tiny_checkpoint), device="cpu")
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            labels = stop.value
+            break
+    assert labels.shape == (2, 2, 40, 40)
+    assert lazy.reads == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_dask_stack(tiny_checkpoint) -> None:
+    da = pytest.importorskip("dask.array")
+    img, _ = blobs((40, 40))
+    stack = da.from_array(np.stack([img, img]), chunks=(1, 40, 40))
+    gen = segment_stack_steps(stack, checkpoint=str(tiny_checkpoint), device="cpu")
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            assert stop.value.shape == (2, 40, 40)
+            break
+
+
 def test_tiles_cover_everything_and_weights_are_positive() -> None:
     shape = (300, 517)
     tiles = plan_tiles(shape, 128, 32)

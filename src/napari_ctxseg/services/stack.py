@@ -76,17 +76,21 @@ def segment_stack_steps(
 ) -> Generator[SegmentProgress, None, np.ndarray]:
     """Segment every 2D plane of ``image`` (leading axes = stack/time; RGB last axis kept), yielding progress.
 
-    Returns labels with the image's spatial shape (channels dropped); with more than one leading axis
-    (e.g. T, Z) stitching runs along the last leading axis within each of the others.
+    ``image`` may be any array-like with ``shape`` and numpy indexing (numpy, dask, zarr): only one plane
+    is read into memory at a time. Returns labels with the image's spatial shape (channels dropped); with
+    more than one leading axis (e.g. T, Z) stitching runs along the last leading axis within each of the
+    others.
     """
-    image = np.asarray(image)
-    rgb = is_rgb(image.shape)
+    shape = tuple(image.shape)
+    rgb = is_rgb(shape)
     spatial_nd = 3 if rgb else 2
-    lead = image.shape[: image.ndim - spatial_nd]
-    planes = image.reshape((-1, *image.shape[len(lead) :]))
-    base = SegmentRequest(image=planes[0], **options)
+    lead = shape[: len(shape) - spatial_nd]
+    planes = list(np.ndindex(*lead)) if lead else [()]
+    base = SegmentRequest(image=np.zeros((8, 8)), **options)
     labels = []
-    for i, plane in enumerate(planes):
+    for i, index in enumerate(planes):
+        # one plane at a time: dask/zarr arrays (lazy napari layers) are read plane by plane
+        plane = np.asarray(image[index] if index else image)
         gen = segment_steps(replace(base, image=plane), loaded=loaded)
         while True:
             try:
