@@ -120,8 +120,9 @@ def test_batch_on_a_local_dask_cluster_with_two_workers(tmp_path, tiny_checkpoin
         p = tmp_path / f"img{i}.tif"
         tifffile.imwrite(p, img)
         paths.append(p)
-    records = segment_files(paths, tmp_path / "out", options={"checkpoint": str(tiny_checkpoint), "device": "cpu"},
-                            workers=2)
+    records = segment_files(
+        paths, tmp_path / "out", options={"checkpoint": str(tiny_checkpoint), "device": "cpu"}, workers=2
+    )
     assert [r["status"] for r in records] == ["done"] * 3
     for p in paths:
         assert tifffile.imread(tmp_path / "out" / f"{p.stem}_labels.tif").shape == (48, 56)
