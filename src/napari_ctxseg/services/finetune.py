@@ -20,7 +20,9 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+import numpy as np
 
 from ..core.errors import ConfigError
 from ..core.training import TrainConfig, TrainProgress
@@ -139,7 +141,7 @@ def finetune_request_from_arrays(pairs: Sequence[TrainingPair | tuple], *,
                                  base: str | os.PathLike = "default",
                                  output: str | os.PathLike | None = None,
                                  settings: FinetuneSettings | None = None,
-                                 provenance: dict | None = None) -> TrainRequest:
+                                 provenance: dict | None = None, **overrides: Any) -> TrainRequest:
     """Build a fine-tuning :class:`TrainRequest` from in-memory (image, labels, region, name) pairs.
 
     Parameters
@@ -156,6 +158,8 @@ def finetune_request_from_arrays(pairs: Sequence[TrainingPair | tuple], *,
         Training settings.
     provenance
         Extra facts to record in the checkpoint.
+    **overrides
+        Fields of :class:`FinetuneSettings` replacing those of ``settings`` (e.g. ``steps=200``).
 
     Returns
     -------
@@ -177,7 +181,10 @@ def finetune_request_from_arrays(pairs: Sequence[TrainingPair | tuple], *,
     box of its region (plus ``settings.margin``), so that random crops land on annotated pixels even when
     only a few objects are annotated in a large image.
     """
-    settings = settings or FinetuneSettings()
+    try:
+        settings = replace(settings or FinetuneSettings(), **overrides)
+    except TypeError as exc:
+        raise ConfigError(f"unknown fine-tune setting: {exc}") from exc
     frames = check_pairs(list(pairs))
     base_path, kind = check_base(base, settings.crop_size)
     prepared, records = [], []
@@ -186,7 +193,7 @@ def finetune_request_from_arrays(pairs: Sequence[TrainingPair | tuple], *,
                           margin=settings.margin, min_size=settings.crop_size)
         prepared.append(im)
         records.append({"name": f.name, "layers": list(f.layers), "shape": list(f.labels.shape),
-                        "box": box, "objects": len(set(im.labels[im.labels > 0].ravel().tolist())),
+                        "box": box, "objects": int(np.unique(im.labels[im.labels > 0]).size),
                         "image_sha256": array_digest(f.image), "labels_sha256": array_digest(f.labels),
                         "region_sha256": array_digest(f.region)})
     train, val, held_out = split_validation(prepared, settings.val_fraction, settings.seed)
