@@ -226,11 +226,11 @@ class CropSampler:
             else torch.from_numpy(im.region[sl])
         )
         ph, pw = src - labels.shape[0], src - labels.shape[1]
-        if ph or pw:  # image smaller than the crop: pad with background that counts as annotated
+        if ph or pw:  # image smaller than the crop: pad, and teach nothing about the padding
             image = F.pad(image, (0, pw, 0, ph))
             flow = F.pad(flow, (0, pw, 0, ph))
             labels = F.pad(labels, (0, pw, 0, ph))
-            region = F.pad(region, (0, pw, 0, ph), value=True)
+            region = F.pad(region, (0, pw, 0, ph), value=False)
         if src != s:
             image = F.interpolate(
                 image[None], size=(s, s), mode="bilinear", align_corners=False, antialias=src > s
