@@ -1,0 +1,96 @@
+"""Screenshots of the Segment and Evaluate dock widgets on the sample data, for docs/widgets.md.
+
+Run under a virtual display (it drives a real napari window)::
+
+    xvfb-run -a python scripts/screenshots.py --checkpoint runs/default.safetensors
+
+``--checkpoint default`` uses the bundled model. The PNGs go to ``docs/images/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch  # before Qt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _wait(condition: Callable[[], bool], timeout: float) -> None:
+    from qtpy.QtWidgets import QApplication
+
+    app, end = QApplication.instance(), time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise SystemExit(f"timed out after {timeout} s")
+        app.processEvents()
+        time.sleep(0.02)
+
+
+def _settle(seconds: float = 1.0) -> None:
+    end = time.monotonic() + seconds
+    _wait(lambda: time.monotonic() > end, seconds + 5)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default="default", help="a .safetensors checkpoint, or 'default'")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images")
+    parser.add_argument("--steps", type=int, default=1, help="sampler steps")
+    parser.add_argument("--samples", type=int, default=2, help="diffusion samples")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the run")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import napari
+    from napari._qt import qt_main_window
+
+    from napari_ctxseg._sample_data import read_sample
+
+    qt_main_window.SHOW_QT_WARNING = False  # no "PyQt5 is deprecated" toast over the canvas
+
+    viewer = napari.Viewer(title="napari-ctxseg")
+    viewer.window.resize(1800, 1150)
+    viewer.open_sample("napari-ctxseg", "context")
+    for name in ("context image", "context labels"):
+        viewer.layers[name].visible = False
+    seg_dock, seg = viewer.window.add_plugin_dock_widget("napari-ctxseg", "Segment")
+    seg.image.value = viewer.layers["nuclei"]
+    if args.checkpoint != "default":
+        seg.browse.value = Path(args.checkpoint).resolve()
+    seg.ctx_image.value = viewer.layers["context image"]
+    seg.ctx_labels.value = viewer.layers["context labels"]
+    seg.steps.value, seg.samples.value = args.steps, args.samples
+    seg.out_disagreement.value = True
+    seg.run_button.native.click()
+    _wait(lambda: seg._worker is None, args.timeout)
+    if seg.error.value:
+        raise SystemExit(f"the run failed: {seg.error.value}")
+    labels = viewer.layers["nuclei ctxseg labels"]
+    labels.contour = 0
+    labels.opacity = 0.5
+    _settle()
+    viewer.screenshot(path=str(args.out / "segment_widget.png"), canvas_only=False, flash=False)
+    seg.native.grab().save(str(args.out / "segment_dock.png"))
+
+    viewer.window.remove_dock_widget(seg_dock)  # room for the Evaluate dock and the table
+    viewer.add_labels(read_sample("nuclei_labels"), name="nuclei ground truth", visible=False)
+    _, ev = viewer.window.add_plugin_dock_widget("napari-ctxseg", "Evaluate")
+    ev.prediction.value, ev.ground_truth.value = labels, viewer.layers["nuclei ground truth"]
+    ev.evaluate_button.native.click()
+    for layer in viewer.layers:
+        layer.visible = layer.name in ("nuclei", "nuclei ctxseg labels TP/FP", "nuclei ground truth FN")
+    _settle()
+    viewer.screenshot(path=str(args.out / "evaluate_widget.png"), canvas_only=False, flash=False)
+    ev.native.grab().save(str(args.out / "evaluate_dock.png"))
+    print(f"wrote {sorted(p.name for p in args.out.glob('*.png'))} to {args.out}")
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()

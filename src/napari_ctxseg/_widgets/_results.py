@@ -1,0 +1,201 @@
+"""Segmentation runs over the planes of a snapshot, re-thresholding, and results as napari layer data.
+
+Pure functions and generators (no Qt): the Segment widget runs the generators on a napari worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from ..core.errors import CtxSegError
+from ..services.segment import FlowParams, SegmentProgress, SegmentResult
+from ._layer_io import ContextData, LayerSnapshot, RunSettings
+
+__all__ = [
+    "PlanesProgress",
+    "PlanesResult",
+    "flow_rgb",
+    "plane_labels",
+    "provenance",
+    "result_layer_data",
+    "rethreshold_job",
+    "rethreshold_steps",
+    "segment_job",
+    "segment_planes",
+    "stack_features",
+]
+
+LayerDataTuple = tuple[np.ndarray, dict[str, Any], str]
+
+
+@dataclass(frozen=True)
+class PlanesProgress:
+    """Progress of plane ``plane`` (0-based) of ``planes``, with the service's own step."""
+
+    plane: int
+    planes: int
+    step: SegmentProgress
+
+    @property
+    def fraction(self) -> float:
+        return (self.plane + self.step.done / max(self.step.total, 1)) / self.planes
+
+    @property
+    def message(self) -> str:
+        prefix = f"plane {self.plane + 1}/{self.planes}: " if self.planes > 1 else ""
+        return prefix + self.step.message
+
+
+@dataclass
+class PlanesResult:
+    """Per-plane results of one run, kept for re-thresholding the cached flows."""
+
+    source: LayerSnapshot
+    results: list[SegmentResult]
+    flow: FlowParams
+    field_of_view: tuple[int, ...] | None = None
+
+
+def segment_planes(snap: LayerSnapshot, settings: RunSettings, context: ContextData | None = None, *,
+                   field_of_view: tuple[int, ...] | None = None
+                   ) -> Generator[PlanesProgress, None, PlanesResult]:
+    """Segment every plane of ``snap`` with one loaded model, yielding progress per sampler step and plane.
+
+    Closing the generator between yields stops the work. ``RuntimeError`` (e.g. out of memory) is re-raised
+    as :class:`CtxSegError`, because a Qt worker swallows ``RuntimeError``.
+    """
+    from ..services.models import load_model
+    from ..services.segment import segment_steps
+
+    try:
+        loaded = load_model(settings.checkpoint, device=settings.device)
+        planes = snap.planes()
+        results = []
+        for i, idx in enumerate(planes):
+            res = yield from _relay(segment_steps(settings.request(snap.data[idx], context), loaded=loaded),
+                                    i, len(planes))
+            results.append(res)
+    except RuntimeError as exc:
+        raise CtxSegError(f"{type(exc).__name__}: {exc}") from exc
+    return PlanesResult(snap, results, settings.flow, field_of_view)
+
+
+def _relay(gen: Generator[SegmentProgress, None, SegmentResult], plane: int, planes: int
+           ) -> Generator[PlanesProgress, None, SegmentResult]:
+    while True:
+        try:
+            step = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        yield PlanesProgress(plane, planes, step)
+
+
+def rethreshold_steps(res: PlanesResult, flow: FlowParams) -> Generator[int, None, PlanesResult]:
+    """Labels from the cached model-scale flows with new flow settings (no network); yields planes done."""
+    from ..services.segment import labels_from_flows
+
+    out = []
+    for i, r in enumerate(res.results):
+        labels, samples = labels_from_flows(r.flows_model_scale, flow, out_shape=r.labels.shape)
+        out.append(replace(r, labels=labels, sample_labels=samples,
+                           metadata={**r.metadata, "flow_params": asdict(flow)}))
+        yield i + 1
+    return replace(res, results=out, flow=flow)
+
+
+def plane_labels(res: PlanesResult) -> np.ndarray:
+    """Labels ``(*leading, H, W)`` uint32, offset per plane so every object has its own label."""
+    lead = res.source.leading_shape
+    out = np.zeros((*lead, *res.source.plane_shape), np.uint32)
+    offset = 0
+    for idx, r in zip(res.source.planes(), res.results):
+        out[idx] = np.where(r.labels > 0, r.labels.astype(np.uint32) + offset, 0)
+        offset += int(r.labels.max())
+    return out
+
+
+def stack_features(res: PlanesResult) -> dict[str, np.ndarray]:
+    """Per-object measurements of every plane (``index`` = the label in :func:`plane_labels`)."""
+    from ..services.measure import measure_objects
+
+    lead = res.source.leading_shape
+    tables, offset = [], 0
+    for idx, r in zip(res.source.planes(), res.results):
+        t = measure_objects(r.labels, res.source.data[idx], sample_labels=r.sample_labels, flows=r.flows)
+        n = len(t["label"])
+        t["label"] = t["label"] + offset
+        offset += int(r.labels.max())
+        names = ["plane"] if len(lead) == 1 else [f"plane-{k}" for k in range(len(lead))]
+        tables.append({"index": t["label"], **{nm: np.full(n, i) for nm, i in zip(names, idx)}, **t})
+    return {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
+
+
+def provenance(res: PlanesResult) -> dict[str, Any]:
+    """Metadata of the labels layer: the service's metadata of the first plane plus what this run covered."""
+    from .. import __version__
+
+    meta = dict(res.results[0].metadata)
+    meta.update(napari_ctxseg_version=__version__, source_layer=res.source.name,
+                planes=len(res.results), field_of_view=res.field_of_view, flow_params=asdict(res.flow))
+    return meta
+
+
+def flow_rgb(flows: np.ndarray) -> np.ndarray:
+    """Colour (H, W, 3) uint8 of the mean flow (N, 2, H, W): hue = direction, brightness = magnitude."""
+    from skimage.color import hsv2rgb
+
+    dy, dx = np.asarray(flows, np.float32).mean(axis=0)
+    mag = np.hypot(dy, dx)
+    hue = (np.arctan2(dy, dx) + np.pi) / (2 * np.pi)
+    val = np.clip(mag / max(float(np.percentile(mag, 99)), 1e-6), 0, 1)
+    return (hsv2rgb(np.stack([hue, np.ones_like(hue), val], axis=-1)) * 255).astype(np.uint8)
+
+
+def result_layer_data(res: PlanesResult, *, flow: bool = False, disagreement: bool = False
+                      ) -> list[LayerDataTuple]:
+    """Layer data tuples for the new labels layer and the optional flow and disagreement images.
+
+    Every layer takes the source's scale and translate (for a field of view: of the crop) and is named
+    ``"<source> ctxseg <what>"``. The labels layer carries the per-object measurements as ``features``
+    (``index`` = label) and the run's provenance as ``metadata["ctxseg"]``.
+    """
+    src = res.source
+    place = {"scale": src.scale, "translate": src.translate}
+    out: list[LayerDataTuple] = [
+        (plane_labels(res), {"name": f"{src.name} ctxseg labels", "features": stack_features(res),
+                             "metadata": {"ctxseg": provenance(res)}, **place}, "labels")]
+    shape = (*src.leading_shape, *src.plane_shape)
+    if flow:
+        rgb = np.stack([flow_rgb(r.flows) for r in res.results]).reshape((*shape, 3))
+        meta = {"name": f"{src.name} ctxseg flow", "rgb": True, "visible": False, **place}
+        out.append((rgb, meta, "image"))
+    if disagreement:
+        dis = np.stack([r.disagreement for r in res.results]).reshape(shape)
+        out.append((dis, {"name": f"{src.name} ctxseg disagreement", "colormap": "magma", "visible": False,
+                          **place}, "image"))
+    return out
+
+
+def segment_job(snap: LayerSnapshot, settings: RunSettings, context: ContextData | None,
+                field_of_view: tuple[int, ...] | None, flow: bool, disagreement: bool
+                ) -> Generator[PlanesProgress, None, tuple[PlanesResult, list[LayerDataTuple]]]:
+    """Worker body of a run: segment every plane, then build the layer data (off the GUI thread)."""
+    res = yield from segment_planes(snap, settings, context, field_of_view=field_of_view)
+    return res, result_layer_data(res, flow=flow, disagreement=disagreement)
+
+
+def rethreshold_job(res: PlanesResult, flow: FlowParams) -> Generator[tuple[int, int], None, tuple[Any, ...]]:
+    """Worker body of a re-threshold: yields ``(planes done, planes)``; returns result, labels, features."""
+    n = len(res.results)
+    gen = rethreshold_steps(res, flow)
+    while True:
+        try:
+            done = next(gen)
+        except StopIteration as stop:
+            new = stop.value
+            return new, plane_labels(new), stack_features(new)
+        yield done, n

@@ -1,0 +1,292 @@
+"""The Segment dock widget: a checkpoint, sampler settings and an optional context, run on a napari worker.
+
+The widget only reads its controls, snapshots the chosen layers, starts a generator from
+:mod:`._results` on a thread and turns what comes back into new layers; the logic lives in
+:mod:`._layer_io` and :mod:`._results`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+)
+from napari.layers import Image, Labels, Shapes
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error
+
+from ..core.errors import CtxSegError, InputError
+from ..services.devices import DEVICE_CHOICES
+from ..services.recent import add_recent_checkpoint, on_recent_changed, recent_checkpoints
+from ..services.segment import SOLVERS, FlowParams
+from ._dock import show_features_table, tidy
+from ._layer_io import RunSettings, context_from_layers, crop_to_view, snapshot_layer
+from ._results import PlanesProgress, PlanesResult, provenance, rethreshold_job, segment_job
+
+if TYPE_CHECKING:
+    import napari
+
+__all__ = ["SegmentWidget"]
+
+STACK_TIP = ("Image to segment: 2D grey, RGB, or a stack / time series (more than two non-RGB axes), which "
+             "is segmented slice by slice over its leading axes (progress per slice; labels stay unique "
+             "across slices). The layer is copied when the run starts, so switching layers mid-run is safe.")
+
+
+def _layers(viewer: Any, kind: type | tuple[type, ...]) -> Any:
+    """A magicgui choices callback listing the viewer's layers of ``kind`` by name."""
+    def choices(_widget: Any) -> list[tuple[str, Any]]:
+        return [(layer.name, layer) for layer in viewer.layers if isinstance(layer, kind)]
+    return choices
+
+
+class SegmentWidget(Container):
+    """Segment an image layer with a ctxseg checkpoint; results arrive as new layers.
+
+    Parameters
+    ----------
+    viewer
+        The napari viewer (injected by napari when the widget is opened from the plugin menu).
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=False)
+        self._viewer = viewer
+        self._worker: Any = None
+        self._closed = False
+        self._last: tuple[PlanesResult, Any] | None = None  # (result, the labels layer it made)
+
+        def combo(label: str, kind: Any, nullable: bool = False, tip: str = "") -> ComboBox:
+            return ComboBox(label=label, choices=_layers(viewer, kind), nullable=nullable, tooltip=tip)
+
+        self.image = combo("image", Image, tip=STACK_TIP)
+        self.checkpoint = ComboBox(label="model", choices=self._checkpoints,
+                                   tooltip="The bundled default model or a recently used checkpoint")
+        self.browse = FileEdit(label="checkpoint file", filter="*.safetensors",
+                               tooltip="A .safetensors checkpoint (Flax pickles: `ctxseg convert` first)")
+        self.diameter = FloatSpinBox(label="diameter (px)", value=0.0, min=0.0, max=1000.0, step=1.0,
+                                     tooltip="Typical object diameter in pixels; 0 = the model's own scale")
+        self.steps = SpinBox(label="sampler steps", value=1, min=1, max=200)
+        self.solver = ComboBox(label="solver", choices=list(SOLVERS), value="edf")
+        self.samples = SpinBox(label="samples", value=1, min=1, max=64,
+                               tooltip="Diffusion samples; their disagreement is measured per object")
+        self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
+        self.device = ComboBox(label="device", choices=list(DEVICE_CHOICES), value="auto")
+        self.ctx_image = combo("context image", Image, True, "An annotated example (may be the image itself)")
+        self.ctx_labels = combo("context labels", Labels, True, "The labels of the context image")
+        self.ctx_region = combo("complete in", (Shapes, Labels), True,
+                                "Where the context annotation is complete (shapes or non-zero labels)")
+        self.fov = CheckBox(label="visible field of view only", value=False)
+        self.out_flow = CheckBox(label="flow image", value=False)
+        self.out_disagreement = CheckBox(label="sample disagreement image", value=False)
+        self.run_button = PushButton(text="Run")
+        self.progress = ProgressBar(value=0, min=0, max=1000)
+        self.status = Label(value="")
+        self.error = Label(value="")
+        self.error.native.setStyleSheet("color: #e04040")
+        self.error.native.setWordWrap(True)
+        self.min_size = SpinBox(label="min size (px)", value=FlowParams.min_size, min=0, max=10**5)
+        self.min_seeds = SpinBox(label="min seed counts", value=FlowParams.min_seed_cnts, min=0, max=10**5)
+        self.max_flow_err = FloatSpinBox(label="max flow error", value=0.0, min=0.0, max=10.0, step=0.05,
+                                         tooltip="Drop objects whose flow disagrees with their shape; 0: off")
+        self.apply_button = PushButton(text="Apply to last result")
+        self.corrected = combo("corrected labels", Labels)
+        self.add_context_button = PushButton(text="Add labels to context")
+        self._settings = Container(widgets=[
+            self.image, self.checkpoint, self.browse, self.diameter, self.steps, self.solver, self.samples,
+            self.seed, self.device, Label(value="<b>Context</b> (optional)"), self.ctx_image, self.ctx_labels,
+            self.ctx_region, self.fov, self.out_flow, self.out_disagreement])
+        self._rethreshold = Container(widgets=[
+            Label(value="<b>Re-threshold</b> (cached flows, no network)"), self.min_size, self.min_seeds,
+            self.max_flow_err, self.apply_button, Label(value="<b>Interactive loop</b>"), self.corrected,
+            self.add_context_button])
+        self.extend([self._settings, self.run_button, self.progress, self.status, self.error,
+                     self._rethreshold])
+        self.run_button.changed.connect(self._on_run)
+        self.apply_button.changed.connect(self._on_apply)
+        self.add_context_button.changed.connect(self._on_add_context)
+        self.browse.changed.connect(self._on_browse)
+        on_recent_changed.connect(self._on_recent)
+        self.native.destroyed.connect(self._on_destroyed)
+        tidy(self._settings, self._rethreshold)
+
+    # ---- controls ----------------------------------------------------------------------------------------
+
+    def _checkpoints(self, _widget: Any = None) -> list[tuple[str, str]]:
+        return [("default (bundled)", "default")] + [(p.name, str(p)) for p in recent_checkpoints()]
+
+    def _on_recent(self, _paths: list[Path]) -> None:
+        if not self._closed:
+            self.checkpoint.reset_choices()
+
+    def _on_browse(self, path: Path) -> None:
+        if not path or str(path) in ("", "."):
+            return
+        if not Path(path).is_file():
+            self._show_error(f"checkpoint not found: {path}")
+            return
+        add_recent_checkpoint(path)  # emits on_recent_changed -> the choices now list it
+        self.checkpoint.reset_choices()
+        self.checkpoint.value = str(Path(path).expanduser().resolve())
+
+    def _run_settings(self) -> RunSettings:
+        flow = replace(FlowParams(), min_size=self.min_size.value, min_seed_cnts=self.min_seeds.value,
+                       max_flow_err=self.max_flow_err.value)
+        return RunSettings(checkpoint=self.checkpoint.value, device=self.device.value, steps=self.steps.value,
+                           solver=self.solver.value, num_samples=self.samples.value, seed=self.seed.value,
+                           diameter=self.diameter.value, flow=flow)
+
+    def _set_busy(self, busy: bool) -> None:
+        self._settings.enabled = self._rethreshold.enabled = not busy
+        self.run_button.text = "Cancel" if busy else "Run"
+        self.run_button.enabled = True
+
+    def _show_error(self, exc: BaseException | str) -> None:
+        msg = str(exc) if isinstance(exc, CtxSegError | str) else f"{type(exc).__name__}: {exc}"
+        self.error.value = msg
+        show_error(f"ctxseg: {msg}")
+
+    def _alive(self) -> bool:
+        if self._closed:
+            return False
+        try:
+            self.native.objectName()
+        except RuntimeError:  # the Qt widget is gone (viewer closed)
+            return False
+        return True
+
+    def _on_destroyed(self, *_: Any) -> None:
+        self._closed = True
+        if self._worker is not None:
+            self._worker.quit()
+
+    # ---- run / cancel ------------------------------------------------------------------------------------
+
+    def _on_run(self) -> None:
+        if self._worker is not None:  # the button is "Cancel"
+            self._worker.quit()
+            self.run_button.enabled = False
+            self.status.value = "cancelling at the next step..."
+            return
+        self.error.value = ""
+        try:
+            job = self._prepare()
+        except CtxSegError as exc:
+            self._show_error(exc)
+            return
+        self._start(segment_job, job, self._on_segmented)
+
+    def _prepare(self) -> tuple[Any, ...]:
+        layer = self.image.value
+        if layer is None:
+            raise InputError("choose an image layer to segment")
+        snap, fov = snapshot_layer(layer), None
+        if self.fov.value:
+            if self._viewer.dims.ndisplay != 2:
+                raise InputError("the visible field of view needs the 2D view (the canvas is in 3D)")
+            snap, fov = crop_to_view(snap, layer.corner_pixels)
+        context = None
+        ci, cl, cr = self.ctx_image.value, self.ctx_labels.value, self.ctx_region.value
+        if ci is not None or cl is not None or cr is not None:
+            if ci is None or cl is None:
+                raise InputError("a context needs both a context image and its labels")
+            context = context_from_layers(ci, cl, cr, point=tuple(self._viewer.dims.point))
+        return snap, self._run_settings(), context, fov, self.out_flow.value, self.out_disagreement.value
+
+    def _start(self, func: Any, args: tuple[Any, ...], on_done: Any) -> None:
+        worker = create_worker(func, *args, _start_thread=False, _ignore_errors=True)
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(on_done)
+        worker.errored.connect(self._on_error)
+        worker.aborted.connect(self._on_aborted)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self.progress.value = 0
+        self._set_busy(True)
+        worker.start()
+
+    def _on_progress(self, p: PlanesProgress | tuple[int, int]) -> None:
+        if not self._alive():
+            return
+        if isinstance(p, PlanesProgress):
+            self.progress.value, self.status.value = int(1000 * p.fraction), p.message
+        else:
+            self.progress.value, self.status.value = int(1000 * p[0] / p[1]), f"re-thresholded {p[0]}/{p[1]}"
+
+    def _on_error(self, exc: BaseException) -> None:
+        if self._alive():
+            self.status.value = "failed"
+            self._show_error(exc)
+
+    def _on_aborted(self) -> None:
+        if self._alive():
+            self.status.value = "cancelled; no layer was added"
+            self.progress.value = 0
+
+    def _on_finished(self) -> None:
+        self._worker = None
+        if self._alive():
+            self._set_busy(False)
+
+    def _on_segmented(self, out: tuple[PlanesResult, list[Any]]) -> None:
+        if not self._alive():
+            return
+        res, layer_data = out
+        labels = None
+        for data, kwargs, kind in layer_data[1:] + layer_data[:1]:  # labels last: it ends up selected
+            labels = getattr(self._viewer, f"add_{kind}")(data, **kwargs)
+        self._last = (res, labels)
+        self.corrected.reset_choices()
+        self.corrected.value = labels
+        meta = res.results[0].metadata
+        self.status.value = (f"{len(labels.features)} objects in {len(res.results)} plane(s) on "
+                             f"{meta['device']} with {meta['checkpoint']}")
+        self._viewer.layers.selection.active = labels
+        show_features_table(self._viewer)
+
+    # ---- re-threshold and the interactive loop -----------------------------------------------------------
+
+    def _on_apply(self) -> None:
+        self.error.value = ""
+        if self._last is None:
+            self._show_error("run a segmentation first: re-thresholding uses the flows of the last run")
+            return
+        res, layer = self._last
+        if layer not in self._viewer.layers:
+            self._show_error(f"the labels layer {layer.name!r} of the last run was removed; run again")
+            return
+        flow = replace(res.flow, min_size=self.min_size.value, min_seed_cnts=self.min_seeds.value,
+                       max_flow_err=self.max_flow_err.value)
+        self._start(rethreshold_job, (res, flow), self._on_rethresholded)
+
+    def _on_rethresholded(self, out: tuple[PlanesResult, Any, dict[str, Any]]) -> None:
+        if not self._alive() or self._last is None:
+            return
+        res, labels, features = out
+        layer = self._last[1]
+        layer.data = labels
+        layer.features = features
+        layer.metadata = {**layer.metadata, "ctxseg": provenance(res)}
+        self._last = (res, layer)
+        self.status.value = f"re-thresholded: {len(features['index'])} objects"
+
+    def _on_add_context(self) -> None:
+        self.error.value = ""
+        labels, image = self.corrected.value, self.image.value
+        if labels is None or image is None:
+            self._show_error("choose the image and the corrected labels layer first")
+            return
+        self.ctx_image.value, self.ctx_labels.value, self.ctx_region.value = image, labels, None
+        self.status.value = f"context: {labels.name!r} on {image.name!r} (used by the next run)"
+

@@ -1,0 +1,232 @@
+"""The Segment dock widget in a real viewer, with the threaded path run for real (tiny random checkpoint)."""
+
+from __future__ import annotations
+
+import pickle
+import time
+from collections.abc import Generator
+from typing import Any
+
+import numpy as np
+import pytest
+from napari.layers import Labels
+from napari.utils.notifications import notification_manager
+
+from napari_ctxseg._widgets import _results
+
+from .conftest import nuclei_crop, run_and_wait
+
+
+def _labels_layers(viewer: Any) -> list[Labels]:
+    return [layer for layer in viewer.layers if isinstance(layer, Labels)]
+
+
+@pytest.fixture
+def slow_segment(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """The real segment_planes, with a pause at every yield (so a run can be cancelled mid-way)."""
+    seen = {"yields": 0}
+    real = _results.segment_planes
+
+    def slow(*args: Any, **kwargs: Any) -> Generator[Any, None, Any]:
+        gen = real(*args, **kwargs)
+        while True:
+            try:
+                p = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            seen["yields"] += 1
+            time.sleep(0.2)
+            yield p
+
+    monkeypatch.setattr(_results, "segment_planes", slow)
+    return seen
+
+
+def test_run_adds_labels_with_features_and_provenance(qtbot: Any, segment_widget: Any) -> None:
+    viewer, widget, layer = segment_widget(scale=(0.5, 0.25), translate=(10.0, -4.0))
+    before = layer.data.copy()
+    widget.samples.value, widget.seed.value = 2, 7
+    widget.out_flow.value = widget.out_disagreement.value = True
+    run_and_wait(qtbot, widget)
+
+    assert widget.error.value == ""
+    names = [lay.name for lay in viewer.layers]
+    assert names == ["cells", "cells ctxseg flow", "cells ctxseg disagreement", "cells ctxseg labels"]
+    labels = viewer.layers["cells ctxseg labels"]
+    assert isinstance(labels, Labels) and labels.data.shape == (128, 128)
+    np.testing.assert_allclose(labels.scale, (0.5, 0.25))
+    np.testing.assert_allclose(labels.translate, (10.0, -4.0))
+    for other in ("cells ctxseg flow", "cells ctxseg disagreement"):
+        np.testing.assert_allclose(viewer.layers[other].translate, (10.0, -4.0))
+    assert viewer.layers["cells ctxseg flow"].data.shape == (128, 128, 3)
+    feats = labels.features
+    n = int(labels.data.max())
+    assert n > 0 and len(feats) == n
+    for col in ("index", "label", "area", "centroid-0", "intensity_mean", "agreement", "flow_error"):
+        assert col in feats.columns
+    assert sorted(feats["index"]) == list(range(1, n + 1))
+    meta = labels.metadata["ctxseg"]
+    assert meta["seed"] == 7 and meta["steps"] == 3 and meta["num_samples"] == 2
+    assert len(meta["checkpoint_sha256"]) == 64 and meta["context"] is None
+    assert meta["napari_ctxseg_version"] and meta["device"] == "cpu"
+    assert "cpu" in widget.status.value
+    np.testing.assert_array_equal(layer.data, before)  # the input is untouched
+    assert viewer.layers.selection.active is labels
+    assert "Features table widget (napari)" in viewer.window.dock_widgets
+    assert widget.run_button.text == "Run" and widget._settings.enabled
+
+
+def test_snapshot_protects_against_layer_changes_mid_run(qtbot: Any, segment_widget: Any,
+                                                         slow_segment: dict[str, int]) -> None:
+    viewer, widget, layer = segment_widget(translate=(5.0, 5.0))
+    other = viewer.add_image(np.zeros((64, 64), np.float32), name="other", translate=(100.0, 100.0))
+    widget.image.value = layer
+    widget.run_button.native.click()
+    assert widget.run_button.text == "Cancel" and not widget._settings.enabled
+    qtbot.waitUntil(lambda: slow_segment["yields"] >= 1, timeout=30_000)
+    widget.image.value = other  # switch the source mid-run ...
+    layer.data = np.zeros_like(layer.data)  # ... and change its data
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    out = viewer.layers["cells ctxseg labels"]
+    assert out.data.shape == (128, 128) and out.data.max() > 0
+    np.testing.assert_allclose(out.translate, (5.0, 5.0))
+
+
+def test_cancel_mid_run_leaves_no_layer(qtbot: Any, segment_widget: Any,
+                                        slow_segment: dict[str, int]) -> None:
+    viewer, widget, _ = segment_widget()
+    widget.steps.value = 6
+    widget.run_button.native.click()
+    qtbot.waitUntil(lambda: slow_segment["yields"] >= 2, timeout=30_000)
+    assert 0 < widget.progress.value < 1000
+    widget.run_button.native.click()  # Cancel
+    assert not widget.run_button.enabled
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=30_000)
+    assert [lay.name for lay in viewer.layers] == ["cells"]
+    assert "cancelled" in widget.status.value and widget.run_button.text == "Run"
+    assert slow_segment["yields"] < 6 + 2  # stopped before the end
+
+
+def test_context_shape_mismatch_shows_error_and_runs_nothing(qtbot: Any, segment_widget: Any) -> None:
+    viewer, widget, layer = segment_widget()
+    bad = viewer.add_labels(np.ones((64, 64), np.uint16), name="ctx labels")
+    widget.ctx_image.value, widget.ctx_labels.value = layer, bad
+    n_notes = len(notification_manager.records)
+    widget.run_button.native.click()
+    assert widget._worker is None
+    assert "(64, 64)" in widget.error.value and "(128, 128)" in widget.error.value
+    assert len(notification_manager.records) == n_notes + 1
+    assert "(64, 64)" in str(notification_manager.records[-1].message)
+    assert [lay.name for lay in viewer.layers] == ["cells", "ctx labels"]
+
+
+def test_context_with_region_on_the_current_image(qtbot: Any, segment_widget: Any) -> None:
+    viewer, widget, layer = segment_widget()
+    ctx = np.zeros((128, 128), np.uint16)
+    ctx[20:30, 20:30], ctx[50:62, 40:50] = 1, 2
+    labels = viewer.add_labels(ctx, name="partial")
+    region = viewer.add_shapes([np.array([[10, 10], [10, 70], [70, 70], [70, 10]])], shape_type="rectangle",
+                               name="done here")
+    widget.ctx_image.value, widget.ctx_labels.value, widget.ctx_region.value = layer, labels, region
+    run_and_wait(qtbot, widget)
+    assert widget.error.value == ""
+    assert viewer.layers["cells ctxseg labels"].metadata["ctxseg"]["context"] is not None
+
+
+def test_pickle_checkpoint_is_refused_with_a_hint(qtbot: Any, segment_widget: Any, tmp_path: Any) -> None:
+    viewer, widget, _ = segment_widget()
+    path = tmp_path / "flax_model.pkl"
+    path.write_bytes(pickle.dumps({"params": [1, 2, 3]}))
+    widget.browse.value = path
+    run_and_wait(qtbot, widget)
+    assert "ctxseg convert" in widget.error.value
+    assert len(viewer.layers) == 1
+
+
+def test_closing_the_viewer_during_a_run_does_not_crash(qtbot: Any, segment_widget: Any,
+                                                        slow_segment: dict[str, int]) -> None:
+    viewer, widget, _ = segment_widget()
+    widget.steps.value = 6
+    widget.run_button.native.click()
+    worker = widget._worker
+    qtbot.waitUntil(lambda: slow_segment["yields"] >= 1, timeout=30_000)
+    viewer.close()
+    qtbot.waitUntil(lambda: not worker.is_running, timeout=30_000)
+    qtbot.wait(100)  # let the queued signals arrive at the closed widget
+    assert slow_segment["yields"] < 8
+
+
+def test_stack_gives_a_3d_labels_layer(qtbot: Any, segment_widget: Any) -> None:
+    stack = np.stack([nuclei_crop(64), nuclei_crop(64)[::-1], nuclei_crop(64)[:, ::-1]])
+    viewer, widget, _ = segment_widget(stack, scale=(2.0, 1.0, 1.0))
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["cells ctxseg labels"]
+    assert labels.data.shape == (3, 64, 64) and labels.ndim == 3
+    np.testing.assert_allclose(labels.scale, (2.0, 1.0, 1.0))
+    assert set(labels.features["plane"]) <= {0, 1, 2}
+    ids = [set(np.unique(p)) - {0} for p in labels.data]
+    assert not (ids[0] & ids[1]) and not (ids[1] & ids[2])  # labels stay unique across planes
+    assert len(labels.features) == len(set().union(*ids))
+    assert labels.metadata["ctxseg"]["planes"] == 3
+
+
+def test_rethreshold_updates_labels_without_the_network(qtbot: Any, segment_widget: Any,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    viewer, widget, _ = segment_widget()
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["cells ctxseg labels"]
+    n_before = len(labels.features)
+
+    def no_network(*_: Any, **__: Any) -> None:
+        raise AssertionError("the network was called")
+
+    import napari_ctxseg.services.models as models
+    import napari_ctxseg.services.segment as seg
+
+    monkeypatch.setattr(seg, "segment_steps", no_network)
+    monkeypatch.setattr(models, "load_model", no_network)
+    monkeypatch.setattr(seg.EDMDenoiser, "__call__", no_network)
+    areas = np.sort(labels.features["area"].to_numpy())
+    widget.min_size.value = int(areas[len(areas) // 2]) + 1  # drop about half of the objects
+    widget.apply_button.native.click()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    assert widget.error.value == ""
+    assert len(viewer.layers) == 2 and viewer.layers["cells ctxseg labels"] is labels
+    n_after = int(labels.data.max())
+    assert 0 < n_after < n_before and len(labels.features) == n_after
+    assert labels.features["area"].min() >= widget.min_size.value
+    assert labels.metadata["ctxseg"]["flow_params"]["min_size"] == widget.min_size.value
+
+
+def test_field_of_view_and_add_labels_to_context(qtbot: Any, segment_widget: Any) -> None:
+    viewer, widget, _ = segment_widget(show=True, scale=(0.5, 0.5), translate=(3.0, 7.0))
+    viewer.camera.center = (3.0 + 20.0, 7.0 + 24.0)
+    viewer.camera.zoom *= 3
+    qtbot.wait(200)  # a draw updates the layer's visible corner pixels
+    widget.fov.value = True
+    run_and_wait(qtbot, widget)
+    assert widget.error.value == ""
+    out = viewer.layers["cells ctxseg labels"]
+    y0, x0, y1, x1 = out.metadata["ctxseg"]["field_of_view"]
+    assert out.data.shape == (y1 - y0, x1 - x0) and out.data.shape[0] < 128
+    np.testing.assert_allclose(out.translate, (3.0 + 0.5 * y0, 7.0 + 0.5 * x0))
+    assert y0 <= 40 < y1 and x0 <= 48 < x1  # the camera centre (data pixel 40, 48) is inside
+
+    # the interactive loop: the (corrected) output becomes the context of the next run
+    assert widget.corrected.value is out
+    widget.add_context_button.native.click()
+    assert widget.ctx_labels.value is out and widget.ctx_image.value is widget.image.value
+    widget.fov.value = False
+    run_and_wait(qtbot, widget)
+    assert widget.error.value == ""
+    second = viewer.layers[-1]
+    assert second.name.startswith("cells ctxseg labels") and second is not out
+    assert second.data.shape == (128, 128) and second.metadata["ctxseg"]["context"] is not None
+
+
+def test_sample_data_opens_through_the_manifest(make_napari_viewer: Any) -> None:
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-ctxseg", "nuclei")
+    assert [lay.name for lay in viewer.layers] == ["nuclei"] and viewer.layers[0].data.ndim == 2
+    viewer.open_sample("napari-ctxseg", "context")
+    assert isinstance(viewer.layers["context labels"], Labels)
