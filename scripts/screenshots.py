@@ -35,6 +35,14 @@ def _settle(seconds: float = 1.0) -> None:
     _wait(lambda: time.monotonic() > end, seconds + 5)
 
 
+def _grab_top(widget: object, path: Path) -> None:
+    """Save a widget without the empty space a dock stretches it to."""
+    from qtpy.QtCore import QRect
+
+    height = min(widget.height(), widget.sizeHint().height())  # type: ignore[attr-defined]
+    widget.grab(QRect(0, 0, widget.width(), height)).save(str(path))  # type: ignore[attr-defined]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="default", help="a .safetensors checkpoint, or 'default'")
@@ -76,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     labels.opacity = 0.5
     _settle()
     viewer.screenshot(path=str(args.out / "segment_widget.png"), canvas_only=False, flash=False)
-    seg.native.grab().save(str(args.out / "segment_dock.png"))
+    _grab_top(seg.native, args.out / "segment_dock.png")
 
     viewer.window.remove_dock_widget(seg_dock)  # room for the Evaluate dock and the table
     viewer.add_labels(read_sample("nuclei_labels"), name="nuclei ground truth", visible=False)
@@ -87,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         layer.visible = layer.name in ("nuclei", "nuclei ctxseg labels TP/FP", "nuclei ground truth FN")
     _settle()
     viewer.screenshot(path=str(args.out / "evaluate_widget.png"), canvas_only=False, flash=False)
-    ev.native.grab().save(str(args.out / "evaluate_dock.png"))
+    _grab_top(ev.native, args.out / "evaluate_dock.png")
     print(f"wrote {sorted(p.name for p in args.out.glob('*.png'))} to {args.out}")
     viewer.close()
 

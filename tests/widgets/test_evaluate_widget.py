@@ -10,7 +10,15 @@ from napari.layers import Labels
 
 from napari_ctxseg._widgets._evaluate_io import CLASS_COLORS, evaluate_labels
 from napari_ctxseg.core.errors import InputError
-from napari_ctxseg.services.evaluate import match_counts
+from napari_ctxseg.core.metrics import LabelMetrics, matching_scores, per_object_iou
+
+
+def core_numbers(pred: np.ndarray, gt: np.ndarray, threshold: float) -> tuple[Any, ...]:
+    """(tp, fp, fn, ap, f1, instance dice) straight from core.metrics."""
+    s = matching_scores(pred, gt, (threshold,))[threshold]
+    m = LabelMetrics()
+    m.update(pred, gt)
+    return s.tp, s.fp, s.fn, s.ap, s.f1, m.compute(threshold)["instance_dice"]
 
 
 def literal_pair() -> tuple[np.ndarray, np.ndarray]:
@@ -27,14 +35,15 @@ def test_literal_scores() -> None:
     ev = evaluate_labels(pred, gt)
     assert (ev.tp, ev.fp, ev.fn) == (1, 2, 2)
     assert ev.ap == pytest.approx(1 / 5) and ev.f1 == pytest.approx(1 / 3)
-    assert ev.dice == pytest.approx((1 + 0.5 + 0) / 3)  # Dice of IoU 1/3 is 0.5
-    assert ev.pred_ids.tolist() == [5, 9, 12]
-    np.testing.assert_allclose(ev.pred_iou, [1, 1 / 3, 0])
+    assert ev.dice == pytest.approx(0.5)  # area-weighted Dice (1 + 1/2 + 0) / 3 for both sides
+    assert ev.matches.pred_labels.tolist() == [5, 9, 12] and ev.matches.fn_labels.tolist() == [2, 3]
+    np.testing.assert_allclose(ev.matches.best_iou, [1, 1 / 3, 0])
+    assert ev.gt_ids.tolist() == [1, 2, 3]
     np.testing.assert_allclose(ev.gt_iou, [1, 1 / 3, 0])
     with pytest.raises(InputError, match=r"\(20, 20\).*\(20, 21\)"):
         evaluate_labels(pred, np.zeros((20, 21), int))
     with pytest.raises(InputError, match="threshold"):
-        evaluate_labels(pred, gt, threshold=0.3)
+        evaluate_labels(pred, gt, threshold=1.5)
 
 
 def test_widget_shows_library_scores_and_adds_class_layers(make_napari_viewer: Any) -> None:
@@ -48,7 +57,7 @@ def test_widget_shows_library_scores_and_adds_class_layers(make_napari_viewer: A
 
     assert widget.error.value == ""
     ev = widget.evaluation
-    assert (ev.tp, ev.fp, ev.fn) == match_counts(pred, gt, 0.5)
+    assert (ev.tp, ev.fp, ev.fn, ev.ap, ev.f1, ev.dice) == core_numbers(pred, gt, 0.5)
     for text in ("0.200", "0.333", "0.500", "1 / 2 / 2"):
         assert text in widget.scores.value
     classes = viewer.layers["pred TP/FP"]
@@ -57,6 +66,8 @@ def test_widget_shows_library_scores_and_adds_class_layers(make_napari_viewer: A
     assert dict(zip(classes.features["index"], classes.features["class"])) == {5: "TP", 9: "FP", 12: "FP"}
     assert sorted(np.unique(missed.data)) == [0, 2, 3] and set(missed.features["class"]) == {"FN"}
     np.testing.assert_allclose(classes.features["iou"], [1, 1 / 3, 0])
+    assert classes.features["matched_gt"].tolist() == [1, 0, 0]
+    assert classes.features["best_gt"].tolist() == [1, 2, 0]
     np.testing.assert_allclose(classes.colormap.map(np.array([5, 9])),
                                [np.r_[int(c[1:3], 16), int(c[3:5], 16), int(c[5:7], 16), 255] / 255
                                 for c in (CLASS_COLORS["TP"], CLASS_COLORS["FP"])], atol=1e-6)
@@ -66,7 +77,7 @@ def test_widget_shows_library_scores_and_adds_class_layers(make_napari_viewer: A
     assert "Features table widget (napari)" in viewer.window.dock_widgets
 
 
-def test_real_crop_matches_library_counts(make_napari_viewer: Any) -> None:
+def test_real_crop_equals_core_metrics(make_napari_viewer: Any) -> None:
     from skimage.morphology import binary_erosion, disk
 
     from napari_ctxseg._sample_data import read_sample
@@ -79,14 +90,16 @@ def test_real_crop_matches_library_counts(make_napari_viewer: Any) -> None:
     viewer.add_labels(gt, name="gt")
     _, widget = viewer.window.add_plugin_dock_widget("napari-ctxseg", "Evaluate")
     widget.prediction.value, widget.ground_truth.value = viewer.layers["pred"], viewer.layers["gt"]
-    for threshold in (0.5, 0.75):
+    for threshold in (0.3, 0.5, 0.75):
         widget.threshold.value = threshold
         widget.evaluate_button.native.click()
         ev = widget.evaluation
-        tp, fp, fn = match_counts(pred, gt, threshold)
-        assert (ev.tp, ev.fp, ev.fn) == (tp, fp, fn) and ev.fn > 0
-        assert ev.ap == pytest.approx(tp / (tp + fp + fn))
-        assert ev.f1 == pytest.approx(2 * tp / (2 * tp + fp + fn))
+        assert (ev.tp, ev.fp, ev.fn, ev.ap, ev.f1, ev.dice) == core_numbers(pred, gt, threshold)
+        assert ev.fn > 0 and f"{ev.ap:.3f}" in widget.scores.value and f"{ev.dice:.3f}" in widget.scores.value
+        m = per_object_iou(pred, gt, threshold)
+        table = viewer.layers[-2].features  # "pred TP/FP" (napari appends a number after the first time)
+        assert table["class"].tolist() == np.where(m.is_tp, "TP", "FP").tolist()
+        assert sorted(np.unique(viewer.layers[-1].data))[1:] == m.fn_labels.tolist()
 
 
 def test_shape_mismatch_is_an_error_in_the_dock(make_napari_viewer: Any) -> None:

@@ -160,6 +160,23 @@ def test_segment_planes_on_a_stack(tiny_checkpoint: Path) -> None:
     gen.close()  # cancelling between steps is clean
 
 
+def test_segment_planes_on_an_rgb_time_series(tiny_checkpoint: Path) -> None:
+    rgb = (np.random.default_rng(1).random((2, 32, 40, 3)) * 255).astype(np.uint8)
+    snap = snapshot_layer(Image(rgb, rgb=True, name="rgb"))
+    res = list_result(_results.segment_planes(snap, RunSettings(checkpoint=str(tiny_checkpoint))))
+    assert [r.labels.shape for r in res.results] == [(32, 40)] * 2
+    assert _results.plane_labels(res).shape == (2, 32, 40)
+    assert _results.result_layer_data(res, flow=True)[1][0].shape == (2, 32, 40, 3)
+
+
+def list_result(gen: Any) -> Any:
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
 def test_runtime_errors_surface_as_ctxseg_errors(tiny_checkpoint: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import napari_ctxseg.services.segment as seg

@@ -1,7 +1,9 @@
 """Scores of a prediction against ground truth, and new layers that colour objects as TP, FP or FN.
 
-Pure functions (no Qt). Matching is one-to-one at IoU > ``threshold`` (>= 0.5, so each object can match
-at most one other and no assignment problem needs solving), as in :mod:`napari_ctxseg.services.evaluate`.
+Pure functions (no Qt) over :mod:`napari_ctxseg.core.metrics`: AP and F1 of a one-to-one matching
+(:func:`~napari_ctxseg.core.metrics.matching_scores`), the original ctxseg's instance Dice
+(:class:`~napari_ctxseg.core.metrics.LabelMetrics`) and per-object IoUs
+(:func:`~napari_ctxseg.core.metrics.per_object_iou`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import InputError
-from ..services.measure import best_iou_per_object
+from ..core.metrics import LabelMetrics, ObjectMatches, matching_scores, per_object_iou
 
 __all__ = ["CLASS_COLORS", "Evaluation", "evaluate_labels", "evaluation_layer_data"]
 
@@ -22,11 +24,12 @@ CLASS_COLORS = {"TP": "#33cc55", "FP": "#ee3333", "FN": "#ffaa00"}
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Counts, scores and per-object IoUs (best IoU of each object with any object of the other image).
+    """Scores at one IoU threshold and the per-object matches.
 
-    ``ap`` = TP / (TP + FP + FN), ``f1`` = 2 TP / (2 TP + FP + FN), ``dice`` = mean over ground-truth objects
-    of the Dice coefficient 2 IoU / (1 + IoU) with their best-overlapping predicted object (0 if none).
-    ``pred_ids``/``gt_ids`` are the label values the IoU arrays refer to.
+    ``ap`` = TP / (TP + FP + FN) and ``f1`` = 2 TP / (2 TP + FP + FN) of a one-to-one matching (IoU >=
+    ``threshold``); ``dice`` is the original ctxseg's instance Dice (mean of the area-weighted Dice of
+    predicted objects and of ground-truth objects with their best-overlapping partner). ``gt_ids``/``gt_iou``
+    hold every ground-truth object's best IoU with any predicted object.
     """
 
     threshold: float
@@ -36,57 +39,41 @@ class Evaluation:
     ap: float
     f1: float
     dice: float
-    pred_ids: np.ndarray
-    pred_iou: np.ndarray
+    matches: ObjectMatches
     gt_ids: np.ndarray
     gt_iou: np.ndarray
 
 
-def _compact(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Labels renumbered 1..n and the original value of each new label."""
-    ids, inverse = np.unique(labels, return_inverse=True)
-    if ids[0] != 0:
-        ids, inverse = np.concatenate([[0], ids]), inverse + 1
-    return inverse.reshape(labels.shape), ids[1:]
-
-
 def evaluate_labels(pred: np.ndarray, gt: np.ndarray, threshold: float = 0.5) -> Evaluation:
-    """Match ``pred`` to ``gt`` (instance labels of the same shape) at IoU > ``threshold``.
+    """Score ``pred`` against ``gt`` (integer instance labels of the same shape, any label values).
 
     Raises
     ------
     InputError
-        Different shapes, non-integer labels or a threshold below 0.5.
+        Different shapes, labels that are not non-negative integers, or a threshold outside (0, 1).
     """
-    pred, gt = np.asarray(pred), np.asarray(gt)
-    if pred.shape != gt.shape:
-        raise InputError(f"prediction shape {pred.shape} does not match ground truth shape {gt.shape}")
-    for what, a in (("prediction", pred), ("ground truth", gt)):
-        if not np.issubdtype(a.dtype, np.integer):
-            raise InputError(f"{what} must hold integer instance labels, got dtype {a.dtype}")
-    if not 0.5 <= threshold < 1:
-        raise InputError(f"the IoU threshold must be in [0.5, 1) for one-to-one matching, got {threshold}")
-    p, pred_ids = _compact(pred)
-    g, gt_ids = _compact(gt)
-    pred_iou = best_iou_per_object(p, g) if len(pred_ids) else np.zeros(0)
-    gt_iou = best_iou_per_object(g, p) if len(gt_ids) else np.zeros(0)
-    tp = int((pred_iou > threshold).sum())
-    fp, fn = len(pred_ids) - tp, len(gt_ids) - tp
-    denom = tp + fp + fn
-    dice = float(np.mean(2 * gt_iou / (1 + gt_iou))) if len(gt_ids) else float("nan")
-    return Evaluation(threshold, tp, fp, fn, tp / denom if denom else float("nan"),
-                      2 * tp / (2 * tp + fp + fn) if denom else float("nan"), dice,
-                      pred_ids, pred_iou, gt_ids, gt_iou)
+    if not 0 < threshold < 1:
+        raise InputError(f"the IoU threshold must be between 0 and 1, got {threshold}")
+    scores = matching_scores(pred, gt, (threshold,))[float(threshold)]
+    matches = per_object_iou(pred, gt, threshold)
+    original = LabelMetrics()
+    original.update(pred, gt)
+    dice = float(original.compute(threshold)["instance_dice"])  # type: ignore[index]
+    reverse = per_object_iou(gt, pred, threshold)  # every ground-truth object's best IoU
+    return Evaluation(float(threshold), scores.tp, scores.fp, scores.fn, scores.ap, scores.f1, dice, matches,
+                      reverse.pred_labels, reverse.best_iou)
 
 
-def _class_layer(labels: np.ndarray, ids: np.ndarray, iou: np.ndarray, classes: np.ndarray,
-                 keep: np.ndarray, kwargs: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any], str]:
+def _class_layer(labels: np.ndarray, ids: np.ndarray, iou: np.ndarray, classes: np.ndarray, keep: np.ndarray,
+                 kwargs: dict[str, Any], extra: dict[str, np.ndarray] | None = None
+                 ) -> tuple[np.ndarray, dict[str, Any], str]:
     from napari.utils.colormaps import DirectLabelColormap
 
     data = np.where(np.isin(labels, ids[keep]), labels, 0)
     colors: dict[Any, Any] = {None: "transparent", 0: "transparent"}
     colors.update({int(i): CLASS_COLORS[c] for i, c in zip(ids[keep], classes[keep])})
-    features = {"index": ids[keep], "iou": iou[keep], "class": classes[keep]}
+    features = {"index": ids[keep], "iou": iou[keep], "class": classes[keep],
+                **{k: v[keep] for k, v in (extra or {}).items()}}
     kwargs = {**kwargs, "features": features, "colormap": DirectLabelColormap(color_dict=colors)}
     return data, kwargs, "labels"
 
@@ -97,16 +84,19 @@ def evaluation_layer_data(ev: Evaluation, pred: np.ndarray, gt: np.ndarray, *, n
     """Two new labels layers: predicted objects coloured TP/FP, and the missed ground-truth objects (FN).
 
     Each keeps its objects' own label values; ``features`` hold ``index``, ``iou`` (best IoU with the other
-    image) and ``class``. ``*_place`` are the ``scale``/``translate`` of the source layers.
+    image) and ``class`` (and for predictions ``best_gt``, ``matched_gt``). ``*_place`` are the
+    ``scale``/``translate`` of the source layers.
     """
-    pred_cls = np.where(ev.pred_iou > ev.threshold, "TP", "FP")
-    gt_cls = np.where(ev.gt_iou > ev.threshold, "TP", "FN")
+    m = ev.matches
+    pred_cls = np.where(m.is_tp, "TP", "FP")
+    gt_cls = np.where(np.isin(ev.gt_ids, m.fn_labels), "FN", "TP")
     meta = {"ctxseg_evaluation": {"threshold": ev.threshold, "tp": ev.tp, "fp": ev.fp, "fn": ev.fn,
                                   "ap": ev.ap, "f1": ev.f1, "instance_dice": ev.dice,
                                   "prediction": names[0], "ground_truth": names[1]}}
+    extra = {"best_gt": m.best_gt, "matched_gt": m.matched_gt}
     return [
-        _class_layer(np.asarray(pred), ev.pred_ids, ev.pred_iou, pred_cls, np.ones(len(pred_cls), bool),
-                     {"name": f"{names[0]} TP/FP", "metadata": meta, **pred_place}),
+        _class_layer(np.asarray(pred), m.pred_labels, m.best_iou, pred_cls, np.ones(len(pred_cls), bool),
+                     {"name": f"{names[0]} TP/FP", "metadata": meta, **pred_place}, extra),
         _class_layer(np.asarray(gt), ev.gt_ids, ev.gt_iou, gt_cls, gt_cls == "FN",
                      {"name": f"{names[1]} FN", "metadata": meta, **gt_place}),
     ]

@@ -48,8 +48,8 @@ class EvaluateWidget(Container):
 
         self.prediction = ComboBox(label="prediction", choices=labels_layers)
         self.ground_truth = ComboBox(label="ground truth", choices=labels_layers)
-        self.threshold = FloatSpinBox(label="IoU threshold", value=0.5, min=0.5, max=0.95, step=0.05,
-                                      tooltip="Objects match one-to-one when their IoU is above this")
+        self.threshold = FloatSpinBox(label="IoU threshold", value=0.5, min=0.05, max=0.95, step=0.05,
+                                      tooltip="Objects match one-to-one when their IoU is at least this")
         self.evaluate_button = PushButton(text="Evaluate")
         self.scores = Label(value="")
         self.error = Label(value="")
