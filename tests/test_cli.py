@@ -136,7 +136,7 @@ def test_bad_inputs_print_one_line_and_exit_2(tmp_path, image_dir, tiny_checkpoi
         )
         == 2
     )
-    assert "does not match context image" in capsys.readouterr().err
+    assert "must cover the context image" in capsys.readouterr().err
     assert main(["segment", str(image_dir / "im0.tif"), "--device", "quantum"]) == 2
 
 

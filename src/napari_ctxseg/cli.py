@@ -61,6 +61,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--no-augment", action="store_true", help="no flips, rescaling or intensity changes")
+    p.add_argument("--p-sigma-max", type=float, default=0.5,
+                   help="fraction of samples trained at sigma_max (the one-step inference point)")
+    p.add_argument("--weighting", default="unit", choices=["unit", "schedule"],
+                   help="loss weight: unit (1/c_out^2, default) or the schedule's (as the original)")
     p.add_argument("--resume", type=Path, help="training state to continue from")
     p.add_argument("--state", type=Path, help="where to write the resumable training state")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also write the checkpoint every N steps")
@@ -92,6 +96,8 @@ def _train_request(
         lr=lr if lr is not None else args.lr,
         seed=args.seed,
         val_every=args.val_every,
+        p_sigma_max=args.p_sigma_max,
+        weighting=args.weighting,
         augment=AugmentConfig.none() if args.no_augment else AugmentConfig(),
         warmup=min(200, max(1, args.steps // 10)),
     )

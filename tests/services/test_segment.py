@@ -103,7 +103,7 @@ def test_bad_images_raise_input_error(tiny_checkpoint, image, match) -> None:
 def test_bad_context_and_settings(tiny_checkpoint) -> None:
     image, labels = blobs()
     kw = dict(checkpoint=str(tiny_checkpoint), device="cpu")
-    with pytest.raises(InputError, match="does not match context image"):
+    with pytest.raises(InputError, match="must cover the context image"):
         segment(image, context_image=image, context_labels=labels[:50], **kw)
     with pytest.raises(InputError, match="no annotated object"):
         segment(image, context_image=image, context_labels=np.zeros_like(labels), **kw)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import InputError
-from ..services.segment import FlowParams, SegmentRequest
+from ..services.segment import FlowParams, SegmentRequest, validate_context
 
 __all__ = [
     "ContextData",
@@ -140,23 +140,9 @@ def make_context(image: np.ndarray, labels: np.ndarray, region: np.ndarray | Non
     InputError
         Shapes that do not match, non-integer labels, an empty region or no annotated object.
     """
+    validate_context(image, labels, region, names=names)
     image, labels = np.array(image, copy=True), np.array(labels, copy=True)
-    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (3, 4)):
-        raise InputError(f"{names[0]!r} must be one 2D plane (H, W) or (H, W, C); got shape {image.shape}")
-    if labels.shape != image.shape[:2]:
-        raise InputError(f"{names[1]!r} has shape {labels.shape} but {names[0]!r} has {image.shape[:2]}: the "
-                         f"context labels must cover the context image pixel for pixel")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise InputError(f"{names[1]!r} must hold integer instance labels, got dtype {labels.dtype}")
-    if region is not None:
-        region = np.asarray(region).astype(bool)
-        if region.shape != labels.shape:
-            raise InputError(f"the context region has shape {region.shape}; expected {labels.shape}")
-        if not region.any():
-            raise InputError("the context region is empty: mark where the context annotation is complete")
-    if not (labels[region] if region is not None else labels).any():
-        raise InputError(f"{names[1]!r} has no annotated object" + (" inside the region" if region is not None
-                                                                      else ""))
+    region = None if region is None else np.asarray(region).astype(bool)
     return ContextData(image, labels, region)
 
 

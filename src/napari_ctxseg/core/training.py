@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .edm import EDMDenoiser, get_schedule
+from .edm import EDMDenoiser, edm_scalings, get_schedule
 from .errors import CheckpointError, ConfigError
 from .models import CtxSegP, SegP
 from .training_data import AugmentConfig, Batch, CropSampler
@@ -60,6 +60,12 @@ class TrainConfig:
         Training noise schedule (``"edm"``, ``"edmhat"``, ``"ncsn2"``) and the probability of training at
         sigma_max instead: one-step inference evaluates the denoiser at sigma_max only, which the
         log-normal EDM schedule almost never visits.
+    weighting
+        ``"unit"`` (default): loss weight 1 / c_out(sigma)^2, so the network output F has the same weight
+        at every noise level (EDM's design rule, applied to ctxseg's c_out). ``"schedule"``: the
+        schedule's own weight, as the original; with ctxseg's c_out = sqrt(s sd / (s^2 + sd^2)) its
+        effective weight on F is 1 / (sigma sd), 6400 times smaller at sigma 80 than at 0.0125, and the
+        one-step (sigma_max) prediction barely learns in a short run.
     sigma_data, sigma_max
         EDM sigma_data (stored in the checkpoint) and the sigma of one-step inference.
     p_no_context, partial_prob
@@ -82,6 +88,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     schedule: str = "edm"
     p_sigma_max: float = 0.5
+    weighting: str = "unit"
     sigma_data: float = 1.0
     sigma_max: float = 80.0
     p_no_context: float = 0.5
@@ -104,6 +111,8 @@ class TrainConfig:
         if not 0 <= self.p_sigma_max <= 1 or not 0 <= self.p_no_context <= 1:
             raise ConfigError("p_sigma_max and p_no_context must be probabilities in [0, 1]")
         get_schedule(self.schedule)
+        if self.weighting not in ("unit", "schedule"):
+            raise ConfigError(f"unknown weighting {self.weighting!r}; expected 'unit' or 'schedule'")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -160,11 +169,20 @@ def mixed_max_schedule(
 
 
 def weighted_edm_loss(
-    model: SegP, batch: Batch, *, schedule: Callable[..., Any], sigma_data: float, generator: torch.Generator
+    model: SegP,
+    batch: Batch,
+    *,
+    schedule: Callable[..., Any],
+    sigma_data: float,
+    generator: torch.Generator,
+    weighting: str = "unit",
 ) -> torch.Tensor:
     """EDM loss mean(0.5 * lambda * w * (D(x + sigma n, sigma) - x)^2) / mean(w), w = annotated pixels."""
     x = batch.flow
     sigma, lam = schedule(x, generator=generator, sigma_data=sigma_data)
+    if weighting == "unit":
+        _, c_out, _, _ = edm_scalings(sigma, sigma_data)
+        lam = 1.0 / c_out**2
     noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
     kwargs: dict[str, Any] = {"image": batch.image}
     if isinstance(model, CtxSegP) and batch.ref_image is not None:
@@ -203,7 +221,14 @@ def _validation_loss(
     schedule = mixed_max_schedule(cfg.schedule, cfg.p_sigma_max, cfg.sigma_max)
     losses = [
         float(
-            weighted_edm_loss(model, b.to(device), schedule=schedule, sigma_data=cfg.sigma_data, generator=g)
+            weighted_edm_loss(
+                model,
+                b.to(device),
+                schedule=schedule,
+                sigma_data=cfg.sigma_data,
+                generator=g,
+                weighting=cfg.weighting,
+            )
         )
         for b in batches
     ]
@@ -301,7 +326,12 @@ class Trainer:
             batch = self.sampler.sample(cfg.batch_size, context=context).to(device)
             model.train()
             loss = weighted_edm_loss(
-                model, batch, schedule=schedule, sigma_data=cfg.sigma_data, generator=self.gen
+                model,
+                batch,
+                schedule=schedule,
+                sigma_data=cfg.sigma_data,
+                generator=self.gen,
+                weighting=cfg.weighting,
             )
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training diverged at step {step}: loss {float(loss)}")

@@ -42,6 +42,7 @@ __all__ = [
     "labels_from_flows",
     "segment",
     "segment_steps",
+    "validate_context",
 ]
 
 MODEL_DIAMETER = 20.0
@@ -140,25 +141,36 @@ def _validate(req: SegmentRequest) -> None:
     if (req.context_image is None) != (req.context_labels is None):
         raise InputError("a context needs both an image and its labels")
     if req.context_image is not None:
-        ci = np.asarray(req.context_image)
-        cl = np.asarray(req.context_labels)
-        if ci.shape[:2] != cl.shape:
-            raise InputError(
-                f"context labels shape {cl.shape} does not match context image shape "
-                f"{ci.shape[:2]} (image {ci.shape})"
-            )
-        if not np.issubdtype(cl.dtype, np.integer):
-            raise InputError(f"context labels must be integer instance labels, got dtype {cl.dtype}")
-        if req.context_region is not None and np.asarray(req.context_region).shape != cl.shape:
-            raise InputError(
-                f"context region shape {np.asarray(req.context_region).shape} does not match "
-                f"context labels shape {cl.shape}"
-            )
-        region = None if req.context_region is None else np.asarray(req.context_region).astype(bool)
-        if region is not None and not region.any():
+        validate_context(req.context_image, req.context_labels, req.context_region)
+
+
+def validate_context(image: np.ndarray, labels: np.ndarray, region: np.ndarray | None = None, *,
+                     names: tuple[str, str] = ("context image", "context labels")) -> None:
+    """Check a context (image, labels[, region]) before any work; ``names`` name them in the messages.
+
+    Raises
+    ------
+    InputError
+        A multi-plane image, labels that do not cover the image pixel for pixel, non-integer labels, a
+        region of another shape or an empty one, or no annotated object (inside the region).
+    """
+    image, labels = np.asarray(image), np.asarray(labels)
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (3, 4)):
+        raise InputError(f"{names[0]!r} must be one 2D plane (H, W) or (H, W, C); got shape {image.shape}")
+    if labels.shape != image.shape[:2]:
+        raise InputError(f"{names[1]!r} has shape {labels.shape} but {names[0]!r} has {image.shape[:2]}: "
+                         f"the context labels must cover the context image pixel for pixel")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"{names[1]!r} must hold integer instance labels, got dtype {labels.dtype}")
+    if region is not None:
+        region = np.asarray(region).astype(bool)
+        if region.shape != labels.shape:
+            raise InputError(f"the context region has shape {region.shape}; expected {labels.shape}")
+        if not region.any():
             raise InputError("the context region is empty: mark where the context annotation is complete")
-        if not (cl[region] if region is not None else cl).any():
-            raise InputError("the context labels contain no annotated object (inside the region)")
+    if not (labels[region] if region is not None else labels).any():
+        where = " inside the region" if region is not None else ""
+        raise InputError(f"{names[1]!r} has no annotated object{where}")
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
