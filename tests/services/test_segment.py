@@ -113,3 +113,17 @@ def test_bad_context_and_settings(tiny_checkpoint) -> None:
         segment(image, solver="rk4", **kw)
     with pytest.raises(CheckpointError, match="not found"):
         segment(image, checkpoint="/nonexistent.safetensors", device="cpu")
+
+
+def test_flow_threshold_keeps_weak_background_flows_out_of_the_labels() -> None:
+    from napari_ctxseg.core.flows import mask_to_flow
+
+    _, labels = blobs((96, 96), n=5, seed=4)
+    flow = mask_to_flow(labels)
+    bg = labels == 0
+    flow[:, bg] = 0.15 * np.stack([np.ones(bg.sum()), np.zeros(bg.sum())])  # a weak drift in the background
+    plain, _ = labels_from_flows(flow[None], FlowParams(min_size=1))
+    thresholded, _ = labels_from_flows(flow[None], FlowParams(min_size=1, flow_threshold=0.5))
+    assert (thresholded[bg] == 0).all()
+    assert thresholded.max() == labels.max()
+    assert (plain[bg] > 0).any()  # without the threshold background pixels are swept into objects

@@ -54,9 +54,14 @@ class FlowParams:
     """Flow-following settings (applied to cached flows without re-running the network).
 
     ``min_size`` is in pixels of the input image; ``max_flow_err`` > 0 drops objects whose flow disagrees
-    with the flow of their own shape (mean squared error above the threshold).
+    with the flow of their own shape (mean squared error above the threshold). ``flow_threshold``: pixels
+    whose predicted flow is shorter than this are background (they neither move nor get a label).
+    Ideal flows have length 1 inside objects and 0 outside; the original follows every pixel (its
+    ``scripts/eval.py`` passes a ``threshold`` that its ``flow_to_mask`` does not accept), which lets
+    weak background flows gather into false objects. 0 reproduces the original.
     """
 
+    flow_threshold: float = 0.0
     niter: int = 200
     step_size: float = 0.5
     min_seed_cnts: int = 30
@@ -283,12 +288,16 @@ def labels_from_flows(
         max_flow_err=params.max_flow_err,
     )
     stack = np.concatenate([flows.mean(axis=0, keepdims=True), flows]) if len(flows) > 1 else flows
-    raw = np.asarray(flow_to_mask(np.ascontiguousarray(stack, dtype=np.float32), **kw)).reshape(
-        len(stack), *flows.shape[-2:]
-    )
+    stack = np.ascontiguousarray(stack, dtype=np.float32)
+    if params.flow_threshold > 0:
+        foreground = np.sqrt((stack**2).sum(axis=1)) >= params.flow_threshold  # (N, h, w)
+        stack = stack * foreground[:, None]
+    raw = np.asarray(flow_to_mask(stack, **kw)).reshape(len(stack), *flows.shape[-2:])
     out = []
-    for lab in raw:
+    for k, lab in enumerate(raw):
         lab = lab.astype(np.int64)
+        if params.flow_threshold > 0:
+            lab = lab * foreground[k]
         if out_shape is not None and lab.shape != tuple(out_shape):
             lab = (
                 F.interpolate(
