@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -30,6 +31,8 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
         help="typical object diameter in pixels (default: the model's training scale, 20 px)",
     )
     p.add_argument("--min-size", type=int, default=15, help="remove objects smaller than this (pixels)")
+    p.add_argument("--flow-threshold", type=float, default=None,
+                   help="pixels with a shorter predicted flow are background (0 = the original)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
     p.add_argument(
         "--tile-size", type=int, default=1024, help="images larger than this are processed in tiles"
@@ -39,6 +42,9 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
 def _segment_options(args: argparse.Namespace) -> dict:
     from .services.segment import FlowParams
 
+    flow = FlowParams(min_size=args.min_size)
+    if args.flow_threshold is not None:
+        flow = replace(flow, flow_threshold=args.flow_threshold)
     return dict(
         checkpoint=args.checkpoint,
         device=args.device,
@@ -47,7 +53,7 @@ def _segment_options(args: argparse.Namespace) -> dict:
         num_samples=args.samples,
         seed=args.seed,
         diameter=args.diameter,
-        flow=FlowParams(min_size=args.min_size),
+        flow=flow,
         tile_size=args.tile_size,
     )
 

@@ -96,6 +96,8 @@ class SegmentWidget(Container):
         self.error = Label(value="")
         self.error.native.setStyleSheet("color: #e04040")
         self.error.native.setWordWrap(True)
+        self.min_flow = FloatSpinBox(label="min flow", value=FlowParams.flow_threshold, min=0.0, max=1.0,
+                                     step=0.05, tooltip="Shorter predicted flows are background")
         self.min_size = SpinBox(label="min size (px)", value=FlowParams.min_size, min=0, max=10**5)
         self.min_seeds = SpinBox(label="min seed counts", value=FlowParams.min_seed_cnts, min=0, max=10**5)
         self.max_flow_err = FloatSpinBox(label="max flow error", value=0.0, min=0.0, max=10.0, step=0.05,
@@ -108,7 +110,8 @@ class SegmentWidget(Container):
             self.seed, self.device, Label(value="<b>Context</b> (optional)"), self.ctx_image, self.ctx_labels,
             self.ctx_region, self.fov, self.out_flow, self.out_disagreement])
         self._rethreshold = Container(widgets=[
-            Label(value="<b>Re-threshold</b> (cached flows, no network)"), self.min_size, self.min_seeds,
+            Label(value="<b>Re-threshold</b> (cached flows, no network)"), self.min_flow, self.min_size,
+            self.min_seeds,
             self.max_flow_err, self.apply_button, Label(value="<b>Interactive loop</b>"), self.corrected,
             self.add_context_button])
         self.extend([self._settings, self.run_button, self.progress, self.status, self.error,
@@ -142,7 +145,7 @@ class SegmentWidget(Container):
 
     def _run_settings(self) -> RunSettings:
         flow = replace(FlowParams(), min_size=self.min_size.value, min_seed_cnts=self.min_seeds.value,
-                       max_flow_err=self.max_flow_err.value)
+                       max_flow_err=self.max_flow_err.value, flow_threshold=self.min_flow.value)
         return RunSettings(checkpoint=self.checkpoint.value, device=self.device.value, steps=self.steps.value,
                            solver=self.solver.value, num_samples=self.samples.value, seed=self.seed.value,
                            diameter=self.diameter.value, flow=flow)
@@ -267,7 +270,7 @@ class SegmentWidget(Container):
             self._show_error(f"the labels layer {layer.name!r} of the last run was removed; run again")
             return
         flow = replace(res.flow, min_size=self.min_size.value, min_seed_cnts=self.min_seeds.value,
-                       max_flow_err=self.max_flow_err.value)
+                       max_flow_err=self.max_flow_err.value, flow_threshold=self.min_flow.value)
         self._start(rethreshold_job, (res, flow), self._on_rethresholded)
 
     def _on_rethresholded(self, out: tuple[PlanesResult, Any, dict[str, Any]]) -> None:
