@@ -127,3 +127,16 @@ def test_flow_threshold_keeps_weak_background_flows_out_of_the_labels() -> None:
     assert (thresholded[bg] == 0).all()
     assert thresholded.max() == labels.max()
     assert (plain[bg] > 0).any()  # without the threshold background pixels are swept into objects
+
+
+def test_several_references_of_different_sizes(tiny_checkpoint) -> None:
+    image, labels = blobs(seed=1)
+    image2, labels2 = blobs((80, 112), seed=2)
+    kw = dict(checkpoint=str(tiny_checkpoint), device="cpu", seed=0)
+    one = segment(image, context_image=image, context_labels=labels, **kw)
+    two = segment(image, context_image=[image, image2], context_labels=[labels, labels2], **kw)
+    same_twice = segment(image, context_image=[image, image], context_labels=[labels, labels], **kw)
+    assert not np.allclose(one.flows, two.flows)
+    np.testing.assert_allclose(one.flows, same_twice.flows, rtol=1e-4, atol=1e-4)  # an average of equals
+    with pytest.raises(InputError, match="differ in length"):
+        segment(image, context_image=[image, image2], context_labels=[labels], **kw)

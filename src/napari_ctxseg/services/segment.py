@@ -84,9 +84,10 @@ class SegmentRequest:
     num_samples: int = 1
     seed: int = 0
     diameter: float | None = None
-    context_image: np.ndarray | None = None
-    context_labels: np.ndarray | None = None
-    context_region: np.ndarray | None = None
+    # one annotated reference, or a list of them (each may have its own size; features are averaged)
+    context_image: np.ndarray | list[np.ndarray] | None = None
+    context_labels: np.ndarray | list[np.ndarray] | None = None
+    context_region: np.ndarray | list[np.ndarray | None] | None = None
     flow: FlowParams = field(default_factory=FlowParams)
     tile_size: int = 1024
     tile_overlap: int = 128
@@ -146,11 +147,33 @@ def _validate(req: SegmentRequest) -> None:
     if (req.context_image is None) != (req.context_labels is None):
         raise InputError("a context needs both an image and its labels")
     if req.context_image is not None:
-        validate_context(req.context_image, req.context_labels, req.context_region)
+        for image, labels, region in _references(req):
+            validate_context(image, labels, region)
 
 
-def validate_context(image: np.ndarray, labels: np.ndarray, region: np.ndarray | None = None, *,
-                     names: tuple[str, str] = ("context image", "context labels")) -> None:
+def _references(req: SegmentRequest) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """The context as a list of (image, labels, region) references."""
+    if req.context_image is None:
+        return []
+    if isinstance(req.context_image, list | tuple):
+        images, labels = list(req.context_image), list(req.context_labels)  # type: ignore[arg-type]
+        regions = list(req.context_region) if req.context_region is not None else [None] * len(images)
+        if not (len(images) == len(labels) == len(regions)) or not images:
+            raise InputError(
+                f"the context lists differ in length: {len(images)} images, {len(labels)} labels, "
+                f"{len(regions)} regions"
+            )
+        return list(zip(images, labels, regions))
+    return [(req.context_image, req.context_labels, req.context_region)]  # type: ignore[list-item]
+
+
+def validate_context(
+    image: np.ndarray,
+    labels: np.ndarray,
+    region: np.ndarray | None = None,
+    *,
+    names: tuple[str, str] = ("context image", "context labels"),
+) -> None:
     """Check a context (image, labels[, region]) before any work; ``names`` name them in the messages.
 
     Raises
@@ -163,8 +186,10 @@ def validate_context(image: np.ndarray, labels: np.ndarray, region: np.ndarray |
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (3, 4)):
         raise InputError(f"{names[0]!r} must be one 2D plane (H, W) or (H, W, C); got shape {image.shape}")
     if labels.shape != image.shape[:2]:
-        raise InputError(f"{names[1]!r} has shape {labels.shape} but {names[0]!r} has {image.shape[:2]}: "
-                         f"the context labels must cover the context image pixel for pixel")
+        raise InputError(
+            f"{names[1]!r} has shape {labels.shape} but {names[0]!r} has {image.shape[:2]}: "
+            f"the context labels must cover the context image pixel for pixel"
+        )
     if not np.issubdtype(labels.dtype, np.integer):
         raise InputError(f"{names[1]!r} must hold integer instance labels, got dtype {labels.dtype}")
     if region is not None:
@@ -196,24 +221,37 @@ def _scaled_size(shape: tuple[int, int], scale: float) -> tuple[int, int]:
 
 def _prepare_context(
     model: CtxSegP, req: SegmentRequest, scale: float, stride: int, device: torch.device
-) -> PContext:
-    img = torch.from_numpy(model_input(_as_image(req.context_image, "context image")))[None]
-    labels = np.asarray(req.context_labels).astype(np.int64)
-    region = (
-        np.ones(labels.shape, bool)
-        if req.context_region is None
-        else np.asarray(req.context_region).astype(bool)
-    )
-    size = _scaled_size(labels.shape, scale)
-    img = _resize(img, size, "bilinear")
-    lab_t = _resize(torch.from_numpy(labels)[None, None].double(), size, "nearest")[0, 0].long().numpy()
-    reg_t = _resize(torch.from_numpy(region)[None, None].float(), size, "nearest")[0, 0] > 0.5
-    flow = torch.from_numpy(mask_to_flow(lab_t).astype(np.float32))[None]
-    flow = torch.where(reg_t[None, None], flow, torch.zeros_like(flow))
-    img, _ = pad_to_multiple(img, stride)
-    flow, _ = pad_to_multiple(flow, stride, mode="constant")
-    reg_p, _ = pad_to_multiple(reg_t[None, None].float(), stride, mode="constant")
-    return model.encode_context(img.to(device), flow.to(device), (reg_p[:, 0] > 0.5).to(device))
+) -> list[PContext]:
+    """Encode every reference of the context at the model's scale (once per run)."""
+    contexts = []
+    for image, labels, region in _references(req):
+        img = torch.from_numpy(model_input(_as_image(image, "context image")))[None]
+        labels = np.asarray(labels).astype(np.int64)
+        region = np.ones(labels.shape, bool) if region is None else np.asarray(region).astype(bool)
+        size = _scaled_size(labels.shape, scale)
+        img = _resize(img, size, "bilinear")
+        lab_t = _resize(torch.from_numpy(labels)[None, None].double(), size, "nearest")[0, 0].long().numpy()
+        reg_t = _resize(torch.from_numpy(region)[None, None].float(), size, "nearest")[0, 0] > 0.5
+        flow = torch.from_numpy(mask_to_flow(lab_t).astype(np.float32))[None]
+        flow = torch.where(reg_t[None, None], flow, torch.zeros_like(flow))
+        img, _ = pad_to_multiple(img, stride)
+        flow, _ = pad_to_multiple(flow, stride, mode="constant")
+        reg_p, _ = pad_to_multiple(reg_t[None, None].float(), stride, mode="constant")
+        contexts.append(model.encode_context(img.to(device), flow.to(device), (reg_p[:, 0] > 0.5).to(device)))
+    return contexts
+
+
+def _features(model: torch.nn.Module, image: torch.Tensor, contexts: list[PContext]) -> ImageFeatures:
+    """Image features with the context features averaged over all references (as the original's set_image)."""
+    if len(contexts) <= 1:
+        return model.prepare(image, contexts[0] if contexts else None)
+    per_ref = [model.prepare(image, c) for c in contexts]
+    n = sum(c.num_refs for c in contexts)
+    mean = [
+        sum(f.ref_features[k] * c.num_refs for f, c in zip(per_ref, contexts)) / n
+        for k in range(len(per_ref[0].ref_features))
+    ]
+    return ImageFeatures(per_ref[0].x_skips, mean)
 
 
 class _TiledDenoiser:
@@ -348,9 +386,9 @@ def segment_steps(
     calls = num_model_calls("one_step" if one_step else req.solver, req.steps)
     total = len(tiles) if one_step else len(tiles) + calls
     with torch.inference_mode():
-        context = None
-        if req.context_image is not None:
-            context = _prepare_context(model, req, scale, stride, device)
+        contexts = (
+            _prepare_context(model, req, scale, stride, device) if req.context_image is not None else []
+        )
         gen = torch.Generator(device=device).manual_seed(int(req.seed))
         shape = (2, *xp.shape[-2:])
         if one_step:
@@ -358,7 +396,7 @@ def segment_steps(
             z = torch.randn((req.num_samples, *shape), generator=gen, device=gen.device) * req.sigma_max
             blended = _StreamingBlend(z.shape, tuple(xp.shape[-2:]), overlap)
             for i, t in enumerate(tiles):
-                f = model.prepare(xp[(..., *t.slices)].to(device), context)
+                f = _features(model, xp[(..., *t.slices)].to(device), contexts)
                 den = EDMDenoiser(lambda xi, c, f=f: model.predict(xi, c, f), sigma_data=loaded.sigma_data)
                 blended.add(t, den(z[(..., *t.slices)].to(device), req.sigma_max).float().cpu())
                 yield SegmentProgress("denoise", i + 1, total, f"tile {i + 1}/{len(tiles)}")
@@ -366,7 +404,7 @@ def segment_steps(
         else:
             features = []
             for i, t in enumerate(tiles):
-                features.append(model.prepare(xp[(..., *t.slices)].to(device), context))
+                features.append(_features(model, xp[(..., *t.slices)].to(device), contexts))
                 yield SegmentProgress("encode", i + 1, total, f"encoding tile {i + 1}/{len(tiles)}")
             denoiser = _TiledDenoiser(
                 model, loaded.sigma_data, tiles, features, tuple(xp.shape[-2:]), overlap
@@ -421,7 +459,7 @@ def _context_digest(req: SegmentRequest) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for a in (req.context_image, req.context_labels, req.context_region):
+    for a in (a for ref in _references(req) for a in ref):
         if a is not None:
             a = np.ascontiguousarray(a)
             h.update(str((a.shape, a.dtype.str)).encode())
