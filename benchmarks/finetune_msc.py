@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from eval_msc import load_frames, score
 
 from napari_ctxseg.services.finetune import FinetuneSettings, finetune_request_from_arrays, run_finetune
+from napari_ctxseg.services.progress import run_to_end
 from napari_ctxseg.services.segment import MODEL_DIAMETER, FlowParams, segment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,16 +94,14 @@ def main() -> None:
     req = finetune_request_from_arrays(pairs, base=args.checkpoint, output=args.out, settings=settings)
     gen = run_finetune(req, time_budget_s=args.budget_min * 60, threads=args.threads)
     t0 = time.perf_counter()
-    while True:
-        try:
-            p = next(gen)
-        except StopIteration as stop:
-            result = stop.value
-            break
+
+    def report(p) -> None:
         if p.step % 50 == 0:
             print(
                 f"  fine-tune step {p.step} loss {p.loss:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True
             )
+
+    result = run_to_end(gen, report)
     train_s = time.perf_counter() - t0
     rows[f"fine-tuned ({result.steps_done} steps, {train_s / 60:.1f} min)"] = run(checkpoint=str(result.path))
     print(

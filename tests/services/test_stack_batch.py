@@ -8,6 +8,7 @@ import tifffile
 
 from napari_ctxseg.core.flows import mask_to_flow
 from napari_ctxseg.core.tiling import blend_weight, plan_tiles
+from napari_ctxseg.services.progress import run_to_end
 from napari_ctxseg.services.segment import FlowParams, labels_from_flows
 from napari_ctxseg.services.stack import segment_stack_steps, stitch_labels
 from tests.conftest import blobs
@@ -29,14 +30,10 @@ def test_stitching_links_overlapping_objects_across_planes() -> None:
 def test_stack_is_segmented_plane_by_plane_with_progress(tiny_checkpoint) -> None:
     img, _ = blobs((48, 48))
     stack = np.stack([img, img, img])
-    gen = segment_stack_steps(stack, checkpoint=str(tiny_checkpoint), device="cpu")
     events = []
-    while True:
-        try:
-            events.append(next(gen))
-        except StopIteration as stop:
-            labels = stop.value
-            break
+    labels = run_to_end(
+        segment_stack_steps(stack, checkpoint=str(tiny_checkpoint), device="cpu"), events.append
+    )
     assert labels.shape == (3, 48, 48)
     assert events[-1].done == events[-1].total and "plane 3/3" in events[-1].message
 
@@ -58,13 +55,7 @@ class _LazyStack:
 def test_lazy_stacks_are_read_one_plane_at_a_time(tiny_checkpoint) -> None:
     img, _ = blobs((40, 40))
     lazy = _LazyStack(np.stack([img] * 4).reshape(2, 2, 40, 40))
-    gen = segment_stack_steps(lazy, checkpoint=str(tiny_checkpoint), device="cpu")
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            labels = stop.value
-            break
+    labels = run_to_end(segment_stack_steps(lazy, checkpoint=str(tiny_checkpoint), device="cpu"))
     assert labels.shape == (2, 2, 40, 40)
     assert lazy.reads == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
@@ -73,13 +64,11 @@ def test_dask_stack(tiny_checkpoint) -> None:
     da = pytest.importorskip("dask.array")
     img, _ = blobs((40, 40))
     stack = da.from_array(np.stack([img, img]), chunks=(1, 40, 40))
-    gen = segment_stack_steps(stack, checkpoint=str(tiny_checkpoint), device="cpu")
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            assert stop.value.shape == (2, 40, 40)
-            break
+    assert run_to_end(segment_stack_steps(stack, checkpoint=str(tiny_checkpoint), device="cpu")).shape == (
+        2,
+        40,
+        40,
+    )
 
 
 def test_tiles_cover_everything_and_weights_are_positive() -> None:

@@ -10,6 +10,7 @@ from napari_ctxseg.core.checkpoint import load_checkpoint
 from napari_ctxseg.core.errors import InputError
 from napari_ctxseg.core.training import TrainConfig
 from napari_ctxseg.core.training_data import AugmentConfig, CropSampler, annotate
+from napari_ctxseg.services.progress import run_to_end
 from napari_ctxseg.services.training import TrainRequest, run_training
 from tests.conftest import blobs, dsb_pair
 
@@ -21,13 +22,9 @@ def _images():
 
 
 def _run(req: TrainRequest):
-    gen = run_training(req)
     progress = []
-    while True:
-        try:
-            progress.append(next(gen))
-        except StopIteration as stop:
-            return progress, stop.value
+    path = run_to_end(run_training(req), progress.append)
+    return progress, path
 
 
 def _cfg(**kw) -> TrainConfig:

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..core.errors import InputError
 from .measure import measure_objects
+from .progress import run_to_end
 
 __all__ = ["IMAGE_SUFFIXES", "collect_inputs", "segment_file", "segment_files"]
 
@@ -108,12 +109,7 @@ def segment_file(
         if planar
         else segment_stack_steps(image, **options)
     )
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            result = stop.value
-            break
+    result = run_to_end(gen)
     labels = result.labels if planar else result
     if planar:
         table = measure_objects(labels, image, sample_labels=result.sample_labels, flows=result.flows)

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..core.preprocess import normalize_image
 from .measure import best_iou_per_object
+from .progress import run_to_end
 
 __all__ = ["baseline_watershed", "evaluate_folder", "format_report", "match_counts", "modality"]
 
@@ -120,13 +121,7 @@ def evaluate_folder(
         gt = read_array(_find(labels, name))
         mod = modality(image)
         t0 = time.perf_counter()
-        gen = segment_steps(SegmentRequest(image=image, **options))
-        while True:
-            try:
-                next(gen)
-            except StopIteration as stop:
-                pred = stop.value.labels
-                break
+        pred = run_to_end(segment_steps(SegmentRequest(image=image, **options))).labels
         seconds["ctxseg"] += time.perf_counter() - t0
         row = {"name": name, "modality": mod}
         preds = {"ctxseg": pred}

@@ -32,6 +32,7 @@ from ..core.sampling import num_model_calls, sample_steps
 from ..core.tiling import Tile, blend_weight, pad_to_multiple, plan_tiles
 from ..core.training_data import model_input
 from .models import LoadedModel, load_model
+from .progress import run_to_end
 
 __all__ = [
     "MODEL_DIAMETER",
@@ -477,9 +478,4 @@ def segment(image: np.ndarray, **kwargs: Any) -> SegmentResult:
     >>> result.labels.max()                          # doctest: +SKIP
     """
     loaded = kwargs.pop("loaded", None)
-    gen = segment_steps(SegmentRequest(image=image, **kwargs), loaded=loaded)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    return run_to_end(segment_steps(SegmentRequest(image=image, **kwargs), loaded=loaded))
