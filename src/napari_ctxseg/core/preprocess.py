@@ -1,33 +1,37 @@
-"""Image preprocessing shared by training and inference (numpy, channels-last (H, W[, C]) in and out).
+"""Image preparation: intensity normalisation, channel padding and centre crop.
 
-The one normalisation used everywhere is :func:`normalize_image`: per image (all channels together),
-the 1st and 99.8th percentiles map to 0 and 1 (values outside are kept, not clipped, so bright objects
-keep their contrast). This is more robust to hot pixels than the original's ``image / image.max()``.
+``pad_channel`` and ``center_crop`` follow the original ctxseg ``segmentation/utils.py`` and
+``scripts/inference.py`` (``shared/parity/README.md`` items 24-25). Layouts are numpy, channels last:
+``(H, W)`` or ``(H, W, C)``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .errors import InputError
+from napari_ctxseg.core.errors import InputError
 
-__all__ = ["center_crop", "normalize_image", "pad_channel"]
+__all__ = ["HIGH_PERCENTILE", "LOW_PERCENTILE", "center_crop", "normalize_image", "pad_channel"]
 
 LOW_PERCENTILE = 1.0
 HIGH_PERCENTILE = 99.8
 
 
 def normalize_image(
-    image: np.ndarray, low: float = LOW_PERCENTILE, high: float = HIGH_PERCENTILE
+    image: np.ndarray, low: float = LOW_PERCENTILE, high: float = HIGH_PERCENTILE, *, clip: bool = False
 ) -> np.ndarray:
-    """Percentile-normalise an image to float32: ``(x - p_low) / (p_high - p_low)``.
+    """Per-image percentile normalisation: ``(image - p_low) / (p_high - p_low)`` as float32.
 
     Parameters
     ----------
-    image
-        (H, W) or (H, W, C) numeric array.
-    low, high
-        Percentiles mapped to 0 and 1.
+    image : np.ndarray
+        Any real array (e.g. ``(H, W)``, ``(H, W, C)``); all values are pooled (channels together, so that
+        colours keep their balance).
+    low, high : float
+        Percentiles mapped to 0 and 1 (default 1 and 99.8: robust to a few hot or dead pixels, so most
+        values fall in [0, 1] and the brightest 0.2 % slightly above).
+    clip : bool
+        Clip the result to [0, 1].
 
     Returns
     -------
@@ -37,7 +41,14 @@ def normalize_image(
     Raises
     ------
     InputError
-        Empty image, non-finite values (NaN/inf), or a constant image (nothing to segment).
+        If the image is empty, holds NaN or infinite values, is constant, if the percentiles are not
+        ``0 <= low < high <= 100``, or if the dtype is not numeric.
+
+    Notes
+    -----
+    If the two percentiles coincide (to 1e-12 relative) on a non-constant image (e.g. a few bright spots
+    on a flat background), the minimum and maximum are used instead. The original divides by
+    ``image.max()``.
 
     Examples
     --------
@@ -45,54 +56,105 @@ def normalize_image(
     dtype('float32')
     """
     image = np.asarray(image)
+    if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool) or np.iscomplexobj(image):
+        raise InputError(f"image must be a real numeric array, got dtype {image.dtype}")
     if image.size == 0:
-        raise InputError(f"the image is empty (shape {image.shape})")
-    if not np.issubdtype(image.dtype, np.number) or np.issubdtype(image.dtype, np.complexfloating):
-        raise InputError(f"expected a real-valued image, got dtype {image.dtype}")
-    x = image.astype(np.float32, copy=False)
-    if not np.isfinite(x).all():
-        n_bad = int((~np.isfinite(x)).sum())
-        raise InputError(f"the image contains {n_bad} NaN or infinite values; expected finite numbers")
-    lo, hi = np.percentile(x, [low, high])
-    if hi - lo <= 1e-12 * max(1.0, abs(float(hi))):
-        lo, hi = float(x.min()), float(x.max())
-        if hi - lo <= 1e-12 * max(1.0, abs(hi)):
-            raise InputError(f"the image is constant (every pixel is {lo:g}); there is nothing to segment")
-    return ((x - lo) / (hi - lo)).astype(np.float32, copy=False)
+        raise InputError(f"image is empty, got shape {image.shape}")
+    if not 0 <= low < high <= 100:
+        raise InputError(f"percentiles must satisfy 0 <= low < high <= 100, got low={low}, high={high}")
+    values = image.astype(np.float32)
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = int((~finite).sum())
+        raise InputError(f"image contains {bad} NaN or infinite values; expected finite intensities")
+    lo, hi = (float(v) for v in np.percentile(values, [low, high]))
+    if _flat(lo, hi):
+        lo, hi = float(values.min()), float(values.max())
+    if _flat(lo, hi):
+        raise InputError(f"image is constant (every value is {lo:g}); cannot normalise its contrast")
+    out = (values - np.float32(lo)) / np.float32(hi - lo)
+    return np.clip(out, 0, 1) if clip else out
+
+
+def _flat(lo: float, hi: float) -> bool:
+    return hi - lo <= 1e-12 * max(1.0, abs(hi))
 
 
 def pad_channel(image: np.ndarray) -> np.ndarray:
-    """3 channels as the original: grey repeated, 2 channels + a zero one. (H, W[, C]) -> (H, W, 3)."""
+    """Make a 3-channel ``(H, W, 3)`` image (the original's ``pad_channel``).
+
+    Parameters
+    ----------
+    image : np.ndarray
+        ``(H, W)`` or ``(H, W, 1)`` (grey, repeated 3 times), ``(H, W, 2)`` (a zero channel appended) or
+        ``(H, W, 3)`` (returned as is).
+
+    Returns
+    -------
+    np.ndarray
+        ``(H, W, 3)``, same dtype.
+
+    Raises
+    ------
+    InputError
+        For other shapes.
+    """
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[..., None]
-    if image.ndim != 3 or image.shape[-1] > 3:
-        raise InputError(f"expected (H, W) or (H, W, C<=3), got shape {image.shape}")
-    c = image.shape[-1]
-    if c == 1:
+    if image.ndim != 3 or image.shape[-1] not in (1, 2, 3):
+        raise InputError(f"image must be (H, W) or (H, W, C) with C in 1..3, got shape {image.shape}")
+    channels = image.shape[-1]
+    if channels == 1:
         return np.concatenate([image] * 3, axis=-1)
-    if c == 2:
+    if channels == 2:
         return np.concatenate([image, np.zeros_like(image[..., :1])], axis=-1)
     return image
 
 
-def center_crop(image: np.ndarray, mask: np.ndarray | None = None, *, crop_size: int = 512):
-    """The original's centre crop: pad bottom/right with zeros up to ``crop_size``, then take the centre.
+def center_crop(
+    image: np.ndarray, mask: np.ndarray | None = None, *, crop_size: int = 512
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Centre crop (or zero-pad) an image, and optionally its mask, to ``crop_size x crop_size``.
 
-    Returns the cropped (H, W, C) image, or ``(image, mask)`` when a mask is given.
+    Parameters
+    ----------
+    image : np.ndarray
+        ``(H, W)`` or ``(H, W, C)``; a 2D image gets a channel axis, as in the original.
+    mask : np.ndarray, optional
+        ``(H, W)`` labels cropped the same way.
+    crop_size : int
+        Output height and width.
+
+    Returns
+    -------
+    np.ndarray or tuple of np.ndarray
+        ``(crop_size, crop_size, C)``, plus the cropped mask if one was given.
+
+    Raises
+    ------
+    InputError
+        For a wrong image or mask shape or a non-positive crop size.
+
+    Notes
+    -----
+    An axis shorter than ``crop_size`` is first zero-padded at the end (bottom / right); then the crop
+    starts at ``(size - crop_size) // 2``.
     """
+    image = np.asarray(image)
     if image.ndim == 2:
         image = image[..., None]
+    if image.ndim != 3:
+        raise InputError(f"image must be (H, W) or (H, W, C), got shape {image.shape}")
+    if int(crop_size) != crop_size or crop_size < 1:
+        raise InputError(f"crop_size must be a positive integer, got {crop_size!r}")
     h, w = image.shape[:2]
-    if mask is not None and mask.shape != (h, w):
-        raise InputError(f"mask shape {mask.shape} does not match image shape {(h, w)}")
+    if mask is not None and np.shape(mask) != (h, w):
+        raise InputError(f"mask must have the image's (H, W) = {(h, w)}, got {np.shape(mask)}")
     pad = [(0, max(0, crop_size - h)), (0, max(0, crop_size - w))]
-    if any(p[1] for p in pad):
-        image = np.pad(image, [*pad, (0, 0)])
-        mask = None if mask is None else np.pad(mask, pad)
-        h, w = image.shape[:2]
-    sl = (
-        slice((h - crop_size) // 2, (h + crop_size) // 2),
-        slice((w - crop_size) // 2, (w + crop_size) // 2),
-    )
-    return image[sl] if mask is None else (image[sl], mask[sl])
+    image = np.pad(image, [*pad, (0, 0)])
+    h, w = image.shape[:2]
+    window = tuple(slice((n - crop_size) // 2, (n + crop_size) // 2) for n in (h, w))
+    if mask is None:
+        return image[window]
+    return image[window], np.pad(np.asarray(mask), pad)[window]

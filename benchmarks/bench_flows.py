@@ -1,0 +1,339 @@
+"""Speed of the flow ops: ours vs a faithful numpy re-implementation of the original, and vs cellpose.
+
+Run from the repository root::
+
+    PYTHONPATH=src python benchmarks/bench_flows.py [--threads N] [--rounds R] [--big] [--quick]
+
+Inputs: a real 512x512 crop of a DSB 2018 label image (``../shared/data``) with ~120 nuclei (a synthetic
+image of ellipses if the data are absent), its ideal flow, and tilings of it for the scaling table.
+Timings alternate A and B (A/B/A/B...) and report the median and the minimum of the rounds; the ratio is
+of the medians. The machine load is printed because a busy machine slows torch's thread pool a lot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import scipy.ndimage as ndi
+import torch
+
+from napari_ctxseg.core.flows import flow_to_mask, mask_to_flow
+from napari_ctxseg.core.metrics import matching_scores
+from napari_ctxseg.core.postprocess import relabel_sequential, remove_small_instances
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dsb2018_train"
+BENCH_IMAGE = "a891bbc89143bca7"  # 520x696 fluorescence, 121 nuclei in the top-left 512x512
+
+
+# --------------------------------------------------------------------------------------------------
+# the original algorithm, re-implemented in numpy float32 (reference for timing and agreement only)
+# --------------------------------------------------------------------------------------------------
+
+
+def original_mask_to_flow_2d(masks: np.ndarray) -> np.ndarray:
+    """ctxseg ``_mask_to_flow`` line by line (jax -> numpy, float32), channel first ``(2, H, W)``."""
+    if masks.max() == 0 or (masks != 0).sum() == 1:
+        return np.zeros((2, *masks.shape), "float32")
+    ly0, lx0 = masks.shape
+    padded = np.zeros((ly0 + 2, lx0 + 2), dtype=np.int64)
+    padded[1:-1, 1:-1] = masks
+    y, x = np.nonzero(padded)
+    ny = np.stack((y, y - 1, y + 1, y, y, y - 1, y - 1, y + 1, y + 1), axis=0)
+    nx = np.stack((x, x, x, x - 1, x + 1, x - 1, x + 1, x - 1, x + 1), axis=0)
+    slices = ndi.find_objects(masks)
+    centers = np.zeros((masks.max(), 2), dtype=int)
+    for i, si in enumerate(slices):
+        if si is not None:
+            sr, sc = si
+            yi, xi = np.nonzero(masks[sr, sc] == (i + 1))
+            yi, xi = yi.astype(np.int32) + 1, xi.astype(np.int32) + 1
+            ymed, xmed = np.median(yi), np.median(xi)
+            imin = np.argmin((xi - xmed) ** 2 + (yi - ymed) ** 2)
+            centers[i] = yi[imin] + sr.start, xi[imin] + sc.start
+    neighbour_labels = padded[ny, nx]
+    is_neighbour = (neighbour_labels == neighbour_labels[0]).astype(np.float32)
+    ext = np.array([[s[0].stop - s[0].start + 1, s[1].stop - s[1].start + 1] for s in slices if s])
+    n_iter = 2 * ext.sum(axis=1).max()
+    heat = np.zeros(padded.shape, np.float32)
+    for _ in range(n_iter):
+        heat[centers[:, 0], centers[:, 1]] = 1e24
+        heat[y, x] = (heat[ny, nx] * is_neighbour).mean(axis=0, dtype=np.float32)
+    heat = np.log(np.float32(1.0) + heat)
+    mu = np.stack((heat[y + 1, x] - heat[y - 1, x], heat[y, x + 1] - heat[y, x - 1]))
+    mu /= 1e-20 + (mu**2).sum(axis=0) ** 0.5
+    out = np.zeros((2, ly0, lx0), np.float32)
+    out[:, y - 1, x - 1] = mu
+    return out
+
+
+def _original_bilinear(img: np.ndarray, locs: np.ndarray) -> np.ndarray:
+    """``sub_pixel_samples`` (2D, zeros outside) for locations ``(N, 2)`` in pixel-centre coordinates."""
+    il = np.floor(locs).astype(np.int64)
+    res = (locs - il).astype(np.float32)
+    out = np.zeros((locs.shape[0], img.shape[-1]), np.float32)
+    shape = np.array(img.shape[:2])
+    for i in range(4):
+        off = np.array([i & 1, (i >> 1) & 1])
+        ii = il + off
+        w = np.where(off[0], res[:, 0], 1 - res[:, 0]) * np.where(off[1], res[:, 1], 1 - res[:, 1])
+        inside = ((ii >= 0) & (ii < shape)).all(axis=1)
+        v = img[tuple(np.clip(ii, 0, shape - 1).T)]
+        out = out + np.where(inside[:, None], v, 0) * w[:, None].astype(np.float32)
+    return out
+
+
+def original_flow_to_mask(flow: np.ndarray, niter: int = 200) -> np.ndarray:
+    """ctxseg ``_flow_to_mask`` (2D, default parameters) in numpy float32; ``flow`` is ``(2, H, W)``."""
+    h, w = flow.shape[1:]
+    step = np.moveaxis(flow, 0, -1).astype(np.float32) * np.float32(0.5)
+    p = np.stack(np.mgrid[:h, :w], -1).reshape(-1, 2).astype(np.float32) + np.float32(0.5)
+    top = np.array([h, w], np.float32) - np.float32(0.001)
+    for _ in range(niter):
+        p = np.clip(p + np.clip(_original_bilinear(step, p - np.float32(0.5)), -1, 1), 0, top)
+    cells = p.astype(np.int64)
+    counts = np.zeros((h, w), np.int64)
+    np.add.at(counts, (cells[:, 0], cells[:, 1]), 1)
+    th = np.maximum(ndi.maximum_filter(counts, 5, mode="constant", cval=30), 30)
+    seed = np.where(counts >= th, np.arange(h * w).reshape(h, w) + 1, 0)
+    seed = np.where(counts >= 30, ndi.maximum_filter(seed, 5, mode="constant", cval=0), 0)
+    for _ in range(5):
+        seed = np.where((counts >= 2) & (seed == 0), ndi.maximum_filter(seed, 3, mode="constant"), seed)
+    return seed[cells[:, 0], cells[:, 1]].reshape(h, w).astype(np.uint32)
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def load_mask() -> tuple[np.ndarray, str]:
+    path = DATA / "labels" / f"{BENCH_IMAGE}.tif"
+    try:
+        import tifffile
+
+        return tifffile.imread(path).astype(np.int32)[:512, :512], f"DSB {BENCH_IMAGE}[:512, :512]"
+    except (ImportError, FileNotFoundError):
+        rng = np.random.default_rng(0)
+        mask = np.zeros((512, 512), np.int32)
+        yy, xx = np.mgrid[:512, :512]
+        for label in range(1, 126):
+            cy, cx = rng.uniform(10, 502, 2)
+            ry, rx = rng.uniform(5, 14, 2)
+            mask[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1] = label
+        return mask, "synthetic: 125 random ellipses"
+
+
+def timeit(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Run each function once to warm up, then ``rounds`` times, alternating between them."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def fmt(ts: list[float]) -> str:
+    return f"median {np.median(ts) * 1e3:8.1f} ms   min {min(ts) * 1e3:8.1f} ms"
+
+
+def ap50(pred: np.ndarray, gt: np.ndarray) -> float:
+    return matching_scores(pred, gt, thresholds=(0.5,))[0.5].ap
+
+
+# --------------------------------------------------------------------------------------------------
+# sections
+# --------------------------------------------------------------------------------------------------
+
+
+def bench_mask_to_flow(mask: np.ndarray, rounds: int) -> np.ndarray:
+    print("\n## mask_to_flow, 512x512")
+    t = timeit(
+        {"original (numpy)": lambda: original_mask_to_flow_2d(mask), "ours": lambda: mask_to_flow(mask)},
+        max(3, rounds // 2),
+    )
+    for name, ts in t.items():
+        print(f"{name:18s} {fmt(ts)}")
+    print(f"speed-up (medians): {np.median(t['original (numpy)']) / np.median(t['ours']):.1f}x")
+    ours, ref = mask_to_flow(mask), original_mask_to_flow_2d(mask)
+    print(f"max |ours - original| = {np.abs(ours - ref).max():.2e}")
+    return ours
+
+
+def bench_flow_to_mask(flow: np.ndarray, mask: np.ndarray, rounds: int, reference: bool) -> None:
+    print("\n## flow_to_mask, 512x512 ideal flow")
+    t = timeit(
+        {"exact": lambda: flow_to_mask(flow, mode="exact"), "fast": lambda: flow_to_mask(flow)}, rounds
+    )
+    for name, ts in t.items():
+        print(f"{name:18s} {fmt(ts)}")
+    print(f"exact / fast (medians): {np.median(t['exact']) / np.median(t['fast']):.2f}")
+    exact, fast = flow_to_mask(flow, mode="exact"), flow_to_mask(flow)
+    big = remove_small_instances(mask, 100)
+    print(f"pixels differing fast vs exact: {(exact != fast).sum()}")
+    print(
+        f"AP@0.5 vs source mask: exact {ap50(exact, mask):.4f}, fast {ap50(fast, mask):.4f} "
+        f"({len(np.unique(mask)) - 1} objects); objects >= 100 px: exact {ap50(exact, big):.4f}, "
+        f"fast {ap50(fast, big):.4f} ({len(np.unique(big)) - 1} objects)"
+    )
+    if reference:
+        start = time.perf_counter()
+        ref = original_flow_to_mask(flow)
+        print(
+            f"original (numpy re-implementation, 1 run): {time.perf_counter() - start:.2f} s; "
+            f"pixels differing from exact: {(ref != exact).sum()}, from fast: {(ref != fast).sum()}"
+        )
+
+
+def bench_cellpose(mask: np.ndarray, flow: np.ndarray, rounds: int) -> None:
+    print("\n## cellpose (optional)")
+    try:
+        import cellpose
+        from cellpose import dynamics
+    except Exception as err:  # ImportError, or a broken torchvision underneath
+        print(f"cellpose not installed ({type(err).__name__}: {err})")
+        return
+    print(
+        f"cellpose {getattr(cellpose, 'version', '?')}: compute_masks with its defaults (niter 200, "
+        "flow_threshold 0.4), cellprob = +-5 on the mask, dP = 5 * flow"
+    )
+    dev = torch.device("cpu")
+    mask = relabel_sequential(mask)  # cellpose wants labels 1..n
+    to_flows = getattr(dynamics, "masks_to_flows_gpu", None) or dynamics.masks_to_flows
+    cellprob = np.where(mask > 0, 5.0, -5.0).astype(np.float32)  # what a perfect network would predict
+    t = timeit(
+        {"cellpose masks_to_flows": lambda: to_flows(mask, device=dev), "ours": lambda: mask_to_flow(mask)},
+        max(3, rounds // 2),
+    )
+    for name, ts in t.items():
+        print(f"{name:24s} {fmt(ts)}")
+    print(f"speed-up (medians): {np.median(t['cellpose masks_to_flows']) / np.median(t['ours']):.1f}x")
+    t = timeit(
+        {
+            "cellpose compute_masks": lambda: dynamics.compute_masks(flow * 5.0, cellprob, device=dev),
+            "ours flow_to_mask fast": lambda: flow_to_mask(flow),
+        },
+        rounds,
+    )
+    for name, ts in t.items():
+        print(f"{name:24s} {fmt(ts)}")
+    ratio = np.median(t["cellpose compute_masks"]) / np.median(t["ours flow_to_mask fast"])
+    print(f"speed-up (medians): {ratio:.1f}x")
+    cp = dynamics.compute_masks(flow * 5.0, cellprob, device=dev)
+    cp = np.asarray(cp[0] if isinstance(cp, tuple) else cp).astype(np.int64)
+    print(f"AP@0.5 vs source mask: cellpose {ap50(cp, mask):.4f}")
+
+
+def bench_agreement(rounds: int) -> None:
+    """fast vs exact on model-like flows of real masks (val split)."""
+    print("\n## fast vs exact on real-shaped flows (DSB val crops 256x256, objects >= 100 px)")
+    import json
+
+    try:
+        import tifffile
+
+        names = json.loads((DATA / "split.json").read_text())["val"]
+    except (ImportError, FileNotFoundError):
+        print("DSB data not found: skipped")
+        return
+    rng = np.random.default_rng(0)
+    kinds = ["ideal", "blur1 + noise 0.02", "blur1 + smooth noise 0.05", "ideal + noise 0.1"]
+    stats = {k: {"diff": 0, "pix": 0, "ap": [], "ap_gt": [], "t_exact": 0.0, "t_fast": 0.0} for k in kinds}
+    for name in names[: 4 * rounds]:
+        gt = remove_small_instances(tifffile.imread(DATA / "labels" / f"{name}.tif").astype(np.int32), 100)
+        gt = gt[:256, :256]
+        if gt.max() == 0:
+            continue
+        ideal = mask_to_flow(gt)
+        blur = ndi.gaussian_filter(ideal, (0, 1, 1))
+        flows = {
+            kinds[0]: ideal,
+            kinds[1]: blur + 0.02 * rng.standard_normal(ideal.shape),
+            kinds[2]: blur + 0.05 * ndi.gaussian_filter(rng.standard_normal(ideal.shape), (0, 1, 1)),
+            kinds[3]: ideal + 0.1 * rng.standard_normal(ideal.shape),
+        }
+        for kind, flow in flows.items():
+            flow = flow.astype(np.float32)
+            s = stats[kind]
+            start = time.perf_counter()
+            exact = flow_to_mask(flow, mode="exact")
+            s["t_exact"] += time.perf_counter() - start
+            start = time.perf_counter()
+            fast = flow_to_mask(flow)
+            s["t_fast"] += time.perf_counter() - start
+            s["diff"] += int((exact != fast).sum())
+            s["pix"] += exact.size
+            s["ap"].append(ap50(fast, exact))
+            s["ap_gt"].append((ap50(exact, gt), ap50(fast, gt)))
+    n = len(stats[kinds[0]]["ap"])
+    print(f"{n} crops")
+    print(
+        f"{'flow':28s} {'pixels fast!=exact':>20s} {'AP50(fast,exact) min':>22s} "
+        f"{'mean AP50 vs gt exact/fast':>28s} {'time exact/fast':>18s}"
+    )
+    for kind, s in stats.items():
+        ap_gt = np.array(s["ap_gt"])
+        print(
+            f"{kind:28s} {s['diff']:>9d} ({s['diff'] / s['pix']:.4%}) {min(s['ap']):>22.4f} "
+            f"{ap_gt[:, 0].mean():>13.4f} / {ap_gt[:, 1].mean():.4f} "
+            f"{s['t_exact']:>8.2f} / {s['t_fast']:.2f} s"
+        )
+
+
+def bench_scaling(mask: np.ndarray, big: bool) -> None:
+    print("\n## scaling (tiled copies of the 512x512 mask; ideal flows; 3 runs, median)")
+    print(
+        f"{'size':>10s} {'objects':>8s} {'mask_to_flow':>14s} {'flow_to_mask fast':>18s} {'per Mpixel':>12s}"
+    )
+    for reps in (1, 2, 4, 8) if big else (1, 2, 4):
+        tiled = np.zeros((512 * reps, 512 * reps), np.int64)
+        n_obj = int(mask.max())
+        for i in range(reps):
+            for j in range(reps):
+                tile = np.where(mask > 0, mask + (i * reps + j) * n_obj, 0)
+                tiled[i * 512 : (i + 1) * 512, j * 512 : (j + 1) * 512] = tile
+        t_flow = timeit({"m2f": lambda m=tiled: mask_to_flow(m)}, 3)["m2f"]
+        flow = mask_to_flow(tiled)
+        t_mask = timeit({"f2m": lambda f=flow: flow_to_mask(f)}, 3)["f2m"]
+        mpix = tiled.size / 1e6
+        print(
+            f"{tiled.shape[0]:>5d}^2 {len(np.unique(tiled)) - 1:>10d} {np.median(t_flow):>12.3f} s "
+            f"{np.median(t_mask):>16.3f} s {np.median(t_mask) / mpix:>10.3f} s"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--big", action="store_true", help="add 4096^2 to the scaling table")
+    parser.add_argument("--quick", action="store_true", help="skip the slow numpy reference flow_to_mask")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mask, source = load_mask()
+    print(
+        f"# bench_flows  ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
+        f"load average {os.getloadavg()[0]:.1f})"
+    )
+    print(f"input: {source}, {len(np.unique(mask)) - 1} objects, {(mask > 0).mean():.0%} foreground")
+    flow = bench_mask_to_flow(mask, args.rounds)
+    bench_flow_to_mask(flow, mask, args.rounds, reference=not args.quick)
+    bench_cellpose(mask, flow, args.rounds)
+    bench_agreement(args.rounds)
+    bench_scaling(mask, args.big)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
