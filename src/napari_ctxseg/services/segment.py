@@ -59,10 +59,13 @@ class FlowParams:
     whose predicted flow is shorter than this are background (they neither move nor get a label).
     Ideal flows have length 1 inside objects and 0 outside; the original follows every pixel (its
     ``scripts/eval.py`` passes a ``threshold`` that its ``flow_to_mask`` does not accept), which lets
-    weak background flows gather into false objects. 0 reproduces the original.
+    weak background flows gather into false objects. Holes of the strong-flow mask (object centres, where
+    directions cancel, and small gaps enclosed by touching objects) are followed and labelled. 0 reproduces
+    the original. The default 0.4 was chosen on DSB *training* images with the bundled model (pooled
+    AP@0.5 on the first 30: 0.16 at 0, 0.38 at 0.1, 0.51 at 0.2, 0.57 at 0.3, 0.60 at 0.4, 0.59 at 0.5).
     """
 
-    flow_threshold: float = 0.0
+    flow_threshold: float = 0.4
     niter: int = 200
     step_size: float = 0.5
     min_seed_cnts: int = 30
@@ -329,7 +332,12 @@ def labels_from_flows(
     stack = np.concatenate([flows.mean(axis=0, keepdims=True), flows]) if len(flows) > 1 else flows
     stack = np.ascontiguousarray(stack, dtype=np.float32)
     if params.flow_threshold > 0:
-        foreground = np.sqrt((stack**2).sum(axis=1)) >= params.flow_threshold  # (N, h, w)
+        from scipy.ndimage import binary_fill_holes
+
+        strong = np.sqrt((stack**2).sum(axis=1)) >= params.flow_threshold  # (N, h, w)
+        # object centres have short flows (directions cancel there): what strong flow encloses is kept,
+        # so centres (and small gaps enclosed by touching objects) are followed and labelled
+        foreground = np.stack([binary_fill_holes(m) for m in strong])
         stack = stack * foreground[:, None]
     raw = np.asarray(flow_to_mask(stack, **kw)).reshape(len(stack), *flows.shape[-2:])
     out = []
