@@ -116,3 +116,20 @@ def test_wrong_kind_mismatched_tensors_and_non_finite_weights(tmp_path) -> None:
     save_file(tensors, str(tmp_path / "future.safetensors"), metadata=meta)
     with pytest.raises(CheckpointError, match="format version"):
         load_checkpoint(tmp_path / "future.safetensors")
+
+
+def test_a_header_length_ending_in_0x80_is_not_mistaken_for_a_pickle(tmp_path) -> None:
+    """The first byte of a safetensors file is the low byte of its header length: it can be 0x80."""
+    from napari_ctxseg.core.checkpoint import _looks_like_safetensors
+
+    head = (128 + 256 * 3).to_bytes(8, "little") + b"{"
+    assert head[:1] == b"\x80" and _looks_like_safetensors(head, 10_000)
+    # and a real checkpoint whose header length is 0x..80 loads: pad the provenance until it is
+    for pad in range(256):
+        model, path = _save(tmp_path) if pad == 0 else (None, save_checkpoint(
+            tmp_path / "m.safetensors", build_model(TINY), sigma_data=1.0, provenance={"p": "x" * pad}))
+        if path.read_bytes()[:1] == b"\x80":
+            load_checkpoint(path)
+            break
+    else:
+        pytest.fail("no padding gave a header length ending in 0x80")

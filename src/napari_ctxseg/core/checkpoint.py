@@ -33,7 +33,6 @@ __all__ = ["FORMAT", "CheckpointInfo", "file_sha256", "load_checkpoint", "read_i
 
 FORMAT = "napari-ctxseg"
 FORMAT_VERSION = "1"
-_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2, torch zip archives
 
 
 @dataclass(frozen=True)
@@ -129,16 +128,24 @@ def save_checkpoint(
     return path
 
 
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file starts with a little-endian u64 header length, then the JSON header ``{``."""
+    return len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
+
+
 def _check_not_pickle(path: Path) -> None:
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(9)
     if not head:
         raise CheckpointError(f"{path} is empty (0 bytes); expected a .safetensors checkpoint")
-    if head[:1] == _PICKLE_MAGIC[0] or head == _PICKLE_MAGIC[1]:
+    if _looks_like_safetensors(head, path.stat().st_size):
+        return
+    pickle_protocol = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    if pickle_protocol or head[:4] == b"PK\x03\x04":
         raise CheckpointError(
             f"{path} is a pickle, not a safetensors checkpoint. Pickles can run code and are never loaded "
             f"directly; if it is an original ctxseg (Flax) checkpoint you trust, convert it with "
-            f"`ctxseg convert {path.name} -o model.safetensors --model ctxseg-p`."
+            f"`ctxseg convert {path.name} -o model.safetensors --model ctxseg-p --trust`."
         )
 
 
