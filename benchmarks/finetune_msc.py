@@ -51,35 +51,8 @@ def rescale(image: np.ndarray, labels: np.ndarray, factor: float) -> tuple[np.nd
     return img, lab
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "msc_seq01")
-    ap.add_argument("--checkpoint", default="default")
-    ap.add_argument("--diameter", type=float, default=75.0)
-    ap.add_argument("--train-frames", type=int, default=3)
-    ap.add_argument("--budget-min", type=float, default=10.0)
-    ap.add_argument(
-        "--steps", type=int, default=2000, help="upper bound; the time budget usually stops first"
-    )
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--min-size", type=int, default=200)
-    ap.add_argument("--out", type=Path, default=Path("finetuned_msc.safetensors"))
-    args = ap.parse_args()
-    frames = load_frames(args.data)
-    train, test = frames[: args.train_frames], frames[args.train_frames :]
-    flow = FlowParams(min_size=args.min_size)
-    opts = dict(device="cpu", diameter=args.diameter, flow=flow)
-    gts = [f[2] for f in test]
-
-    def run(**kw) -> tuple[dict, float]:
-        t0 = time.perf_counter()
-        preds = [segment(image, **opts, **kw).labels for _, image, _ in test]
-        return score(preds, gts), (time.perf_counter() - t0) / len(test)
-
-    rows = {"bundled model, no context": run(checkpoint=args.checkpoint)}
-    rows[f"in context ({len(train)} frames)"] = run(
-        checkpoint=args.checkpoint, context_image=[f[1] for f in train], context_labels=[f[2] for f in train]
-    )
+def finetune(args: argparse.Namespace, train: list) -> tuple[Path, int, float]:
+    """Fine-tune the base model on the training frames (rescaled to the model's scale) within the budget."""
     factor = MODEL_DIAMETER / args.diameter
     pairs = [(*rescale(image, labels, factor), None, name) for name, image, labels in train]
     settings = FinetuneSettings(
@@ -102,8 +75,47 @@ def main() -> None:
             )
 
     result = run_to_end(gen, report)
-    train_s = time.perf_counter() - t0
-    rows[f"fine-tuned ({result.steps_done} steps, {train_s / 60:.1f} min)"] = run(checkpoint=str(result.path))
+    return result.path, result.steps_done, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "msc_seq01")
+    ap.add_argument("--checkpoint", default="default")
+    ap.add_argument("--diameter", type=float, default=75.0)
+    ap.add_argument("--train-frames", type=int, default=3)
+    ap.add_argument("--budget-min", type=float, default=10.0)
+    ap.add_argument(
+        "--steps", type=int, default=2000, help="upper bound; the time budget usually stops first"
+    )
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--min-size", type=int, default=200)
+    ap.add_argument("--out", type=Path, default=Path("finetuned_msc.safetensors"))
+    ap.add_argument("--finetuned", type=Path, help="score this fine-tuned checkpoint instead of training one")
+    args = ap.parse_args()
+    frames = load_frames(args.data)
+    train, test = frames[: args.train_frames], frames[args.train_frames :]
+    flow = FlowParams(min_size=args.min_size)
+    opts = dict(device="cpu", diameter=args.diameter, flow=flow)
+    gts = [f[2] for f in test]
+
+    def run(**kw) -> tuple[dict, float]:
+        t0 = time.perf_counter()
+        preds = [segment(image, **opts, **kw).labels for _, image, _ in test]
+        return score(preds, gts), (time.perf_counter() - t0) / len(test)
+
+    rows = {"bundled model, no context": run(checkpoint=args.checkpoint)}
+    rows[f"in context ({len(train)} frames)"] = run(
+        checkpoint=args.checkpoint, context_image=[f[1] for f in train], context_labels=[f[2] for f in train]
+    )
+    if args.finetuned is None:
+        path, steps, train_s = finetune(args, train)
+    else:
+        from napari_ctxseg.core.checkpoint import read_info
+
+        prov = read_info(args.finetuned).provenance
+        path, steps, train_s = args.finetuned, prov.get("steps_done"), prov.get("train_seconds", float("nan"))
+    rows[f"fine-tuned ({steps} steps, {train_s / 60:.1f} min)"] = run(checkpoint=str(path))
     print(
         f"MSC seq01: train on {[f[0] for f in train]}, score {len(test)} other complete frames; "
         f"diameter {args.diameter}; 1 step x 1 sample; CPU {torch.get_num_threads()} threads"
