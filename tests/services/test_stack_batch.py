@@ -115,3 +115,22 @@ def test_batch_on_a_local_dask_cluster_with_two_workers(tmp_path, tiny_checkpoin
     assert [r["status"] for r in records] == ["done"] * 3
     for p in paths:
         assert tifffile.imread(tmp_path / "out" / f"{p.stem}_labels.tif").shape == (48, 56)
+
+
+def test_tiled_and_untiled_labels_agree_with_the_bundled_model() -> None:
+    """On a 1024 x 1024 image, tiles of 512 (overlap 128) and one pass give the same objects."""
+    from napari_ctxseg._sample_data import read_sample
+    from napari_ctxseg.services.evaluate import match_counts
+    from napari_ctxseg.services.models import bundled_model_path
+    from napari_ctxseg.services.segment import segment
+
+    if not bundled_model_path().is_file():
+        pytest.skip("no bundled model")
+    base = read_sample("nuclei")
+    image = np.tile(base, (2, 2))[:1024, :1024]
+    whole = segment(image, device="cpu", tile_size=2048)
+    tiled = segment(image, device="cpu", tile_size=512, tile_overlap=128)
+    assert whole.metadata["tiles"] == 1 and tiled.metadata["tiles"] == 9
+    tp, fp, fn = match_counts(tiled.labels, whole.labels)
+    assert whole.labels.max() > 200
+    assert tp / (tp + fp + fn) >= 0.95, (tp, fp, fn)
