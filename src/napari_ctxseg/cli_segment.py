@@ -31,8 +31,12 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
         help="typical object diameter in pixels (default: the model's training scale, 20 px)",
     )
     p.add_argument("--min-size", type=int, default=15, help="remove objects smaller than this (pixels)")
-    p.add_argument("--flow-threshold", type=float, default=None,
-                   help="pixels with a shorter predicted flow are background (0 = the original)")
+    p.add_argument(
+        "--flow-threshold",
+        type=float,
+        default=None,
+        help="pixels with a shorter predicted flow are background (0 = the original)",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
     p.add_argument(
         "--tile-size", type=int, default=1024, help="images larger than this are processed in tiles"
@@ -63,6 +67,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
     inputs = collect_inputs(args.inputs)
     options = _segment_options(args)
+    if args.volume_3d:
+        options["volume_3d"] = True
     if args.context_image is not None:
         if args.context_labels is None:
             from .core.errors import InputError
@@ -148,6 +154,13 @@ def add_segment_parsers(sub: argparse._SubParsersAction, register: Callable) -> 
     p.add_argument("--context-labels", type=Path, help="its instance labels")
     p.add_argument("--context-region", type=Path, help="where its annotation is complete (non-zero)")
     p.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist (else skipped)")
+    p.add_argument(
+        "--3d",
+        dest="volume_3d",
+        action="store_true",
+        help="(Z, H, W) volumes: 2D flows on all three slice orientations, followed in 3D "
+        "(default: slice by slice, stitched)",
+    )
     p.add_argument("--workers", type=int, default=0, help="run on a local dask cluster with N workers")
     p.add_argument("--scheduler", help="address of an existing dask.distributed scheduler")
     _add_sampler_args(p)

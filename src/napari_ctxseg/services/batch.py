@@ -89,7 +89,7 @@ def segment_file(
     import tifffile
 
     from .segment import SegmentRequest, segment_steps
-    from .stack import is_rgb, segment_stack_steps
+    from .stack import is_rgb, segment_stack_steps, segment_volume_steps
     from .training import read_array
 
     path, out_dir = Path(path), Path(out_dir)
@@ -103,14 +103,15 @@ def segment_file(
         options["context_image"] = read_array(ctx[0])
         options["context_labels"] = read_array(ctx[1]).astype(np.int64)
         options["context_region"] = None if ctx[2] is None else read_array(ctx[2]) != 0
+    volume_3d = bool(options.pop("volume_3d", False))
     planar = image.ndim == 2 or (image.ndim == 3 and is_rgb(image.shape))
-    gen = (
-        segment_steps(SegmentRequest(image=image, **options))
-        if planar
-        else segment_stack_steps(image, **options)
-    )
-    result = run_to_end(gen)
-    labels = result.labels if planar else result
+    if planar:
+        result = run_to_end(segment_steps(SegmentRequest(image=image, **options)))
+        labels = result.labels
+    elif volume_3d:
+        labels, _ = run_to_end(segment_volume_steps(image, **options))
+    else:
+        labels = run_to_end(segment_stack_steps(image, **options))
     if planar:
         table = measure_objects(labels, image, sample_labels=result.sample_labels, flows=result.flows)
     else:

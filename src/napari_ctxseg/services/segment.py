@@ -95,6 +95,8 @@ class SegmentRequest:
     flow: FlowParams = field(default_factory=FlowParams)
     tile_size: int = 1024
     tile_overlap: int = 128
+    # False: return flows only (labels all zero), e.g. when 2D flows are combined into 3D ones
+    follow_flows: bool = True
     sigma_min: float = 0.002
     sigma_max: float = 80.0
 
@@ -437,8 +439,12 @@ def segment_steps(
                     "denoise", len(tiles) + st.model_calls, total, f"sampler step {st.step}/{st.num_steps}"
                 )
     flows_s = final[..., :h, :w].float().cpu()  # (N, 2, h, w) at model scale
-    yield SegmentProgress("labels", total, total, "following flows")
-    labels, sample_labels = labels_from_flows(flows_s.numpy(), req.flow, out_shape=(h0, w0))
+    if req.follow_flows:
+        yield SegmentProgress("labels", total, total, "following flows")
+        labels, sample_labels = labels_from_flows(flows_s.numpy(), req.flow, out_shape=(h0, w0))
+    else:
+        labels = np.zeros((h0, w0), np.uint32)
+        sample_labels = np.zeros((len(flows_s), h0, w0), np.uint32)
     flows_full = _resize(flows_s, (h0, w0), "bilinear").numpy()
     disagreement = (
         flows_full.std(axis=0).mean(axis=0) if len(flows_full) > 1 else np.zeros((h0, w0), np.float32)
