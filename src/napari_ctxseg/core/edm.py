@@ -26,7 +26,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
-from napari_ctxseg.core.errors import ConfigError, InputError
+from .errors import ConfigError, InputError
 
 __all__ = [
     "SCHEDULES",

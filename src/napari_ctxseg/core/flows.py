@@ -41,8 +41,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from napari_ctxseg.core.errors import InputError
-from napari_ctxseg.core.postprocess import as_labels
+from .errors import InputError
+from .postprocess import as_labels
 
 __all__ = ["flow_error", "flow_to_mask", "mask_to_flow"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from napari_ctxseg.core.errors import InputError
+from .errors import InputError
 
 __all__ = ["HIGH_PERCENTILE", "LOW_PERCENTILE", "center_crop", "normalize_image", "pad_channel"]
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from napari_ctxseg.core.errors import ConfigError, InputError
+from .errors import ConfigError, InputError
 
 __all__ = [
     "CHURNS",
