@@ -28,6 +28,7 @@ from ..core.edm import EDMDenoiser
 from ..core.errors import ConfigError, InputError
 from ..core.flows import flow_to_mask, mask_to_flow
 from ..core.models import CtxSegP, ImageFeatures, PContext
+from ..core.postprocess import relabel_sequential, remove_border_instances, remove_small_instances
 from ..core.sampling import num_model_calls, sample_steps
 from ..core.tiling import Tile, blend_weight, pad_to_multiple, plan_tiles
 from ..core.training_data import model_input
@@ -321,9 +322,6 @@ def labels_from_flows(
     Labels are computed at the flows' resolution, cleaned (small objects removed, border objects
     optionally removed, relabelled 1..n) and resized to ``out_shape`` with nearest neighbours.
     """
-    from skimage.morphology import remove_small_objects
-    from skimage.segmentation import clear_border, relabel_sequential
-
     kw = dict(
         niter=params.niter,
         step_size=params.step_size,
@@ -355,10 +353,10 @@ def labels_from_flows(
                 .long()
                 .numpy()
             )
-        lab = remove_small_objects(lab, max_size=max(0, params.min_size - 1)) if params.min_size > 1 else lab
+        lab = remove_small_instances(lab, params.min_size)
         if params.remove_border:
-            lab = clear_border(lab)
-        out.append(relabel_sequential(lab)[0].astype(np.uint32))
+            lab = remove_border_instances(lab)
+        out.append(relabel_sequential(lab).astype(np.uint32))
     return out[0], np.stack(out[1:] if len(flows) > 1 else out)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.checkpoint import file_sha256, save_checkpoint
+from ..core.checkpoint import save_checkpoint
 from ..core.config import ModelConfig
 from ..core.errors import ConfigError, InputError
 from ..core.models import SegP, build_model
@@ -238,11 +238,6 @@ def _write(
         dtype=torch.float16 if req.half else None,
     )
     return Path(path)
-
-
-def checkpoint_digest(path: str | os.PathLike) -> str:
-    """Short hash of a checkpoint file for provenance."""
-    return file_sha256(path)[:16]
 
 
 def attach_regions(images: list[AnnotatedImage], masks: str | os.PathLike) -> None:
