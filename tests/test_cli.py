@@ -177,6 +177,10 @@ def test_train_and_eval_smoke(tmp_path, image_dir, tiny_checkpoint, capsys) -> N
                 "64",
                 "--device",
                 "cpu",
+                "--loader-workers",
+                "2",
+                "--time-budget-min",
+                "10",
             ]
         )
         == 0

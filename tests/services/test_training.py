@@ -116,3 +116,59 @@ def test_training_input_errors(tmp_path) -> None:
                 device="cpu",
             )
         )
+
+
+def test_time_budget_stops_early_as_a_complete_run_with_a_decayed_rate(tmp_path) -> None:
+    from napari_ctxseg.core.training import _lr_at
+
+    cfg = _cfg(steps=10_000, val_every=0, warmup=1, time_budget_s=1.0)
+    # progress is the larger of the step and time fractions: half the budget is half the cosine
+    assert _lr_at(5, cfg, elapsed_s=0.5) == pytest.approx(cfg.lr * 0.55, rel=1e-3)
+    assert _lr_at(5, cfg, elapsed_s=5.0) == pytest.approx(cfg.lr * 0.1)
+    req = TrainRequest(output=tmp_path / "t.safetensors", train_images=_images(), preset="tiny",
+                       config=cfg, device="cpu")
+    progress, path = _run(req)
+    assert 1 <= len(progress) < 10_000
+    assert progress[-1].total == progress[-1].step and progress[-1].eta_s == 0.0
+    assert progress[-1].elapsed_s >= 1.0 and progress[-1].lr < cfg.lr * 0.2
+    _, info = load_checkpoint(path)
+    assert info.provenance["complete"] is True and info.provenance["steps_done"] == len(progress)
+    with pytest.raises(Exception, match="time_budget_s"):
+        _cfg(time_budget_s=-1)
+
+
+def test_loader_workers_train_and_are_repeatable(tmp_path) -> None:
+    from napari_ctxseg.core.training_data import BatchStream
+
+    images = _images()
+    sampler = CropSampler(images, 64, seed=0)
+    a = next(iter(BatchStream(sampler, 2, context=True, seed=(0, 0))))
+    b = next(iter(BatchStream(sampler, 2, context=True, seed=(0, 0))))
+    c = next(iter(BatchStream(sampler, 2, context=True, seed=(0, 5))))
+    assert torch.equal(a.image, b.image) and torch.equal(a.ref_flow, b.ref_flow)
+    assert not torch.equal(a.image, c.image)  # a resumed run (other start step) draws other batches
+    kw = dict(train_images=images, preset="tiny", device="cpu", config=_cfg(val_every=0), workers=2)
+    progress, _ = _run(TrainRequest(output=tmp_path / "w1.safetensors", **kw))
+    _run(TrainRequest(output=tmp_path / "w2.safetensors", **kw))
+    assert [p.step for p in progress] == [1, 2, 3, 4] and all(np.isfinite(p.loss) for p in progress)
+    m1, _ = load_checkpoint(tmp_path / "w1.safetensors")
+    m2, _ = load_checkpoint(tmp_path / "w2.safetensors")
+    for x, y in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_load_folder_pairs_in_worker_processes_matches_serial(tmp_path) -> None:
+    import tifffile
+
+    from napari_ctxseg.services.training import load_folder_pairs
+
+    (tmp_path / "i").mkdir(), (tmp_path / "l").mkdir()
+    for k, (img, lab) in enumerate([dsb_pair(crop=64), blobs((50, 60), seed=4), blobs((40, 40), seed=5)]):
+        tifffile.imwrite(tmp_path / "i" / f"n{k}.tif", img)
+        tifffile.imwrite(tmp_path / "l" / f"n{k}.tif", lab)
+    serial = load_folder_pairs(tmp_path / "i", tmp_path / "l")
+    pooled = load_folder_pairs(tmp_path / "i", tmp_path / "l", workers=2)
+    assert [p.name for p in pooled] == [p.name for p in serial] == ["n0", "n1", "n2"]
+    for p, s in zip(pooled, serial):
+        np.testing.assert_array_equal(p.flow, s.flow)
+        np.testing.assert_array_equal(p.image, s.image)

@@ -77,7 +77,12 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, (self.dim,), self.weight, self.bias, LN_EPS)
+        if (self.weight is None) == (self.bias is None):
+            return F.layer_norm(x, (self.dim,), self.weight, self.bias, LN_EPS)
+        # Only one affine parameter: apply it outside the fused kernel. PyTorch 2.11's CUDA backward of
+        # layer_norm with a weight but no bias (or the reverse) returns an empty gradient and fails.
+        y = F.layer_norm(x, (self.dim,), None, None, LN_EPS)
+        return y * self.weight if self.bias is None else y + self.bias
 
 
 class LayerNorm2d(LayerNorm):

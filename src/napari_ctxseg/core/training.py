@@ -16,7 +16,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from torch import nn
 from .edm import EDMDenoiser, edm_scalings, get_schedule
 from .errors import CheckpointError, ConfigError
 from .models import CtxSegP, SegP
-from .training_data import AugmentConfig, Batch, CropSampler
+from .training_data import AugmentConfig, Batch, BatchStream, CropSampler
 
 __all__ = [
     "TrainConfig",
@@ -76,6 +76,10 @@ class TrainConfig:
         Steps between validation losses (0: never).
     seed
         Seed of everything random.
+    time_budget_s
+        Wall-clock budget of the training loop in seconds (0: none). With a budget the run ends at
+        ``steps`` or when the budget is spent, whichever comes first, and the learning-rate schedule
+        follows whichever is further along, so a run stopped by time still ends on a decayed rate.
     """
 
     steps: int = 1000
@@ -97,6 +101,7 @@ class TrainConfig:
     val_every: int = 100
     val_batches: int = 4
     seed: int = 0
+    time_budget_s: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, dict):
@@ -110,6 +115,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.p_sigma_max <= 1 or not 0 <= self.p_no_context <= 1:
             raise ConfigError("p_sigma_max and p_no_context must be probabilities in [0, 1]")
+        if not self.time_budget_s >= 0:
+            raise ConfigError(f"time_budget_s must be >= 0 (0 = none), got {self.time_budget_s}")
         get_schedule(self.schedule)
         if self.weighting not in ("unit", "schedule"):
             raise ConfigError(f"unknown weighting {self.weighting!r}; expected 'unit' or 'schedule'")
@@ -198,10 +205,14 @@ def weighted_edm_loss(
     return (0.5 * lam * w * (d - x) ** 2).sum() / (w.sum() * x.shape[1]).clamp_min(1.0)
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
+def _lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 10 %; with a time budget, progress is the larger of the
+    step and the time fractions."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.time_budget_s > 0:
+        t = max(t, elapsed_s / cfg.time_budget_s)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
@@ -252,6 +263,12 @@ class Trainer:
         A training-state file written by an earlier run (continues at its step, same settings).
     state_path, state_every
         Where and how often to write the resumable training state (atomic).
+    workers
+        Processes that draw training batches in parallel (a :class:`torch.utils.data.DataLoader` over
+        :class:`~napari_ctxseg.core.training_data.BatchStream`); 0 draws them in this process. Use
+        workers to keep a GPU busy. Each worker has its own random stream seeded from ``cfg.seed``,
+        the worker index and the start step, so a run is repeatable for a given worker count but not
+        identical to a run with another count, and a resumed run does not replay the same batches.
 
     Notes
     -----
@@ -270,6 +287,7 @@ class Trainer:
         resume: str | os.PathLike | None = None,
         state_path: str | os.PathLike | None = None,
         state_every: int = 200,
+        workers: int = 0,
     ) -> None:
         if not isinstance(model, SegP):
             raise ConfigError(f"only SegP/CtxSegP models can be trained here, got {type(model).__name__}")
@@ -287,7 +305,11 @@ class Trainer:
             lr=cfg.lr,
             betas=(0.9, 0.99),
         )
-        self.gen = torch.Generator().manual_seed(cfg.seed)
+        if workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {workers}")
+        self.workers = int(workers)
+        # noise and sigmas are drawn on the training device (no host-to-device copy per step)
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.sampler = train_sampler
         self.val_sampler = val_sampler
         self.state_path, self.state_every = state_path, state_every
@@ -318,12 +340,13 @@ class Trainer:
             else []
         )
         start = self.step
+        batches = self._batches(context, start)
         t0 = time.perf_counter()
         for step in range(start, cfg.steps):
-            lr = _lr_at(step, cfg)
+            lr = _lr_at(step, cfg, time.perf_counter() - t0)
             for group in self.opt.param_groups:
                 group["lr"] = lr
-            batch = self.sampler.sample(cfg.batch_size, context=context).to(device)
+            batch = next(batches).to(device, non_blocking=True)
             model.train()
             loss = weighted_edm_loss(
                 model,
@@ -343,17 +366,19 @@ class Trainer:
             self.step = step + 1
             elapsed = time.perf_counter() - t0
             done = self.step - start
+            out_of_time = cfg.time_budget_s > 0 and elapsed >= cfg.time_budget_s
+            last = self.step == cfg.steps or out_of_time
             loss_value = float(loss.detach())
             rec = {"step": self.step, "loss": loss_value, "lr": lr}
             val = None
-            if val_batches and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
+            if val_batches and (self.step % cfg.val_every == 0 or last):
                 val = _validation_loss(ema, val_batches, cfg, device)
                 rec["val_loss"] = val
                 if self.best_val is None or val < self.best_val:
                     self.best_val = val
                     self.best_state = {k: v.detach().clone() for k, v in ema.state_dict().items()}
             self.history.append(rec)
-            if self.state_path is not None and (self.step % self.state_every == 0 or self.step == cfg.steps):
+            if self.state_path is not None and (self.step % self.state_every == 0 or last):
                 _save_state(
                     self.state_path,
                     self.step,
@@ -366,20 +391,40 @@ class Trainer:
                     self.best_val,
                     cfg,
                 )
+            eta = elapsed / done * (cfg.steps - self.step)
+            if cfg.time_budget_s > 0:
+                eta = max(0.0, min(eta, cfg.time_budget_s - elapsed))
             yield TrainProgress(
                 self.step,
-                cfg.steps,
+                self.step if out_of_time else cfg.steps,
                 loss_value,
                 lr,
                 done * cfg.batch_size / elapsed,
                 elapsed,
-                elapsed / done * (cfg.steps - self.step),
+                0.0 if last else eta,
                 val,
                 self.best_val,
             )
+            if out_of_time:
+                break
         model.load_state_dict(ema.state_dict())
         model.eval()
-        return TrainResult(model, cfg.steps, self.history, self.best_val, self.best_state)
+        return TrainResult(model, self.step, self.history, self.best_val, self.best_state)
+
+    def _batches(self, context: bool, start: int) -> Iterator[Batch]:
+        """Training batches: drawn here, or by ``self.workers`` DataLoader processes."""
+        if self.workers == 0:
+            while True:
+                yield self.sampler.sample(self.cfg.batch_size, context=context)
+        stream = BatchStream(self.sampler, self.cfg.batch_size, context=context, seed=(self.cfg.seed, start))
+        loader = torch.utils.data.DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4,
+        )
+        yield from loader
 
 
 def train(

@@ -12,7 +12,8 @@ background).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +28,7 @@ __all__ = [
     "AnnotatedImage",
     "AugmentConfig",
     "Batch",
+    "BatchStream",
     "CropSampler",
     "annotate",
     "model_input",
@@ -144,9 +146,16 @@ class Batch:
     context_weight: torch.Tensor | None = None  # (B,) 1 = use context, 0 = none
     names: list[str] = field(default_factory=list)
 
-    def to(self, device: torch.device | str) -> Batch:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """A copy in page-locked memory (called by a DataLoader with ``pin_memory=True``)."""
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
+            return None if t is None else fn(t)
 
         return Batch(
             mv(self.image),
@@ -317,3 +326,40 @@ class CropSampler:
             batch.ref_mask = torch.stack(r_masks)
             batch.context_weight = torch.tensor(cw)
         return batch
+
+
+class BatchStream(torch.utils.data.IterableDataset):
+    """An endless stream of batches from a :class:`CropSampler`, for DataLoader worker processes.
+
+    Each worker draws from its own copy of the sampler with a numpy generator seeded from
+    ``(*seed, worker index)`` and uses one torch thread (the workers already run in parallel). Iterated
+    without workers, it draws from a copy seeded from ``(*seed, 0)``.
+
+    Parameters
+    ----------
+    sampler
+        The crop sampler (its images are shared with the workers, not copied, where the platform forks).
+    batch_size
+        Samples per batch.
+    context
+        Draw context pairs (CtxSegP).
+    seed
+        Entropy of the workers' generators, e.g. ``(cfg.seed, start_step)``.
+    """
+
+    def __init__(
+        self, sampler: CropSampler, batch_size: int, *, context: bool, seed: Sequence[int] = (0,)
+    ) -> None:
+        super().__init__()
+        self.sampler, self.batch_size, self.context = sampler, int(batch_size), bool(context)
+        self.seed = [int(v) for v in seed]
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else info.id
+        if info is not None:
+            torch.set_num_threads(1)
+        sampler = copy.copy(self.sampler)
+        sampler.rng = np.random.default_rng([*self.seed, worker])
+        while True:
+            yield sampler.sample(self.batch_size, context=self.context)

@@ -18,13 +18,17 @@ from .devices import resolve_device
 
 __all__ = ["PRESETS", "LoadedModel", "bundled_model_path", "load_model", "resolve_checkpoint"]
 
-#: Model sizes for training. "small" is the bundled default (CPU-friendly); "original" the paper's size.
+#: Model sizes for training. "small" (6.0 M parameters) and "medium" (9.3 M, 18.6 MB in float16) are
+#: CPU-friendly (about 0.12 s per 512x512 denoiser call on 2 cores); "original" is the paper's size.
 PRESETS: dict[str, ModelConfig] = {
     "tiny": CtxSegPConfig(
         model_dim=8, depths=(1, 1, 1, 1), encoder_depths=(1, 1, 1, 1), mha_head_dim=8, ctx_head_dim=8
     ),
     "small": CtxSegPConfig(
         model_dim=32, depths=(1, 1, 2, 1), encoder_depths=(2, 2, 6, 2), mha_head_dim=32, ctx_head_dim=32
+    ),
+    "medium": CtxSegPConfig(
+        model_dim=40, depths=(1, 1, 2, 1), encoder_depths=(2, 2, 6, 2), mha_head_dim=40, ctx_head_dim=40
     ),
     "original": CtxSegPConfig(),
 }

@@ -61,10 +61,21 @@ def read_array(path: str | os.PathLike) -> np.ndarray:
     return imread(path)
 
 
+def _load_pair(images: Path, labels: Path, name: str) -> AnnotatedImage:
+    return annotate(read_array(_find(images, name)), read_array(_find(labels, name)), name=name)
+
+
 def load_folder_pairs(
-    images: str | os.PathLike, labels: str | os.PathLike, names: Sequence[str] | None = None
+    images: str | os.PathLike,
+    labels: str | os.PathLike,
+    names: Sequence[str] | None = None,
+    *,
+    workers: int = 0,
 ) -> list[AnnotatedImage]:
-    """Annotated images from two folders with the same file names (flows computed once here)."""
+    """Annotated images from two folders with the same file names (flows computed once here).
+
+    ``workers`` > 0 reads and computes flows in that many processes (same result, in ``names`` order).
+    """
     images, labels = Path(images), Path(labels)
     if names is None:
         names = sorted(
@@ -72,7 +83,12 @@ def load_folder_pairs(
         )
     if not names:
         raise InputError(f"no label images found in {labels}")
-    return [annotate(read_array(_find(images, n)), read_array(_find(labels, n)), name=n) for n in names]
+    if workers > 0 and len(names) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(workers, len(names))) as pool:
+            return list(pool.map(_load_pair, [images] * len(names), [labels] * len(names), names))
+    return [_load_pair(images, labels, n) for n in names]
 
 
 @dataclass
@@ -98,6 +114,10 @@ class TrainRequest:
         Extra facts recorded in the checkpoint (e.g. layer names and hashes).
     half
         Store the weights as float16 (half the file size).
+    checkpoint_every
+        Also write the checkpoint every N steps (0: only at the end).
+    workers
+        Processes drawing training batches (see :class:`~napari_ctxseg.core.training.Trainer`).
     """
 
     output: str | os.PathLike
@@ -113,6 +133,7 @@ class TrainRequest:
     provenance: dict[str, Any] = field(default_factory=dict)
     half: bool = False
     checkpoint_every: int = 0
+    workers: int = 0
 
 
 def _initial_model(req: TrainRequest) -> tuple[SegP, dict[str, Any], float]:
@@ -184,6 +205,7 @@ def run_training(req: TrainRequest) -> Generator[TrainProgress, None, Path]:
         resume=req.resume,
         state_path=req.state_path,
         state_every=req.state_every,
+        workers=req.workers,
     )
     gen = trainer.run()
     last: TrainProgress | None = None
