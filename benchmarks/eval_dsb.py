@@ -2,7 +2,7 @@
 multi-step, multi-sample setting) and the Otsu + watershed baseline, side by side in one run.
 
 Usage: ``python benchmarks/eval_dsb.py [--checkpoint default] [--data ../shared/data/dsb2018_train]
-[--limit N] [--json out.json]``
+[--limit N] [--json out.json] [--diameter auto|none|PX]``
 """
 
 from __future__ import annotations
@@ -24,7 +24,11 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--multi", default="4x4", help="steps x samples of the multi-step setting")
+    ap.add_argument("--diameter", default="auto", help="'auto' (the default), 'none' or pixels")
     args = ap.parse_args()
+    diameter = {"auto": "auto", "none": None}.get(args.diameter.lower(), None)
+    if args.diameter.lower() not in ("auto", "none"):
+        diameter = float(args.diameter)
     steps, samples = (int(v) for v in args.multi.split("x"))
     settings = {
         "1 step x 1 sample": dict(steps=1, num_samples=1),
@@ -37,7 +41,7 @@ def main() -> None:
             args.data / "labels",
             names_file=args.data / "split.json",
             subset=args.subset,
-            options=dict(checkpoint=args.checkpoint, device="cpu", **opts),
+            options=dict(checkpoint=args.checkpoint, device="cpu", diameter=diameter, **opts),
             baseline=i == 0,
             limit=args.limit,
         )
@@ -58,7 +62,10 @@ def main() -> None:
                         report["seconds_per_image"][method],
                     )
                 )
-    print(f"DSB 2018 {args.subset}: pooled one-to-one matching at IoU 0.5; checkpoint {args.checkpoint}")
+    print(
+        f"DSB 2018 {args.subset}: pooled one-to-one matching at IoU 0.5; checkpoint {args.checkpoint}; "
+        f"diameter {args.diameter}"
+    )
     print(
         f"{'method':<34} {'modality':<13} {'n':>3} {'TP':>5} {'FP':>5} {'FN':>5} "
         f"{'AP@0.5':>7} {'F1@0.5':>7} {'s/img':>6}"

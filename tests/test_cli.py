@@ -205,3 +205,19 @@ def test_train_and_eval_smoke(tmp_path, image_dir, tiny_checkpoint, capsys) -> N
     )
     report = capsys.readouterr().out
     assert "baseline" in report and "AP@0.5" in report
+
+
+def test_diameter_option_takes_auto_none_or_pixels(capsys) -> None:
+    from napari_ctxseg.cli import build_parser
+
+    parser = build_parser()
+    base = ["segment", "x.tif"]
+    assert parser.parse_args(base).diameter == "auto"  # the default measures the objects first
+    assert parser.parse_args([*base, "--diameter", "none"]).diameter is None
+    assert parser.parse_args([*base, "--diameter", "AUTO"]).diameter == "auto"
+    assert parser.parse_args([*base, "--diameter", "12.5"]).diameter == 12.5
+    for bad in ("big", "-3", "0"):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args([*base, "--diameter", bad])
+        assert exc.value.code == 2
+        assert "diameter" in capsys.readouterr().err

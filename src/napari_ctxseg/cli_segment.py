@@ -26,9 +26,10 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--diameter",
-        type=float,
-        default=None,
-        help="typical object diameter in pixels (default: the model's training scale, 20 px)",
+        type=_diameter,
+        default="auto",
+        help="typical object diameter in pixels; 'auto' (default) measures it first; "
+        "'none' keeps the model's training scale (20 px)",
     )
     p.add_argument("--min-size", type=int, default=15, help="remove objects smaller than this (pixels)")
     p.add_argument(
@@ -41,6 +42,22 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tile-size", type=int, default=1024, help="images larger than this are processed in tiles"
     )
+
+
+def _diameter(text: str) -> float | str | None:
+    """``--diameter``: a positive number of pixels, ``auto`` or ``none``."""
+    word = text.strip().lower()
+    if word in ("auto", "none"):
+        return None if word == "none" else "auto"
+    try:
+        value = float(word)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a diameter in pixels, 'auto' or 'none', got {text!r}"
+        ) from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"the diameter must be a positive number of pixels, got {text!r}")
+    return value
 
 
 def _segment_options(args: argparse.Namespace) -> dict:

@@ -41,7 +41,9 @@ def test_same_seed_same_result_other_seed_differs(tiny_checkpoint) -> None:
 def test_progress_counts_model_calls_and_close_cancels(tiny_checkpoint) -> None:
     image, _ = blobs()
     gen = segment_steps(
-        SegmentRequest(image, checkpoint=str(tiny_checkpoint), device="cpu", steps=3, solver="heun")
+        SegmentRequest(
+            image, checkpoint=str(tiny_checkpoint), device="cpu", steps=3, solver="heun", diameter=None
+        )
     )
     events = [next(gen) for _ in range(2)]
     assert events[0].stage == "encode" and events[1].stage == "denoise"
@@ -143,3 +145,72 @@ def test_several_references_of_different_sizes(tiny_checkpoint) -> None:
     np.testing.assert_allclose(one.flows, same_twice.flows, rtol=1e-4, atol=1e-4)  # an average of equals
     with pytest.raises(InputError, match="differ in length"):
         segment(image, context_image=[image, image2], context_labels=[labels], **kw)
+
+
+def test_auto_diameter_measures_the_context_labels_without_a_probe_pass(tiny_checkpoint) -> None:
+    from napari_ctxseg.core.postprocess import median_diameter
+    from napari_ctxseg.services.segment import (
+        AUTO_MIN_RESCALE,
+        AUTO_SCALE_RANGE,
+        AUTO_TARGET_DIAMETER,
+        auto_scale,
+    )
+
+    image, labels = blobs((96, 96), seed=1)
+    gen = segment_steps(SegmentRequest(image, checkpoint=str(tiny_checkpoint), device="cpu",
+                                       context_image=image, context_labels=labels))
+    stages = []
+    while True:
+        try:
+            stages.append(next(gen).stage)
+        except StopIteration as stop:
+            r = stop.value
+            break
+    assert "size" not in stages  # the annotated objects tell the size: nothing extra runs
+    measured = median_diameter(labels)
+    assert r.metadata["diameter"] == "auto" and r.metadata["measured_diameter"] == pytest.approx(measured)
+    assert r.scale == pytest.approx(auto_scale(measured))
+    lo, hi = AUTO_SCALE_RANGE
+    assert auto_scale(AUTO_TARGET_DIAMETER / 1.9) == pytest.approx(min(1.9, hi))
+    assert auto_scale(0.0) == 1.0 and auto_scale(1.0) == hi and auto_scale(500.0) == max(lo, 1.0)
+    assert auto_scale(AUTO_TARGET_DIAMETER / (AUTO_MIN_RESCALE * 0.9)) == 1.0  # near the model's scale
+
+
+def test_auto_diameter_probe_pass_then_rescaled_run(tiny_checkpoint, monkeypatch) -> None:
+    import napari_ctxseg.services.segment as seg
+
+    image, _ = blobs((96, 96), seed=2)
+    kw = dict(checkpoint=str(tiny_checkpoint), device="cpu", seed=0)
+    # whatever the (random) model finds, a measured size of 10 px asks for a 2x rescale
+    monkeypatch.setattr(seg, "median_diameter", lambda labels: 10.0)
+    gen = segment_steps(SegmentRequest(image, **kw))
+    stages = []
+    while True:
+        try:
+            stages.append(next(gen).stage)
+        except StopIteration as stop:
+            r = stop.value
+            break
+    assert stages[0] == "size" and "denoise" in stages[stages.count("size"):]
+    assert r.scale == pytest.approx(seg.auto_scale(10.0)) == pytest.approx(2.0)
+    assert r.metadata["measured_diameter"] == 10.0
+    assert r.labels.shape == image.shape and r.flows_model_scale.shape[-2:] == (192, 192)
+    # measured at the model's size: the probe already is the one-step result, nothing runs twice
+    monkeypatch.setattr(seg, "median_diameter", lambda labels: seg.AUTO_TARGET_DIAMETER)
+    auto = segment(image, **kw)
+    plain = segment(image, diameter=None, **kw)
+    assert auto.scale == 1.0 and auto.metadata["diameter"] == "auto"
+    np.testing.assert_array_equal(auto.labels, plain.labels)
+    with pytest.raises(ConfigError, match="'auto'"):
+        segment(image, diameter="big", **kw)
+
+
+def test_median_diameter() -> None:
+    from napari_ctxseg.core.postprocess import median_diameter
+
+    lab = np.zeros((40, 40), np.int32)
+    lab[2:12, 2:12] = 3  # area 100
+    lab[20:24, 20:24] = 9  # area 16
+    lab[30:35, 30:35] = 5  # area 25 (the median)
+    assert median_diameter(lab) == pytest.approx(2 * np.sqrt(25 / np.pi))
+    assert median_diameter(np.zeros((5, 5), np.int32)) == 0.0

@@ -57,6 +57,10 @@ def test_lazy_stacks_are_read_one_plane_at_a_time(tiny_checkpoint) -> None:
     lazy = _LazyStack(np.stack([img] * 4).reshape(2, 2, 40, 40))
     labels = run_to_end(segment_stack_steps(lazy, checkpoint=str(tiny_checkpoint), device="cpu"))
     assert labels.shape == (2, 2, 40, 40)
+    # diameter="auto" measures the middle plane once, then every plane is read once, one at a time
+    assert lazy.reads == [(1, 0), (0, 0), (0, 1), (1, 0), (1, 1)]
+    lazy.reads.clear()
+    run_to_end(segment_stack_steps(lazy, checkpoint=str(tiny_checkpoint), device="cpu", diameter=None))
     assert lazy.reads == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 

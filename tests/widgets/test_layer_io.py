@@ -135,7 +135,7 @@ def test_context_from_a_field_of_view_output_is_pasted_in_place() -> None:
 def test_run_settings_build_a_request() -> None:
     s = RunSettings(checkpoint="x.safetensors", steps=4, solver="heun", num_samples=3, seed=5, diameter=0)
     req = s.request(np.zeros((16, 16)))
-    assert req.diameter is None and req.steps == 4 and req.solver == "heun" and req.context_image is None
+    assert req.diameter == "auto" and req.steps == 4 and req.solver == "heun" and req.context_image is None
     ctx = make_context(np.zeros((16, 16)), np.pad(np.ones((4, 4), np.uint8), 6))
     req = replace(s, diameter=30.0).request(np.zeros((16, 16)), ctx)
     assert req.diameter == 30.0 and req.context_labels is ctx.labels and req.seed == 5

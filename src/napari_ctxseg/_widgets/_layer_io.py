@@ -148,7 +148,7 @@ def make_context(image: np.ndarray, labels: np.ndarray, region: np.ndarray | Non
 
 @dataclass(frozen=True)
 class RunSettings:
-    """What the widget's controls say; ``diameter`` 0 means the model's own scale."""
+    """What the widget's controls say; ``diameter`` 0 means "auto" (measured before segmenting)."""
 
     checkpoint: str = "default"
     device: str = "auto"
@@ -165,7 +165,7 @@ class RunSettings:
         return SegmentRequest(
             image=image, checkpoint=self.checkpoint, device=self.device, steps=self.steps,
             solver=self.solver, num_samples=self.num_samples, seed=self.seed,  # type: ignore[arg-type]
-            diameter=self.diameter or None, context_image=None if c is None else c.image,
+            diameter=self.diameter or "auto", context_image=None if c is None else c.image,
             context_labels=None if c is None else c.labels, context_region=None if c is None else c.region,
             flow=self.flow)
 

@@ -42,6 +42,8 @@ class PlanesProgress:
 
     @property
     def fraction(self) -> float:
+        if self.step.stage == "size":  # the short measuring pass of diameter "auto" precedes the plane's run
+            return self.plane / self.planes
         return (self.plane + self.step.done / max(self.step.total, 1)) / self.planes
 
     @property
@@ -69,11 +71,16 @@ def segment_planes(snap: LayerSnapshot, settings: RunSettings, context: ContextD
     as :class:`CtxSegError`, because a Qt worker swallows ``RuntimeError``.
     """
     from ..services.models import load_model
-    from ..services.segment import segment_steps
+    from ..services.segment import MODEL_DIAMETER, resolve_diameter, segment_steps
 
     try:
         loaded = load_model(settings.checkpoint, device=settings.device)
         planes = snap.planes()
+        if len(planes) > 1 and not settings.diameter:  # auto: one scale for all planes, from the middle one
+            mid = len(planes) // 2
+            measured = yield from _relay(resolve_diameter(settings.request(snap.data[planes[mid]], context),
+                                                          loaded=loaded), 0, len(planes))
+            settings = replace(settings, diameter=measured or MODEL_DIAMETER)
         results = []
         for i, idx in enumerate(planes):
             res = yield from _relay(segment_steps(settings.request(snap.data[idx], context), loaded=loaded),

@@ -76,7 +76,9 @@ class SegmentWidget(Container):
         self.browse = FileEdit(label="checkpoint file", filter="*.safetensors",
                                tooltip="A .safetensors checkpoint (Flax pickles: `ctxseg convert` first)")
         self.diameter = FloatSpinBox(label="diameter (px)", value=0.0, min=0.0, max=1000.0, step=1.0,
-                                     tooltip="Typical object diameter in pixels; 0 = the model's own scale")
+                                     tooltip="Typical object diameter in pixels; 0 = auto (measured from "
+                                     "the context labels, or from a quick first pass); 20 = the "
+                                     "model's training scale")
         self.steps = SpinBox(label="sampler steps", value=1, min=1, max=200)
         self.solver = ComboBox(label="solver", choices=list(SOLVERS), value="edf")
         self.samples = SpinBox(label="samples", value=1, min=1, max=64,

@@ -21,6 +21,7 @@ __all__ = [
     "as_labels",
     "clean_up_mask",
     "fill_holes",
+    "median_diameter",
     "relabel_sequential",
     "remove_border_instances",
     "remove_small_instances",
@@ -179,3 +180,21 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
         hole = ndi.binary_fill_holes(obj) & ~obj & (mask[box] == 0)
         out[box][hole] = ids[index]
     return out
+
+
+def median_diameter(mask: np.ndarray) -> float:
+    """Median equivalent-circle diameter ``2 sqrt(area / pi)`` of the objects of a label image.
+
+    Parameters
+    ----------
+    mask : np.ndarray
+        Integer labels (2D), 0 = background; labels need not be consecutive.
+
+    Returns
+    -------
+    float
+        The diameter in pixels, or 0.0 when there is no object.
+    """
+    counts = np.bincount(np.asarray(mask).ravel().astype(np.int64, copy=False))[1:]
+    areas = counts[counts > 0]
+    return float(2.0 * np.sqrt(np.median(areas) / np.pi)) if areas.size else 0.0

@@ -127,7 +127,8 @@ def evaluate_folder(
         preds = {"ctxseg": pred}
         if baseline:
             t0 = time.perf_counter()
-            preds["baseline"] = baseline_watershed(image, diameter=options.get("diameter") or 20.0)
+            d = options.get("diameter")
+            preds["baseline"] = baseline_watershed(image, diameter=d if isinstance(d, int | float) else 20.0)
             seconds["baseline"] += time.perf_counter() - t0
         for method, p in preds.items():
             c = match_counts(p, gt)

@@ -10,14 +10,16 @@ alpha); labels (H, W); returned flows (N, 2, H, W) channel-first (dy, dx). Insid
 Scale: the bundled model was trained on nuclei of median diameter ``MODEL_DIAMETER`` (20 px) with
 random rescaling by 0.5-2x. ``diameter`` (the typical object diameter in pixels of *this* image) rescales
 the image by ``MODEL_DIAMETER / diameter`` before the model sees it; flow following runs at the model's
-scale and labels are resized back with nearest neighbours.
+scale and labels are resized back with nearest neighbours. ``diameter="auto"`` (the default) measures the
+objects first: the median diameter of the context's labels when there is a context, else of a one-step
+pass over (the centre of) the image; see :func:`auto_scale`. ``None`` keeps the model's scale.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Generator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -28,7 +30,12 @@ from ..core.edm import EDMDenoiser
 from ..core.errors import ConfigError, InputError
 from ..core.flows import flow_to_mask, mask_to_flow
 from ..core.models import CtxSegP, ImageFeatures, PContext
-from ..core.postprocess import relabel_sequential, remove_border_instances, remove_small_instances
+from ..core.postprocess import (
+    median_diameter,
+    relabel_sequential,
+    remove_border_instances,
+    remove_small_instances,
+)
 from ..core.sampling import num_model_calls, sample_steps
 from ..core.tiling import Tile, blend_weight, pad_to_multiple, plan_tiles
 from ..core.training_data import model_input
@@ -41,7 +48,9 @@ __all__ = [
     "SegmentProgress",
     "SegmentRequest",
     "SegmentResult",
+    "auto_scale",
     "labels_from_flows",
+    "resolve_diameter",
     "segment",
     "segment_steps",
     "validate_context",
@@ -49,6 +58,16 @@ __all__ = [
 
 MODEL_DIAMETER = 20.0
 SOLVERS = ("euler", "heun", "edf")
+#: ``diameter="auto"``: rescale so that the measured median object diameter becomes AUTO_TARGET_DIAMETER
+#: pixels, by a factor within AUTO_SCALE_RANGE, and only when that factor is at least AUTO_MIN_RESCALE
+#: (the model was trained with 0.5-2x rescaling, so near its scale it is left alone). Chosen on 60 DSB
+#: *training* images with the bundled model (``benchmarks/tune_auto_diameter.py``; docs/model_card.md):
+#: upscaling helps objects measured under ~13 px and nothing else; large objects are not downscaled.
+AUTO_TARGET_DIAMETER = 20.0
+AUTO_SCALE_RANGE = (1.0, 2.0)
+AUTO_MIN_RESCALE = 1.5
+#: the first pass of ``diameter="auto"`` sees at most this central square of a large image
+AUTO_PROBE_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -88,7 +107,8 @@ class SegmentRequest:
     discretization: str = "edm"
     num_samples: int = 1
     seed: int = 0
-    diameter: float | None = None
+    # object diameter in pixels; "auto" measures it (see the module notes); None: the model's scale
+    diameter: float | Literal["auto"] | None = "auto"
     # one annotated reference, or a list of them (each may have its own size; features are averaged)
     context_image: np.ndarray | list[np.ndarray] | None = None
     context_labels: np.ndarray | list[np.ndarray] | None = None
@@ -104,7 +124,8 @@ class SegmentRequest:
 
 @dataclass
 class SegmentProgress:
-    """``stage`` is "encode", "denoise" or "labels"; ``done``/``total`` count model calls or steps."""
+    """``stage`` is "size" (the measuring pass of ``diameter="auto"``), "encode", "denoise" or "labels";
+    ``done``/``total`` count model calls or steps within the stage's pass."""
 
     stage: str
     done: int
@@ -149,8 +170,9 @@ def _validate(req: SegmentRequest) -> None:
         raise ConfigError(f"num_samples must be >= 1, got {req.num_samples}")
     if req.solver not in SOLVERS:
         raise ConfigError(f"unknown solver {req.solver!r}; expected one of {list(SOLVERS)}")
-    if req.diameter is not None and not (req.diameter > 0 and math.isfinite(req.diameter)):
-        raise ConfigError(f"diameter must be a positive number of pixels, got {req.diameter}")
+    if req.diameter is not None and req.diameter != "auto":
+        if isinstance(req.diameter, str) or not (req.diameter > 0 and math.isfinite(req.diameter)):
+            raise ConfigError(f"diameter must be a positive number of pixels or 'auto', got {req.diameter!r}")
     if (req.context_image is None) != (req.context_labels is None):
         raise InputError("a context needs both an image and its labels")
     if req.context_image is not None:
@@ -382,6 +404,14 @@ def segment_steps(
             f"{loaded.name} is a {loaded.info.kind} model without a context path; use a "
             f"ctxseg-p checkpoint for in-context segmentation"
         )
+    measured = None
+    if req.diameter == "auto":
+        measured, probe = yield from _measure_diameter(req, loaded)
+        scale = auto_scale(measured)
+        if probe is not None and scale == 1.0 and req.steps == 1 and req.num_samples == 1:
+            probe.metadata.update(diameter="auto", measured_diameter=measured)
+            return probe  # the measuring pass already is this request's result
+        req = replace(req, diameter=None if scale == 1.0 else MODEL_DIAMETER / scale)
     stride = model.config.stride
     scale = 1.0 if req.diameter is None else MODEL_DIAMETER / float(req.diameter)
     h0, w0 = image.shape[:2]
@@ -456,7 +486,8 @@ def segment_steps(
         "solver": "one_step" if req.steps == 1 else req.solver,
         "discretization": req.discretization,
         "num_samples": req.num_samples,
-        "diameter": req.diameter,
+        "diameter": "auto" if measured is not None else req.diameter,
+        "measured_diameter": measured,
         "scale": scale,
         "device": str(device),
         "tiles": len(tiles),
@@ -466,6 +497,68 @@ def segment_steps(
     return SegmentResult(
         labels, flows_full.astype(np.float32), sample_labels, disagreement, scale, meta, flows_s.numpy()
     )
+
+
+def auto_scale(diameter: float) -> float:
+    """The rescale factor ``diameter="auto"`` applies to objects of this measured median diameter.
+
+    ``AUTO_TARGET_DIAMETER / diameter`` clipped to ``AUTO_SCALE_RANGE``; 1.0 when nothing was found or
+    when the factor is below ``AUTO_MIN_RESCALE``.
+    """
+    if not diameter > 0:
+        return 1.0
+    lo, hi = AUTO_SCALE_RANGE
+    scale = float(np.clip(AUTO_TARGET_DIAMETER / diameter, lo, hi))
+    return scale if scale >= AUTO_MIN_RESCALE else 1.0
+
+
+def resolve_diameter(
+    req: SegmentRequest, *, loaded: LoadedModel | None = None
+) -> Generator[SegmentProgress, None, float | None]:
+    """The concrete ``diameter`` (None: the model's scale) that ``req.diameter`` stands for.
+
+    For ``"auto"`` this measures the objects of ``req.image`` (or of its context), yielding progress;
+    stacks call it once (on one plane) so that every plane is segmented at the same scale.
+    """
+    if req.diameter != "auto":
+        return req.diameter
+    loaded = loaded or load_model(req.checkpoint, device=req.device)
+    measured, _ = yield from _measure_diameter(replace(req, follow_flows=True), loaded)
+    scale = auto_scale(measured)
+    return None if scale == 1.0 else MODEL_DIAMETER / scale
+
+
+def _measure_diameter(
+    req: SegmentRequest, loaded: LoadedModel
+) -> Generator[SegmentProgress, None, tuple[float, SegmentResult | None]]:
+    """Median object diameter for ``diameter="auto"``, and the probe's result if it saw the whole image.
+
+    With a context, the annotated objects (inside their regions) tell the size and nothing runs.
+    Otherwise a one-step pass at the model's scale over the central ``AUTO_PROBE_SIZE`` square measures it.
+    """
+    refs = _references(req)
+    if refs:
+        parts, offset = [], 0
+        for _, labels, region in refs:
+            lab = np.asarray(labels).astype(np.int64)
+            if region is not None:
+                lab = np.where(np.asarray(region, bool), lab, 0)
+            parts.append(np.where(lab > 0, lab + offset, 0).ravel())
+            offset += int(lab.max()) + 1
+        return median_diameter(np.concatenate(parts)), None
+    image = np.asarray(req.image)
+    h, w = image.shape[:2]
+    y0, x0 = max(0, (h - AUTO_PROBE_SIZE) // 2), max(0, (w - AUTO_PROBE_SIZE) // 2)
+    crop = image[y0 : y0 + AUTO_PROBE_SIZE, x0 : x0 + AUTO_PROBE_SIZE]
+    gen = segment_steps(replace(req, image=crop, diameter=None, steps=1, num_samples=1), loaded=loaded)
+    while True:
+        try:
+            p = next(gen)
+        except StopIteration as stop:
+            probe: SegmentResult = stop.value
+            break
+        yield SegmentProgress("size", p.done, p.total, "measuring object size")
+    return median_diameter(probe.labels), (probe if crop.shape[:2] == (h, w) else None)
 
 
 def _context_digest(req: SegmentRequest) -> str:

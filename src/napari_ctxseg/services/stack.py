@@ -18,7 +18,7 @@ from scipy import sparse
 
 from ..core.errors import InputError
 from .progress import run_to_end
-from .segment import SegmentProgress, SegmentRequest, segment_steps
+from .segment import SegmentProgress, SegmentRequest, resolve_diameter, segment_steps
 
 __all__ = ["combine_axis_flows", "is_rgb", "segment_stack_steps", "segment_volume_steps", "stitch_labels"]
 
@@ -89,6 +89,10 @@ def segment_stack_steps(
     lead = shape[: len(shape) - spatial_nd]
     planes = list(np.ndindex(*lead)) if lead else [()]
     base = SegmentRequest(image=np.zeros((8, 8)), **options)
+    if base.diameter == "auto" and planes:  # one scale for the whole stack, measured on its middle plane
+        middle = planes[len(planes) // 2]
+        probe = replace(base, image=np.asarray(image[middle] if middle else image))
+        base = replace(base, diameter=(yield from resolve_diameter(probe, loaded=loaded)))
     labels = []
     for i, index in enumerate(planes):
         # one plane at a time: dask/zarr arrays (lazy napari layers) are read plane by plane
@@ -172,6 +176,9 @@ def segment_volume_steps(
     if volume.ndim != 3:
         raise InputError(f"3D segmentation needs a grey (Z, H, W) volume, got shape {volume.shape}")
     base = SegmentRequest(image=np.zeros((8, 8)), follow_flows=False, **options)
+    if base.diameter == "auto":  # measured once, on the middle z-plane
+        probe = replace(base, image=volume[len(volume) // 2])
+        base = replace(base, diameter=(yield from resolve_diameter(probe, loaded=loaded)))
     views = [(volume, "z"), (volume.transpose(1, 0, 2), "y"), (volume.transpose(2, 0, 1), "x")]
     total = sum(v.shape[0] for v, _ in views)
     done = 0
