@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from napari_ctxseg.core.errors import CheckpointError, ConfigError, InputError
+from napari_ctxseg.services.progress import run_to_end
 from napari_ctxseg.services.segment import (
     FlowParams,
     SegmentRequest,
@@ -157,15 +158,10 @@ def test_auto_diameter_measures_the_context_labels_without_a_probe_pass(tiny_che
     )
 
     image, labels = blobs((96, 96), seed=1)
-    gen = segment_steps(SegmentRequest(image, checkpoint=str(tiny_checkpoint), device="cpu",
-                                       context_image=image, context_labels=labels))
-    stages = []
-    while True:
-        try:
-            stages.append(next(gen).stage)
-        except StopIteration as stop:
-            r = stop.value
-            break
+    events = []
+    r = run_to_end(segment_steps(SegmentRequest(image, checkpoint=str(tiny_checkpoint), device="cpu",
+                                                context_image=image, context_labels=labels)), events.append)
+    stages = [e.stage for e in events]
     assert "size" not in stages  # the annotated objects tell the size: nothing extra runs
     measured = median_diameter(labels)
     assert r.metadata["diameter"] == "auto" and r.metadata["measured_diameter"] == pytest.approx(measured)
@@ -183,14 +179,9 @@ def test_auto_diameter_probe_pass_then_rescaled_run(tiny_checkpoint, monkeypatch
     kw = dict(checkpoint=str(tiny_checkpoint), device="cpu", seed=0)
     # whatever the (random) model finds, a measured size of 10 px asks for a 2x rescale
     monkeypatch.setattr(seg, "median_diameter", lambda labels: 10.0)
-    gen = segment_steps(SegmentRequest(image, **kw))
-    stages = []
-    while True:
-        try:
-            stages.append(next(gen).stage)
-        except StopIteration as stop:
-            r = stop.value
-            break
+    events = []
+    r = run_to_end(segment_steps(SegmentRequest(image, **kw)), events.append)
+    stages = [e.stage for e in events]
     assert stages[0] == "size" and "denoise" in stages[stages.count("size"):]
     assert r.scale == pytest.approx(seg.auto_scale(10.0)) == pytest.approx(2.0)
     assert r.metadata["measured_diameter"] == 10.0
