@@ -152,7 +152,9 @@ def test_cancel_and_time_budget_keep_the_best_weights(tiny_base: Path, tmp_path:
     req.output = tmp_path / "budget.safetensors"
     progress, result = _drain(run_finetune(req, time_budget_s=1e-3))
     assert result.stopped == "time budget" and len(progress) == 1 and progress[0].eta_s == 0.0
-    assert load_checkpoint(result.path)[1].provenance["complete"] is False
+    info = load_checkpoint(result.path)[1]
+    assert info.provenance["complete"] is True  # ended by its budget, with the learning rate decayed
+    assert info.provenance["train_config"]["time_budget_s"] == 1e-3
 
 
 def test_recent_checkpoint_registry(tmp_path: Path) -> None:

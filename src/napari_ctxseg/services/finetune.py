@@ -226,8 +226,9 @@ def run_finetune(req: TrainRequest, *, time_budget_s: float | None = None,
     req
         From :func:`finetune_request_from_arrays`.
     time_budget_s
-        Stop once this much wall time (setup included) has passed; ``None`` or 0: no budget. The ETA of
-        the yielded progress is capped by the time left.
+        Train for at most this many seconds (``None`` or 0: no budget). The learning rate then decays
+        with time as well as steps, and a run that ends by time is a complete one (the checkpoint says
+        ``complete: true``); setup (loading the model, computing flows) comes on top.
     should_stop
         Polled after every step (e.g. ``threading.Event.is_set`` of a Cancel button).
     threads
@@ -242,7 +243,9 @@ def run_finetune(req: TrainRequest, *, time_budget_s: float | None = None,
     """
     import torch
 
-    t0, wall0 = time.monotonic(), time.time()
+    wall0 = time.time()
+    if time_budget_s:
+        req = replace(req, config=replace(req.config, time_budget_s=float(time_budget_s)))
     threads_before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
@@ -258,16 +261,12 @@ def run_finetune(req: TrainRequest, *, time_budget_s: float | None = None,
                 progress = next(gen)
             except StopIteration as stop:
                 path: Path | None = stop.value
-                return FinetuneResult(path, last.step if last else 0, "done",
+                ended: Literal["done", "time budget"] = (
+                    "time budget" if last is not None and last.step < req.config.steps else "done")
+                return FinetuneResult(path, last.step if last else 0, ended,
                                       last.best_val_loss if last else None)
             last = progress
-            spent = time.monotonic() - t0
-            if time_budget_s:
-                progress = replace(progress, eta_s=max(0.0, min(progress.eta_s, time_budget_s - spent)))
             yield progress
-            if time_budget_s and spent > time_budget_s:
-                stopped = "time budget"
-                break
     finally:
         gen.close()  # writes the best weights so far when a step finished (no-op after completion)
         if threads:
