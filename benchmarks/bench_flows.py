@@ -23,7 +23,8 @@ import numpy as np
 import scipy.ndimage as ndi
 import torch
 
-from napari_ctxseg.core.flows import flow_to_mask, mask_to_flow
+from napari_ctxseg.core.flow_following import flow_to_mask
+from napari_ctxseg.core.flows import mask_to_flow
 from napari_ctxseg.core.metrics import matching_scores
 from napari_ctxseg.core.postprocess import relabel_sequential, remove_small_instances
 

@@ -19,7 +19,7 @@ _LAZY = {
     "segment": "napari_ctxseg.services.segment",
     "SegmentRequest": "napari_ctxseg.services.segment",
     "mask_to_flow": "napari_ctxseg.core.flows",
-    "flow_to_mask": "napari_ctxseg.core.flows",
+    "flow_to_mask": "napari_ctxseg.core.flow_following",
     "LabelMetrics": "napari_ctxseg.core.metrics",
     "matching_scores": "napari_ctxseg.core.metrics",
     "CtxSegError": "napari_ctxseg.core.errors",

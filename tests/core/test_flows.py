@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from napari_ctxseg.core.errors import InputError
-from napari_ctxseg.core.flows import _follow, _Grid, _label_cells, flow_error, flow_to_mask, mask_to_flow
+from napari_ctxseg.core.flow_following import _follow, _Grid, _label_cells, flow_to_mask
+from napari_ctxseg.core.flows import flow_error, mask_to_flow
 from napari_ctxseg.core.metrics import matching_scores
 from napari_ctxseg.core.postprocess import remove_small_instances
 

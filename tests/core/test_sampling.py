@@ -1,4 +1,4 @@
-"""Tests of the sigma discretizations, dm_gradient and the samplers (napari_ctxseg.core.sampling)."""
+"""Tests of the sigma discretizations (core.discretization), dm_gradient and the samplers (core.sampling)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from napari_ctxseg.core.errors import ConfigError, InputError
-from napari_ctxseg.core.sampling import (
+from napari_ctxseg.core.discretization import (
     DISCRETIZATIONS,
-    SamplerStep,
-    dm_gradient,
     edm_sigmas,
     get_sigmas,
     iddpm_original_sigmas,
     iddpm_sigmas,
+)
+from napari_ctxseg.core.errors import ConfigError, InputError
+from napari_ctxseg.core.sampling import (
+    SamplerStep,
+    dm_gradient,
     num_model_calls,
     sample,
     sample_steps,

@@ -141,7 +141,7 @@ def test_tiled_and_untiled_labels_agree_with_the_bundled_model() -> None:
 
 
 def test_three_view_flows_combine_into_the_original_3d_flows_and_recover_the_objects() -> None:
-    from napari_ctxseg.core.flows import flow_to_mask
+    from napari_ctxseg.core.flow_following import flow_to_mask
     from napari_ctxseg.services.stack import combine_axis_flows
 
     zz, yy, xx = np.mgrid[:20, :32, :36]

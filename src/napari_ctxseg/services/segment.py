@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from ..core.edm import EDMDenoiser
 from ..core.errors import ConfigError, InputError
-from ..core.flows import flow_to_mask, mask_to_flow
+from ..core.flow_following import flow_to_mask
+from ..core.flows import mask_to_flow
 from ..core.models import CtxSegP, ImageFeatures, PContext
 from ..core.postprocess import (
     median_diameter,

@@ -161,7 +161,8 @@ def segment_volume_steps(
 
     The 2D model predicts (dy, dx) on every z-plane, (dz, dx) on every y-plane and (dz, dy) on every
     x-plane; :func:`combine_axis_flows` adds them into 3D flows and
-    :func:`~napari_ctxseg.core.flows.flow_to_mask` follows them in 3D (the original supports 3D flows).
+    :func:`~napari_ctxseg.core.flow_following.flow_to_mask` follows them in 3D (the original supports 3D
+    flows).
     Voxels are assumed isotropic (resample anisotropic stacks first). Costs Z + H + W 2D predictions.
 
     Returns
@@ -170,7 +171,7 @@ def segment_volume_steps(
     """
     from skimage.segmentation import relabel_sequential
 
-    from ..core.flows import flow_to_mask
+    from ..core.flow_following import flow_to_mask
 
     volume = np.asarray(volume)
     if volume.ndim != 3:
