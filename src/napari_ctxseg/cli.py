@@ -86,7 +86,8 @@ def _train_request(
     from .services.training import TrainRequest, load_folder_pairs, read_split
 
     train_names = read_split(args.split, "train") if args.split else None
-    val_names = read_split(args.split, "val") if args.split else []
+    # validation images are only read when validation runs
+    val_names = read_split(args.split, "val") if args.split and args.val_every > 0 else []
     workers = max(0, args.loader_workers)
     train_images = load_folder_pairs(args.images, args.labels, train_names, workers=workers)
     if args.masks is not None:
