@@ -181,6 +181,8 @@ def test_train_and_eval_smoke(tmp_path, image_dir, tiny_checkpoint, capsys) -> N
                 "2",
                 "--time-budget-min",
                 "10",
+                "--p-other-reference",
+                "0.5",
             ]
         )
         == 0

@@ -65,6 +65,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of samples trained at sigma_max (the one-step inference point)")
     p.add_argument("--weighting", default="unit", choices=["unit", "schedule"],
                    help="loss weight: unit (1/c_out^2, default) or the schedule's (as the original)")
+    p.add_argument("--p-other-reference", type=float, default=0.0,
+                   help="fraction of context references taken from another image of the same size and "
+                   "modality (default 0: a crop of the same image)")
     p.add_argument("--resume", type=Path, help="training state to continue from")
     p.add_argument("--state", type=Path, help="where to write the resumable training state")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also write the checkpoint every N steps")
@@ -104,6 +107,7 @@ def _train_request(
         val_every=args.val_every,
         p_sigma_max=args.p_sigma_max,
         weighting=args.weighting,
+        p_other_reference=args.p_other_reference,
         augment=AugmentConfig.none() if args.no_augment else AugmentConfig(),
         warmup=min(200, max(1, args.steps // 10)),
         time_budget_s=60.0 * args.time_budget_min,

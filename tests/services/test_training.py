@@ -172,3 +172,24 @@ def test_load_folder_pairs_in_worker_processes_matches_serial(tmp_path) -> None:
     for p, s in zip(pooled, serial):
         np.testing.assert_array_equal(p.flow, s.flow)
         np.testing.assert_array_equal(p.image, s.image)
+
+
+def test_context_references_from_other_images_of_the_same_group() -> None:
+    from napari_ctxseg.core.training_data import acquisition_key
+
+    (a, la), (b, lb), (c, lc) = blobs((64, 64), seed=1), blobs((64, 64), seed=2), blobs((80, 72), seed=3)
+    images = [annotate(a, la, name="a"), annotate(b, lb, name="b"), annotate(c, lc, name="c")]
+    keys = [acquisition_key(im) for im in images]
+    assert keys[0] == keys[1] != keys[2]  # same size and modality vs another size
+    sampler = CropSampler(images, 32, seed=0, groups=keys, p_other_reference=1.0)
+    calls: list[str] = []
+    crop = sampler._crop
+    sampler._crop = lambda im, scale, flips: (calls.append(im.name), crop(im, scale, flips))[1]
+    sampler.sample(24, context=True)
+    pairs = list(zip(calls[0::2], calls[1::2]))  # (target, reference) per sample
+    assert {t for t, _ in pairs} == {"a", "b", "c"}
+    assert all(r == {"a": "b", "b": "a", "c": "c"}[t] for t, r in pairs)  # c has no partner: itself
+    with pytest.raises(InputError, match="one per image"):
+        CropSampler(images, 32, groups=keys[:2])
+    with pytest.raises(Exception, match="probabilities"):
+        _cfg(p_other_reference=1.5)

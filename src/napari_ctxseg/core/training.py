@@ -70,6 +70,9 @@ class TrainConfig:
         EDM sigma_data (stored in the checkpoint) and the sigma of one-step inference.
     p_no_context, partial_prob
         Context pairs: probability of a sample without context, and of a partially annotated reference.
+    p_other_reference
+        Probability that a reference comes from another image of the same acquisition group
+        (:func:`~napari_ctxseg.core.training_data.acquisition_key`) instead of the sample's own image.
     augment
         Crop augmentation.
     val_every
@@ -97,6 +100,7 @@ class TrainConfig:
     sigma_max: float = 80.0
     p_no_context: float = 0.5
     partial_prob: float = 0.5
+    p_other_reference: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     val_every: int = 100
     val_batches: int = 4
@@ -113,8 +117,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.p_sigma_max <= 1 or not 0 <= self.p_no_context <= 1:
-            raise ConfigError("p_sigma_max and p_no_context must be probabilities in [0, 1]")
+        if not all(0 <= p <= 1 for p in (self.p_sigma_max, self.p_no_context, self.p_other_reference)):
+            raise ConfigError(
+                "p_sigma_max, p_no_context and p_other_reference must be probabilities in [0, 1]"
+            )
         if not self.time_budget_s >= 0:
             raise ConfigError(f"time_budget_s must be >= 0 (0 = none), got {self.time_budget_s}")
         get_schedule(self.schedule)

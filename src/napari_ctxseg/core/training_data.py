@@ -13,7 +13,7 @@ background).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +30,7 @@ __all__ = [
     "Batch",
     "BatchStream",
     "CropSampler",
+    "acquisition_key",
     "annotate",
     "model_input",
 ]
@@ -105,6 +106,17 @@ def annotate(
             )
     labels = labels.astype(np.int32)
     return AnnotatedImage(img, labels, mask_to_flow(labels).astype(np.float32), region, name)
+
+
+def acquisition_key(image: AnnotatedImage) -> tuple[int, ...]:
+    """A proxy for "same acquisition" when a data set has no such metadata: (height, width, grey or colour).
+
+    In DSB 2018 the images of one experiment share their size and modality, so images with equal keys
+    serve as context references for each other (:class:`CropSampler` ``groups``).
+    """
+    c = image.image
+    grey = bool(np.array_equal(c[0], c[1]) and np.array_equal(c[1], c[2])) if c.shape[0] >= 3 else True
+    return (*image.shape, int(grey))
 
 
 @dataclass(frozen=True)
@@ -192,6 +204,13 @@ class CropSampler:
         model to use incomplete annotations.
     seed
         Seed of the numpy generator that makes every random choice (deterministic).
+    groups
+        One key per image (e.g. from :func:`acquisition_key`): images with the same key are taken to be
+        of the same kind of object and acquisition. ``None``: every image is its own group.
+    p_other_reference
+        Probability that a context reference is cropped from *another* image of the sample's group (when
+        the group has one), rather than from the same image: in use, the reference is a different image
+        of the same kind, and a same-image crop lets the model copy instead of transfer.
     """
 
     def __init__(
@@ -203,9 +222,13 @@ class CropSampler:
         p_no_context: float = 0.5,
         partial_prob: float = 0.5,
         seed: int = 0,
+        groups: Sequence[Hashable] | None = None,
+        p_other_reference: float = 0.0,
     ) -> None:
         if not images:
             raise InputError("no training images")
+        if groups is not None and len(groups) != len(images):
+            raise InputError(f"{len(groups)} group keys for {len(images)} images; expected one per image")
         self.images = list(images)
         self.crop_size = int(crop_size)
         self.augment = augment or AugmentConfig()
@@ -215,6 +238,15 @@ class CropSampler:
         # sample images in proportion to sqrt(area): large images are seen more, small ones still often
         areas = np.array([np.sqrt(im.labels.size) for im in self.images], dtype=np.float64)
         self._p = areas / areas.sum()
+        self.p_other_reference = float(p_other_reference)
+        members: dict[Hashable, list[int]] = {}
+        for i, key in enumerate(groups if groups is not None else range(len(self.images))):
+            members.setdefault(key, []).append(i)
+        # for every image, the other images of its group
+        self._others = [
+            [j for j in members[key] if j != i]
+            for i, key in enumerate(groups if groups is not None else range(len(self.images)))
+        ]
 
     # ---- geometry -------------------------------------------------------------------------------
     def _crop(
@@ -299,11 +331,13 @@ class CropSampler:
 
     # ---- batches ---------------------------------------------------------------------------------
     def sample(self, batch_size: int, *, context: bool = True) -> Batch:
-        """Draw a batch; with ``context`` every sample also gets a reference crop of the same image."""
+        """Draw a batch; with ``context`` every sample also gets a reference crop (of the same image, or
+        of another image of its group with probability ``p_other_reference``) at the same scale."""
         imgs, flows, weights, names = [], [], [], []
         r_imgs, r_flows, r_masks, cw = [], [], [], []
         for _ in range(batch_size):
-            im = self.images[int(self.rng.choice(len(self.images), p=self._p))]
+            index = int(self.rng.choice(len(self.images), p=self._p))
+            im = self.images[index]
             scale, flips = self._geometry()
             image, flow, _, region = self._crop(im, scale, flips)
             imgs.append(self._intensity(image))
@@ -312,7 +346,11 @@ class CropSampler:
             names.append(im.name)
             if context:
                 use = self.rng.random() >= self.p_no_context
-                r_image, r_flow, r_labels, r_region = self._crop(im, scale, self._geometry()[1])
+                ref = im
+                others = self._others[index]
+                if others and self.p_other_reference and self.rng.random() < self.p_other_reference:
+                    ref = self.images[others[int(self.rng.integers(len(others)))]]
+                r_image, r_flow, r_labels, r_region = self._crop(ref, scale, self._geometry()[1])
                 if self.rng.random() < self.partial_prob:
                     r_region = r_region & self._partial_region(r_labels)
                 r_imgs.append(self._intensity(r_image))

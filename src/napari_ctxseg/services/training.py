@@ -23,7 +23,7 @@ from ..core.config import ModelConfig
 from ..core.errors import ConfigError, InputError
 from ..core.models import SegP, build_model
 from ..core.training import TrainConfig, Trainer, TrainProgress
-from ..core.training_data import AnnotatedImage, AugmentConfig, CropSampler, annotate
+from ..core.training_data import AnnotatedImage, AugmentConfig, CropSampler, acquisition_key, annotate
 from .devices import resolve_device
 from .models import PRESETS, load_model
 
@@ -173,6 +173,8 @@ def run_training(req: TrainRequest) -> Generator[TrainProgress, None, Path]:
         p_no_context=cfg.p_no_context,
         partial_prob=cfg.partial_prob,
         seed=cfg.seed,
+        groups=[acquisition_key(im) for im in req.train_images] if cfg.p_other_reference else None,
+        p_other_reference=cfg.p_other_reference,
     )
     val_sampler = (
         CropSampler(
