@@ -70,6 +70,7 @@ def test_run_adds_labels_with_features_and_provenance(qtbot: Any, segment_widget
     assert len(meta["checkpoint_sha256"]) == 64 and meta["context"] is None
     assert meta["napari_ctxseg_version"] and meta["device"] == "cpu"
     assert "cpu" in widget.status.value
+    assert meta["diameter"] == "auto" and "measured_diameter" in meta  # diameter 0 = auto
     np.testing.assert_array_equal(layer.data, before)  # the input is untouched
     assert viewer.layers.selection.active is labels
     assert "Features table widget (napari)" in viewer.window.dock_widgets
@@ -230,3 +231,15 @@ def test_sample_data_opens_through_the_manifest(make_napari_viewer: Any) -> None
     assert [lay.name for lay in viewer.layers] == ["nuclei"] and viewer.layers[0].data.ndim == 2
     viewer.open_sample("napari-ctxseg", "context")
     assert isinstance(viewer.layers["context labels"], Labels)
+
+
+def test_auto_size_is_reported_after_the_run(qtbot: Any, segment_widget: Any, monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:
+    import napari_ctxseg.services.segment as seg
+
+    monkeypatch.setattr(seg, "median_diameter", lambda labels: 10.0)  # small objects, whatever was found
+    viewer, widget, layer = segment_widget()
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["cells ctxseg labels"]
+    assert labels.metadata["ctxseg"]["scale"] == pytest.approx(2.0) and labels.data.shape == layer.data.shape
+    assert "objects ~10 px, upscaled 2.0x" in widget.status.value

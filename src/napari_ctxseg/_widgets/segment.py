@@ -255,8 +255,12 @@ class SegmentWidget(Container):
         self.corrected.reset_choices()
         self.corrected.value = labels
         meta = res.results[0].metadata
+        size = ""
+        if meta.get("measured_diameter"):  # diameter "auto": say what was measured and done
+            size = f"; objects ~{meta['measured_diameter']:.0f} px" + (
+                f", upscaled {meta['scale']:.1f}x" if meta["scale"] != 1.0 else "")
         self.status.value = (f"{len(labels.features)} objects in {len(res.results)} plane(s) on "
-                             f"{meta['device']} with {meta['checkpoint']}")
+                             f"{meta['device']} with {meta['checkpoint']}{size}")
         self._viewer.layers.selection.active = labels
         show_features_table(self._viewer)
 
