@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from napari_ctxseg.cli_segment import parse_diameter
 from napari_ctxseg.services.evaluate import evaluate_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,11 +25,10 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--multi", default="4x4", help="steps x samples of the multi-step setting")
-    ap.add_argument("--diameter", default="auto", help="'auto' (the default), 'none' or pixels")
+    ap.add_argument(
+        "--diameter", type=parse_diameter, default="auto", help="'auto' (the default), 'none' or pixels"
+    )
     args = ap.parse_args()
-    diameter = {"auto": "auto", "none": None}.get(args.diameter.lower(), None)
-    if args.diameter.lower() not in ("auto", "none"):
-        diameter = float(args.diameter)
     steps, samples = (int(v) for v in args.multi.split("x"))
     settings = {
         "1 step x 1 sample": dict(steps=1, num_samples=1),
@@ -41,7 +41,7 @@ def main() -> None:
             args.data / "labels",
             names_file=args.data / "split.json",
             subset=args.subset,
-            options=dict(checkpoint=args.checkpoint, device="cpu", diameter=diameter, **opts),
+            options=dict(checkpoint=args.checkpoint, device="cpu", diameter=args.diameter, **opts),
             baseline=i == 0,
             limit=args.limit,
         )

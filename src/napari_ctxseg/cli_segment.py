@@ -26,7 +26,7 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--diameter",
-        type=_diameter,
+        type=parse_diameter,
         default="auto",
         help="typical object diameter in pixels; 'auto' (default) measures it first; "
         "'none' keeps the model's training scale (20 px)",
@@ -44,7 +44,7 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _diameter(text: str) -> float | str | None:
+def parse_diameter(text: str) -> float | str | None:
     """``--diameter``: a positive number of pixels, ``auto`` or ``none``."""
     word = text.strip().lower()
     if word in ("auto", "none"):

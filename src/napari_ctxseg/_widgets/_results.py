@@ -93,12 +93,9 @@ def segment_planes(snap: LayerSnapshot, settings: RunSettings, context: ContextD
 
 def _relay(gen: Generator[SegmentProgress, None, SegmentResult], plane: int, planes: int
            ) -> Generator[PlanesProgress, None, SegmentResult]:
-    while True:
-        try:
-            step = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        yield PlanesProgress(plane, planes, step)
+    from ..services.progress import relay
+
+    return (yield from relay(gen, lambda step: PlanesProgress(plane, planes, step)))
 
 
 def rethreshold_steps(res: PlanesResult, flow: FlowParams) -> Generator[int, None, PlanesResult]:

@@ -102,7 +102,11 @@ def _iddpm_admissible(C_1: float, C_2: float, M: int) -> tuple[float, ...]:
     return tuple(u)
 
 
-def _iddpm_in_range(sigma_min: float, sigma_max: float, C_1: float, C_2: float, M: int) -> Tensor:
+def _iddpm_in_range(
+    sigma_min: float, sigma_max: float, num_steps: int, C_1: float, C_2: float, M: int
+) -> Tensor:
+    """The admissible iDDPM levels in ``[sigma_min, sigma_max]`` (descending), after checking the range."""
+    check_sigma_range(sigma_min, sigma_max, num_steps)
     u = torch.tensor(_iddpm_admissible(C_1, C_2, M), dtype=torch.float64)
     u = u[(u >= sigma_min) & (u <= sigma_max)]
     if len(u) == 0:
@@ -131,8 +135,7 @@ def iddpm_sigmas(
     level below ``sigma_max`` to the smallest above ``sigma_min``. The original ctxseg code stops far
     above ``sigma_min``; that behaviour is :func:`iddpm_original_sigmas`. ``(N,)`` float64.
     """
-    check_sigma_range(sigma_min, sigma_max, num_steps)
-    u = _iddpm_in_range(sigma_min, sigma_max, C_1, C_2, M)
+    u = _iddpm_in_range(sigma_min, sigma_max, num_steps, C_1, C_2, M)
     if num_steps == 1:
         return u[:1].clone()
     index = torch.floor((len(u) - 1) / (num_steps - 1) * torch.arange(num_steps, dtype=torch.float64) + 0.5)
@@ -157,8 +160,7 @@ def iddpm_original_sigmas(
     :math:`i = 0..N-1`: only the first :math:`1/(N-1)` of the range is used, so with ``sigma_max = 80``,
     ``sigma_min = 0.002`` the schedule ends at 2.99 for N = 6 and at 9.54 for N = 18. ``(N,)`` float64.
     """
-    check_sigma_range(sigma_min, sigma_max, num_steps)
-    u = _iddpm_in_range(sigma_min, sigma_max, C_1, C_2, M)
+    u = _iddpm_in_range(sigma_min, sigma_max, num_steps, C_1, C_2, M)
     if num_steps == 1:
         return u[:1].clone()
     frac = torch.linspace(0, 1, num_steps, dtype=torch.float64)

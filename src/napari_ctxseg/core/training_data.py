@@ -239,14 +239,12 @@ class CropSampler:
         areas = np.array([np.sqrt(im.labels.size) for im in self.images], dtype=np.float64)
         self._p = areas / areas.sum()
         self.p_other_reference = float(p_other_reference)
+        keys = list(groups) if groups is not None else list(range(len(self.images)))
         members: dict[Hashable, list[int]] = {}
-        for i, key in enumerate(groups if groups is not None else range(len(self.images))):
+        for i, key in enumerate(keys):
             members.setdefault(key, []).append(i)
         # for every image, the other images of its group
-        self._others = [
-            [j for j in members[key] if j != i]
-            for i, key in enumerate(groups if groups is not None else range(len(self.images)))
-        ]
+        self._others = [[j for j in members[key] if j != i] for i, key in enumerate(keys)]
 
     # ---- geometry -------------------------------------------------------------------------------
     def _crop(

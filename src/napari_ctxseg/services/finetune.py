@@ -251,12 +251,10 @@ def run_finetune(req: TrainRequest, *, time_budget_s: float | None = None,
         torch.set_num_threads(int(threads))
     gen = run_training(req)
     last: TrainProgress | None = None
-    stopped: Literal["done", "time budget", "cancelled"] = "done"
     try:
         while True:
             if should_stop is not None and should_stop():
-                stopped = "cancelled"
-                break
+                break  # cancelled
             try:
                 progress = next(gen)
             except StopIteration as stop:
@@ -273,6 +271,6 @@ def run_finetune(req: TrainRequest, *, time_budget_s: float | None = None,
             torch.set_num_threads(threads_before)
     out = Path(req.output)
     written = out.is_file() and out.stat().st_mtime >= wall0 - 1
-    return FinetuneResult(out if written else None, last.step if last else 0, stopped,
+    return FinetuneResult(out if written else None, last.step if last else 0, "cancelled",
                           last.best_val_loss if last else None)
 

@@ -41,7 +41,7 @@ from ..core.sampling import num_model_calls, sample_steps
 from ..core.tiling import Tile, blend_weight, pad_to_multiple, plan_tiles
 from ..core.training_data import model_input
 from .models import LoadedModel, load_model
-from .progress import run_to_end
+from .progress import relay, run_to_end
 
 __all__ = [
     "MODEL_DIAMETER",
@@ -408,11 +408,11 @@ def segment_steps(
     measured = None
     if req.diameter == "auto":
         measured, probe = yield from _measure_diameter(req, loaded)
-        scale = auto_scale(measured)
-        if probe is not None and scale == 1.0 and req.steps == 1 and req.num_samples == 1:
+        diameter = _auto_diameter(measured)
+        if probe is not None and diameter is None and req.steps == 1 and req.num_samples == 1:
             probe.metadata.update(diameter="auto", measured_diameter=measured)
             return probe  # the measuring pass already is this request's result
-        req = replace(req, diameter=None if scale == 1.0 else MODEL_DIAMETER / scale)
+        req = replace(req, diameter=diameter)
     stride = model.config.stride
     scale = 1.0 if req.diameter is None else MODEL_DIAMETER / float(req.diameter)
     h0, w0 = image.shape[:2]
@@ -525,6 +525,11 @@ def resolve_diameter(
         return req.diameter
     loaded = loaded or load_model(req.checkpoint, device=req.device)
     measured, _ = yield from _measure_diameter(replace(req, follow_flows=True), loaded)
+    return _auto_diameter(measured)
+
+
+def _auto_diameter(measured: float) -> float | None:
+    """The ``diameter`` that gives :func:`auto_scale` for a measured size (None: no rescaling)."""
     scale = auto_scale(measured)
     return None if scale == 1.0 else MODEL_DIAMETER / scale
 
@@ -551,14 +556,10 @@ def _measure_diameter(
     h, w = image.shape[:2]
     y0, x0 = max(0, (h - AUTO_PROBE_SIZE) // 2), max(0, (w - AUTO_PROBE_SIZE) // 2)
     crop = image[y0 : y0 + AUTO_PROBE_SIZE, x0 : x0 + AUTO_PROBE_SIZE]
-    gen = segment_steps(replace(req, image=crop, diameter=None, steps=1, num_samples=1), loaded=loaded)
-    while True:
-        try:
-            p = next(gen)
-        except StopIteration as stop:
-            probe: SegmentResult = stop.value
-            break
-        yield SegmentProgress("size", p.done, p.total, "measuring object size")
+    probe: SegmentResult = yield from relay(
+        segment_steps(replace(req, image=crop, diameter=None, steps=1, num_samples=1), loaded=loaded),
+        lambda p: SegmentProgress("size", p.done, p.total, "measuring object size"),
+    )
     return median_diameter(probe.labels), (probe if crop.shape[:2] == (h, w) else None)
 
 

@@ -9,7 +9,7 @@ independent labels per plane (offset so they stay unique).
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import replace
 from typing import Any
 
@@ -17,7 +17,7 @@ import numpy as np
 from scipy import sparse
 
 from ..core.errors import InputError
-from .progress import run_to_end
+from .progress import relay, run_to_end
 from .segment import SegmentProgress, SegmentRequest, resolve_diameter, segment_steps
 
 __all__ = ["combine_axis_flows", "is_rgb", "segment_stack_steps", "segment_volume_steps", "stitch_labels"]
@@ -89,27 +89,23 @@ def segment_stack_steps(
     lead = shape[: len(shape) - spatial_nd]
     planes = list(np.ndindex(*lead)) if lead else [()]
     base = SegmentRequest(image=np.zeros((8, 8)), **options)
-    if base.diameter == "auto" and planes:  # one scale for the whole stack, measured on its middle plane
+    if planes:
         middle = planes[len(planes) // 2]
-        probe = replace(base, image=np.asarray(image[middle] if middle else image))
-        base = replace(base, diameter=(yield from resolve_diameter(probe, loaded=loaded)))
+        base = yield from _one_scale(base, lambda: np.asarray(image[middle] if middle else image), loaded)
     labels = []
     for i, index in enumerate(planes):
         # one plane at a time: dask/zarr arrays (lazy napari layers) are read plane by plane
         plane = np.asarray(image[index] if index else image)
-        gen = segment_steps(replace(base, image=plane), loaded=loaded)
-        while True:
-            try:
-                p = next(gen)
-            except StopIteration as stop:
-                labels.append(stop.value.labels)
-                break
-            yield SegmentProgress(
+        result = yield from relay(
+            segment_steps(replace(base, image=plane), loaded=loaded),
+            lambda p, i=i: SegmentProgress(
                 p.stage,
                 i * p.total + p.done,
                 len(planes) * p.total,
                 f"plane {i + 1}/{len(planes)}: {p.message}",
-            )
+            ),
+        )
+        labels.append(result.labels)
     out = np.stack(labels).reshape((*lead, *labels[0].shape)) if labels else np.zeros(0, np.uint32)
     if not lead:
         return out
@@ -118,6 +114,16 @@ def segment_stack_steps(
         [stitch_labels(g, stitch_threshold) if stitch_threshold > 0 else _offset(g) for g in groups]
     )
     return stitched.reshape(out.shape)
+
+
+def _one_scale(
+    base: SegmentRequest, middle_plane: Callable[[], np.ndarray], loaded: Any
+) -> Generator[SegmentProgress, None, SegmentRequest]:
+    """``base`` with ``diameter="auto"`` resolved once, on the middle plane, so every plane shares a scale."""
+    if base.diameter != "auto":
+        return base
+    probe = replace(base, image=middle_plane())
+    return replace(base, diameter=(yield from resolve_diameter(probe, loaded=loaded)))
 
 
 def _offset(planes: np.ndarray) -> np.ndarray:
@@ -177,9 +183,7 @@ def segment_volume_steps(
     if volume.ndim != 3:
         raise InputError(f"3D segmentation needs a grey (Z, H, W) volume, got shape {volume.shape}")
     base = SegmentRequest(image=np.zeros((8, 8)), follow_flows=False, **options)
-    if base.diameter == "auto":  # measured once, on the middle z-plane
-        probe = replace(base, image=volume[len(volume) // 2])
-        base = replace(base, diameter=(yield from resolve_diameter(probe, loaded=loaded)))
+    base = yield from _one_scale(base, lambda: volume[len(volume) // 2], loaded)
     views = [(volume, "z"), (volume.transpose(1, 0, 2), "y"), (volume.transpose(2, 0, 1), "x")]
     total = sum(v.shape[0] for v, _ in views)
     done = 0
