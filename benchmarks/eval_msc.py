@@ -3,7 +3,7 @@
 Every complete frame is segmented (a) without context and (b) with one *other* complete frame and its
 annotation as context (the nearest complete frame in time). Pooled AP@0.5 / F1@0.5 over the frames.
 
-Usage: ``python benchmarks/eval_msc.py [--checkpoint default] [--diameter 75] [--steps 1] [--samples 1]``
+Usage: ``python benchmarks/eval_msc.py [--checkpoint default] [--diameter 75|auto] [--steps 1] [--samples 1]``
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from napari_ctxseg.cli_segment import parse_diameter
 from napari_ctxseg.services.evaluate import match_counts
 from napari_ctxseg.services.segment import segment
 
@@ -53,7 +54,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default="default")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "msc_seq01")
-    ap.add_argument("--diameter", type=float, default=75.0, help="median cell diameter of MSC frames: ~75 px")
+    ap.add_argument(
+        "--diameter",
+        type=parse_diameter,
+        default=75.0,
+        help="median cell diameter of MSC frames: ~75 px; 'auto' measures it (from the context, if any)",
+    )
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--min-size", type=int, default=200)

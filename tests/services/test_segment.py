@@ -168,8 +168,11 @@ def test_auto_diameter_measures_the_context_labels_without_a_probe_pass(tiny_che
     assert r.scale == pytest.approx(auto_scale(measured))
     lo, hi = AUTO_SCALE_RANGE
     assert auto_scale(AUTO_TARGET_DIAMETER / 1.9) == pytest.approx(min(1.9, hi))
-    assert auto_scale(0.0) == 1.0 and auto_scale(1.0) == hi and auto_scale(500.0) == max(lo, 1.0)
+    assert auto_scale(0.0) == 1.0 and auto_scale(1.0) == hi and auto_scale(1e4) == lo
     assert auto_scale(AUTO_TARGET_DIAMETER / (AUTO_MIN_RESCALE * 0.9)) == 1.0  # near the model's scale
+    assert auto_scale(AUTO_TARGET_DIAMETER * AUTO_MIN_RESCALE * 0.9) == 1.0  # large, but near enough
+    big = 3.0 * AUTO_TARGET_DIAMETER
+    assert auto_scale(big) == pytest.approx(1 / 3)  # brought down to the target
 
 
 def test_auto_diameter_probe_pass_then_rescaled_run(tiny_checkpoint, monkeypatch) -> None:
@@ -194,6 +197,49 @@ def test_auto_diameter_probe_pass_then_rescaled_run(tiny_checkpoint, monkeypatch
     np.testing.assert_array_equal(auto.labels, plain.labels)
     with pytest.raises(ConfigError, match="'auto'"):
         segment(image, diameter="big", **kw)
+
+
+def test_auto_diameter_finds_objects_too_large_for_the_model_scale(tiny_checkpoint, monkeypatch) -> None:
+    """Large objects fall apart into model-sized fragments at the model's scale: the half-scale pass sees
+    them whole, its size wins, the downscale is re-measured at the scale it asks for, and the run uses it."""
+    import napari_ctxseg.services.segment as seg
+
+    image, _ = blobs((96, 96), seed=2)
+    kw = dict(checkpoint=str(tiny_checkpoint), device="cpu", seed=0)
+    calls = []
+
+    def sizes(values):
+        it = iter(values)
+
+        def measure(labels):
+            calls.append(labels.shape)
+            return next(it)
+
+        return measure
+
+    # model scale: 20 px fragments; half scale: 120 px objects; at the scale for 120 px: 100 px (agrees)
+    monkeypatch.setattr(seg, "median_diameter", sizes([20.0, 120.0, 100.0]))
+    events = []
+    r = run_to_end(segment_steps(SegmentRequest(image, **kw)), events.append)
+    assert len(calls) == 3  # three measuring passes, then the run itself
+    assert r.metadata["measured_diameter"] == 100.0
+    assert r.scale == pytest.approx(seg.AUTO_TARGET_DIAMETER / 100.0)
+    assert r.labels.shape == image.shape and "denoise" in [e.stage for e in events if e.stage != "size"]
+    # a refined size that disagrees is measured once more (at most AUTO_REFINE_PASSES times)
+    calls.clear()
+    monkeypatch.setattr(seg, "median_diameter", sizes([20.0, 60.0, 90.0, 95.0]))
+    r = segment(image, **kw)
+    assert len(calls) == 4 and r.metadata["measured_diameter"] == 95.0
+    # small objects that merge at half scale: the half-scale size is not trusted below AUTO_COARSE_MIN
+    calls.clear()
+    monkeypatch.setattr(seg, "median_diameter", sizes([10.0, seg.AUTO_COARSE_MIN - 1]))
+    r = segment(image, **kw)
+    assert len(calls) == 2 and r.metadata["measured_diameter"] == 10.0 and r.scale == pytest.approx(2.0)
+    # ... and where they merge into larger blobs, the re-measure does not confirm the downscale
+    calls.clear()
+    monkeypatch.setattr(seg, "median_diameter", sizes([10.0, 35.0, 21.0]))
+    r = segment(image, **kw)
+    assert len(calls) == 3 and r.metadata["measured_diameter"] == 10.0 and r.scale == pytest.approx(2.0)
 
 
 def test_median_diameter() -> None:

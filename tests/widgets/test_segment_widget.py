@@ -243,3 +243,9 @@ def test_auto_size_is_reported_after_the_run(qtbot: Any, segment_widget: Any, mo
     labels = viewer.layers["cells ctxseg labels"]
     assert labels.metadata["ctxseg"]["scale"] == pytest.approx(2.0) and labels.data.shape == layer.data.shape
     assert "objects ~10 px, upscaled 2.0x" in widget.status.value
+    monkeypatch.setattr(seg, "median_diameter", lambda labels: 90.0)  # large objects: brought down to 20 px
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers[-1]
+    assert labels.metadata["ctxseg"]["scale"] == pytest.approx(20 / 90)
+    assert labels.data.shape == layer.data.shape
+    assert "objects ~90 px, downscaled 4.5x" in widget.status.value

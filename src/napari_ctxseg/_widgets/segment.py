@@ -257,8 +257,10 @@ class SegmentWidget(Container):
         meta = res.results[0].metadata
         size = ""
         if meta.get("measured_diameter"):  # diameter "auto": say what was measured and done
-            size = f"; objects ~{meta['measured_diameter']:.0f} px" + (
-                f", upscaled {meta['scale']:.1f}x" if meta["scale"] != 1.0 else "")
+            scale = meta["scale"]
+            size = f"; objects ~{meta['measured_diameter']:.0f} px"
+            if scale != 1.0:
+                size += f", upscaled {scale:.1f}x" if scale > 1.0 else f", downscaled {1 / scale:.1f}x"
         self.status.value = (f"{len(labels.features)} objects in {len(res.results)} plane(s) on "
                              f"{meta['device']} with {meta['checkpoint']}{size}")
         self._viewer.layers.selection.active = labels

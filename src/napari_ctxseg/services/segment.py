@@ -12,7 +12,8 @@ random rescaling by 0.5-2x. ``diameter`` (the typical object diameter in pixels 
 the image by ``MODEL_DIAMETER / diameter`` before the model sees it; flow following runs at the model's
 scale and labels are resized back with nearest neighbours. ``diameter="auto"`` (the default) measures the
 objects first: the median diameter of the context's labels when there is a context, else of a one-step
-pass over (the centre of) the image; see :func:`auto_scale`. ``None`` keeps the model's scale.
+pass over (the centre of) the image, checked at half scale for objects too large for the model's scale;
+see :func:`auto_scale`. ``None`` keeps the model's scale.
 """
 
 from __future__ import annotations
@@ -60,14 +61,22 @@ __all__ = [
 MODEL_DIAMETER = 20.0
 SOLVERS = ("euler", "heun", "edf")
 #: ``diameter="auto"``: rescale so that the measured median object diameter becomes AUTO_TARGET_DIAMETER
-#: pixels, by a factor within AUTO_SCALE_RANGE, and only when that factor is at least AUTO_MIN_RESCALE
-#: (the model was trained with 0.5-2x rescaling, so near its scale it is left alone). Chosen on 60 DSB
-#: *training* images with the bundled model (``benchmarks/tune_auto_diameter.py``; docs/model_card.md):
-#: upscaling helps objects measured under ~13 px and nothing else; large objects are not downscaled.
+#: pixels, by a factor within AUTO_SCALE_RANGE, and only when that factor (or its inverse) is at least
+#: AUTO_MIN_RESCALE: the model was trained with 0.5-2x rescaling, so near its scale it is left alone. Chosen
+#: on DSB *training* images with the bundled model (``benchmarks/tune_auto_diameter.py``, native scale, and
+#: ``benchmarks/eval_scale.py``, nuclei resampled 0.5-4x; docs/model_card.md).
 AUTO_TARGET_DIAMETER = 20.0
-AUTO_SCALE_RANGE = (1.0, 2.0)
+AUTO_SCALE_RANGE = (0.1, 2.0)
 AUTO_MIN_RESCALE = 1.5
-#: the first pass of ``diameter="auto"`` sees at most this central square of a large image
+#: Objects much larger than the model's scale come out of a pass at that scale as ~20 px fragments, so a
+#: second pass at half scale looks for them: its size wins when it is at least AUTO_COARSE_MIN pixels and
+#: AUTO_COARSE_RATIO times the first. A downscale is then re-measured at the scale it asks for, at most
+#: AUTO_REFINE_PASSES times, until two measures agree within AUTO_REFINE_TOLERANCE (a ratio); the half-scale
+#: size is only kept when a downscale is confirmed (tiny objects merge at half scale).
+AUTO_COARSE_MIN = 30.0
+AUTO_COARSE_RATIO = 1.5
+AUTO_REFINE_PASSES = 2
+AUTO_REFINE_TOLERANCE = 1.25
 AUTO_PROBE_SIZE = 1024
 
 
@@ -504,13 +513,14 @@ def auto_scale(diameter: float) -> float:
     """The rescale factor ``diameter="auto"`` applies to objects of this measured median diameter.
 
     ``AUTO_TARGET_DIAMETER / diameter`` clipped to ``AUTO_SCALE_RANGE``; 1.0 when nothing was found or
-    when the factor is below ``AUTO_MIN_RESCALE``.
+    when the factor is within ``AUTO_MIN_RESCALE`` of 1 (both ways: 20 px objects are left alone from
+    ~13 to ~30 px).
     """
     if not diameter > 0:
         return 1.0
     lo, hi = AUTO_SCALE_RANGE
     scale = float(np.clip(AUTO_TARGET_DIAMETER / diameter, lo, hi))
-    return scale if scale >= AUTO_MIN_RESCALE else 1.0
+    return scale if max(scale, 1.0 / scale) >= AUTO_MIN_RESCALE else 1.0
 
 
 def resolve_diameter(
@@ -537,10 +547,13 @@ def _auto_diameter(measured: float) -> float | None:
 def _measure_diameter(
     req: SegmentRequest, loaded: LoadedModel
 ) -> Generator[SegmentProgress, None, tuple[float, SegmentResult | None]]:
-    """Median object diameter for ``diameter="auto"``, and the probe's result if it saw the whole image.
+    """Median object diameter for ``diameter="auto"``, and the first probe's result if it saw the whole
+    image at the model's scale.
 
     With a context, the annotated objects (inside their regions) tell the size and nothing runs.
-    Otherwise a one-step pass at the model's scale over the central ``AUTO_PROBE_SIZE`` square measures it.
+    Otherwise one-step passes over the central ``AUTO_PROBE_SIZE`` square measure it: at the model's
+    scale, at half scale (objects too large for the model's scale fall apart into fragments there), and
+    when the size asks for a downscale, again at that scale (see the ``AUTO_*`` constants).
     """
     refs = _references(req)
     if refs:
@@ -555,12 +568,35 @@ def _measure_diameter(
     image = np.asarray(req.image)
     h, w = image.shape[:2]
     y0, x0 = max(0, (h - AUTO_PROBE_SIZE) // 2), max(0, (w - AUTO_PROBE_SIZE) // 2)
-    crop = image[y0 : y0 + AUTO_PROBE_SIZE, x0 : x0 + AUTO_PROBE_SIZE]
-    probe: SegmentResult = yield from relay(
-        segment_steps(replace(req, image=crop, diameter=None, steps=1, num_samples=1), loaded=loaded),
-        lambda p: SegmentProgress("size", p.done, p.total, "measuring object size"),
-    )
-    return median_diameter(probe.labels), (probe if crop.shape[:2] == (h, w) else None)
+    crop = replace(req, image=image[y0 : y0 + AUTO_PROBE_SIZE, x0 : x0 + AUTO_PROBE_SIZE])
+
+    def probe(diameter: float | None) -> Generator[SegmentProgress, None, tuple[float, SegmentResult]]:
+        result: SegmentResult = yield from relay(
+            segment_steps(replace(crop, diameter=diameter, steps=1, num_samples=1), loaded=loaded),
+            lambda p: SegmentProgress("size", p.done, p.total, "measuring object size"),
+        )
+        return median_diameter(result.labels), result
+
+    at_model_scale, first = yield from probe(None)
+    size = at_model_scale
+    coarse, _ = yield from probe(2.0 * MODEL_DIAMETER)  # labels come back at the crop's scale
+    if coarse >= AUTO_COARSE_MIN and coarse > AUTO_COARSE_RATIO * at_model_scale:
+        size = coarse
+    for _ in range(AUTO_REFINE_PASSES):
+        if auto_scale(size) >= 1.0:
+            break
+        again, _ = yield from probe(size)
+        if not again > 0:
+            break
+        agree = max(again, size) / min(again, size) <= AUTO_REFINE_TOLERANCE
+        size = again
+        if agree:
+            break
+    if size != at_model_scale and auto_scale(size) >= 1.0:
+        # no downscale confirmed: small objects merged at half scale (e.g. ~5 px nuclei); the pass at the
+        # model's scale measured them best
+        size = at_model_scale
+    return size, (first if crop.image.shape[:2] == (h, w) else None)
 
 
 def _context_digest(req: SegmentRequest) -> str:
