@@ -10,7 +10,7 @@ from napari_ctxseg.core.flows import mask_to_flow
 from napari_ctxseg.core.tiling import blend_weight, plan_tiles
 from napari_ctxseg.services.progress import run_to_end
 from napari_ctxseg.services.segment import FlowParams, labels_from_flows
-from napari_ctxseg.services.stack import segment_stack_steps, stitch_labels
+from napari_ctxseg.services.stack import segment_stack_steps, stitch_labels, stitch_planes
 from tests.conftest import blobs
 
 
@@ -25,6 +25,19 @@ def test_stitching_links_overlapping_objects_across_planes() -> None:
         assert len(ids0) == 1 and ids0[0] == ids1[0]  # same object, same label, through relabelling
     # after an empty plane objects are new objects
     assert set(np.unique(out[3])) - {0} and not (set(np.unique(out[3])) - {0}) & set(np.unique(out[0]))
+
+
+def test_stitch_planes_links_along_the_last_leading_axis_only() -> None:
+    plane = np.zeros((12, 12), np.int32)
+    plane[1:5, 1:5], plane[7:11, 7:11] = 1, 2
+    tz = np.stack([plane] * 6).reshape(2, 3, 12, 12)  # T=2, Z=3: the same two squares everywhere
+    out = stitch_planes(tz, 2, threshold=0.25)
+    assert out.dtype == np.uint32 and out.shape == tz.shape
+    ids = [sorted(set(np.unique(out[t])) - {0}) for t in range(2)]
+    assert all(len(v) == 2 for v in ids) and not set(ids[0]) & set(ids[1])  # linked in Z, not across T
+    assert all(np.array_equal(out[t, z], out[t, 0]) for t in range(2) for z in range(3))
+    flat = stitch_planes(tz, 2, threshold=0)  # no stitching: every plane's objects are new and unique
+    assert len(np.unique(flat)) - 1 == 12
 
 
 def test_stack_is_segmented_plane_by_plane_with_progress(tiny_checkpoint) -> None:

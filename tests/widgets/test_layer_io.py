@@ -202,6 +202,27 @@ def test_plane_labels_are_unique_and_features_follow() -> None:
     assert feats["area"].tolist() == [100, 225, 36] * 3 and feats["agreement"].tolist() == [1.0] * 9
 
 
+def test_stitched_planes_give_one_label_and_one_row_per_object() -> None:
+    from dataclasses import replace
+
+    res = replace(planes_result(3), stitch_threshold=0.25)  # the same three squares in every plane
+    labels = _results.plane_labels(res)
+    assert [sorted(np.unique(p))[1:] for p in labels] == [[1, 2, 3]] * 3
+    feats = _results.stack_features(res)
+    assert feats["index"].tolist() == feats["label"].tolist() == [1, 2, 3]
+    assert feats["n_planes"].tolist() == [3, 3, 3] and feats["plane"].tolist() == [0, 0, 0]
+    assert feats["area"].tolist() == [300, 675, 108] and feats["agreement"].tolist() == [1.0] * 3
+    per_plane = _results.stack_features(planes_result(3))
+    for name in ("centroid-0", "bbox-0", "bbox-3", "intensity_max", "solidity"):
+        assert feats[name].dtype == per_plane[name].dtype
+    np.testing.assert_allclose(feats["centroid-1"], per_plane["centroid-1"][:3])  # same square each plane
+    np.testing.assert_array_equal(feats["bbox-2"], per_plane["bbox-2"][:3])
+    np.testing.assert_allclose(feats["intensity_max"], per_plane["intensity_max"].reshape(3, 3).max(0))
+    np.testing.assert_allclose(
+        feats["intensity_mean"], per_plane["intensity_mean"].reshape(3, 3).mean(0), rtol=1e-6
+    )  # equal areas: the area-weighted mean is the plain mean
+
+
 def test_result_layer_data() -> None:
     res = planes_result(2, scale=(5, 2, 2), translate=(0, 3, 4))
     out = _results.result_layer_data(res, flow=True, disagreement=True)

@@ -158,8 +158,9 @@ def test_closing_the_viewer_during_a_run_does_not_crash(qtbot: Any, segment_widg
 
 
 def test_stack_gives_a_3d_labels_layer(qtbot: Any, segment_widget: Any) -> None:
-    stack = np.stack([nuclei_crop(64), nuclei_crop(64)[::-1], nuclei_crop(64)[:, ::-1]])
+    stack = np.stack([nuclei_crop(64), nuclei_crop(64), nuclei_crop(64)[:, ::-1]])
     viewer, widget, _ = segment_widget(stack, scale=(2.0, 1.0, 1.0))
+    widget.stitch.value = 0.0  # every plane's objects get their own labels
     run_and_wait(qtbot, widget)
     labels = viewer.layers["cells ctxseg labels"]
     assert labels.data.shape == (3, 64, 64) and labels.ndim == 3
@@ -169,6 +170,18 @@ def test_stack_gives_a_3d_labels_layer(qtbot: Any, segment_widget: Any) -> None:
     assert not (ids[0] & ids[1]) and not (ids[1] & ids[2])  # labels stay unique across planes
     assert len(labels.features) == len(set().union(*ids))
     assert labels.metadata["ctxseg"]["planes"] == 3
+    per_plane_area = labels.features["area"].sum()
+
+    widget.stitch.value = 0.25  # the default: the same nuclei in planes 0 and 1 become one object each
+    run_and_wait(qtbot, widget)
+    stitched = viewer.layers[-1]
+    assert stitched is not labels and stitched.data.shape == (3, 64, 64)
+    np.testing.assert_array_equal(stitched.data[0], stitched.data[1])
+    ids = [set(np.unique(p)) - {0} for p in stitched.data]
+    assert ids[0] and len(stitched.features) == len(set().union(*ids))  # one row per object
+    first = stitched.features.set_index("index").loc[sorted(ids[0])]
+    assert (first["n_planes"] >= 2).all() and (first["plane"] == 0).all()
+    assert stitched.features["area"].sum() == per_plane_area == (stitched.data > 0).sum()
 
 
 def test_rethreshold_updates_labels_without_the_network(qtbot: Any, segment_widget: Any,

@@ -158,6 +158,7 @@ class RunSettings:
     seed: int = 0
     diameter: float = 0.0
     flow: FlowParams = field(default_factory=FlowParams)
+    stitch_threshold: float = 0.25  # stacks: see PlanesResult.stitch_threshold
 
     def request(self, image: np.ndarray, context: ContextData | None = None) -> SegmentRequest:
         """A :class:`SegmentRequest` for one 2D plane."""

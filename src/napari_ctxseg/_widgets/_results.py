@@ -60,6 +60,8 @@ class PlanesResult:
     results: list[SegmentResult]
     flow: FlowParams
     field_of_view: tuple[int, ...] | None = None
+    # stacks: objects of consecutive planes with at least this IoU share a label (0: labels per plane)
+    stitch_threshold: float = 0.0
 
 
 def segment_planes(snap: LayerSnapshot, settings: RunSettings, context: ContextData | None = None, *,
@@ -88,7 +90,7 @@ def segment_planes(snap: LayerSnapshot, settings: RunSettings, context: ContextD
             results.append(res)
     except RuntimeError as exc:
         raise CtxSegError(f"{type(exc).__name__}: {exc}") from exc
-    return PlanesResult(snap, results, settings.flow, field_of_view)
+    return PlanesResult(snap, results, settings.flow, field_of_view, settings.stitch_threshold)
 
 
 def _relay(gen: Generator[SegmentProgress, None, SegmentResult], plane: int, planes: int
@@ -111,8 +113,8 @@ def rethreshold_steps(res: PlanesResult, flow: FlowParams) -> Generator[int, Non
     return replace(res, results=out, flow=flow)
 
 
-def plane_labels(res: PlanesResult) -> np.ndarray:
-    """Labels ``(*leading, H, W)`` uint32, offset per plane so every object has its own label."""
+def _offset_labels(res: PlanesResult) -> np.ndarray:
+    """Labels ``(*leading, H, W)`` uint32, offset per plane so every plane's objects have their own labels."""
     lead = res.source.leading_shape
     out = np.zeros((*lead, *res.source.plane_shape), np.uint32)
     offset = 0
@@ -122,8 +124,30 @@ def plane_labels(res: PlanesResult) -> np.ndarray:
     return out
 
 
+def _stitched(res: PlanesResult) -> bool:
+    return res.stitch_threshold > 0 and len(res.source.leading_shape) > 0
+
+
+def plane_labels(res: PlanesResult) -> np.ndarray:
+    """Labels ``(*leading, H, W)`` uint32, unique over the stack; with ``res.stitch_threshold`` > 0 objects
+    of consecutive planes (along the last leading axis) that overlap share a label
+    (:func:`~napari_ctxseg.services.stack.stitch_planes`)."""
+    from ..services.stack import stitch_planes
+
+    out = _offset_labels(res)
+    if _stitched(res):
+        return stitch_planes(out, len(res.source.leading_shape), res.stitch_threshold)
+    return out
+
+
 def stack_features(res: PlanesResult) -> dict[str, np.ndarray]:
-    """Per-object measurements of every plane (``index`` = the label in :func:`plane_labels`)."""
+    """Per-object measurements (``index`` = the label in :func:`plane_labels`).
+
+    Every plane is measured in 2D; an object stitched through several planes gets one row: ``area`` sums
+    its pixels over the planes, ``intensity_max`` and the bounding box take the extremes, the plane
+    columns its first plane, ``n_planes`` counts its planes, and every other column (centroid, mean
+    intensity, shape, agreement, flow error) is the area-weighted mean over its planes.
+    """
     from ..services.measure import measure_objects
 
     lead = res.source.leading_shape
@@ -135,7 +159,43 @@ def stack_features(res: PlanesResult) -> dict[str, np.ndarray]:
         offset += int(r.labels.max())
         names = ["plane"] if len(lead) == 1 else [f"plane-{k}" for k in range(len(lead))]
         tables.append({"index": t["label"], **{nm: np.full(n, i) for nm, i in zip(names, idx)}, **t})
-    return {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
+    table = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
+    if not _stitched(res):
+        return table
+    # each per-plane (offset) label belongs to one stitched object
+    offsets, stitched = _offset_labels(res), plane_labels(res)
+    lut = np.zeros(int(offsets.max()) + 1, np.int64)
+    inside = offsets > 0
+    lut[offsets[inside]] = stitched[inside]
+    return _merge_rows(table, lut[table["index"]])
+
+
+def _merge_rows(table: dict[str, np.ndarray], key: np.ndarray) -> dict[str, np.ndarray]:
+    """One row per value of ``key`` (sorted), aggregating the rows of :func:`stack_features`."""
+    ids, group = np.unique(key, return_inverse=True)
+    area = table["area"].astype(np.float64)
+    total = np.bincount(group, weights=area, minlength=len(ids))
+    bbox = sorted(k for k in table if k.startswith("bbox-"))
+    lows = set(bbox[: len(bbox) // 2])
+    out: dict[str, np.ndarray] = {"index": ids, "n_planes": np.bincount(group, minlength=len(ids))}
+    for name, col in table.items():
+        if name == "index":
+            continue
+        if name == "label":
+            out[name] = ids
+        elif name == "area":
+            out[name] = total.astype(col.dtype)
+        elif name == "intensity_max" or (name in bbox and name not in lows):
+            out[name] = np.full(len(ids), -np.inf)
+            np.maximum.at(out[name], group, col)
+            out[name] = out[name].astype(col.dtype)
+        elif name in lows or name.startswith("plane"):
+            out[name] = np.full(len(ids), np.inf)
+            np.minimum.at(out[name], group, col)
+            out[name] = out[name].astype(col.dtype)
+        else:
+            out[name] = np.bincount(group, weights=area * col, minlength=len(ids)) / total
+    return out
 
 
 def provenance(res: PlanesResult) -> dict[str, Any]:

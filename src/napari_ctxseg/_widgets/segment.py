@@ -40,8 +40,9 @@ if TYPE_CHECKING:
 __all__ = ["SegmentWidget"]
 
 STACK_TIP = ("Image to segment: 2D grey, RGB, or a stack / time series (more than two non-RGB axes), which "
-             "is segmented slice by slice over its leading axes (progress per slice; labels stay unique "
-             "across slices). The layer is copied when the run starts, so switching layers mid-run is safe.")
+             "is segmented slice by slice over its leading axes (progress per slice; overlapping objects "
+             "of consecutive slices are stitched into one label, see 'stitch IoU'). The layer is copied "
+             "when the run starts, so switching layers mid-run is safe.")
 
 
 def _layers(viewer: Any, kind: type | tuple[type, ...]) -> Any:
@@ -85,6 +86,10 @@ class SegmentWidget(Container):
                                tooltip="Diffusion samples; their disagreement is measured per object")
         self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
         self.device = ComboBox(label="device", choices=list(DEVICE_CHOICES), value="auto")
+        self.stitch = FloatSpinBox(label="stitch IoU", value=RunSettings.stitch_threshold, min=0.0, max=1.0,
+                                   step=0.05, tooltip="Stacks: objects of consecutive slices that overlap "
+                                   "at least this much (IoU) share one label and one row of measurements; "
+                                   "0 = every slice's objects get their own labels")
         self.ctx_image = combo("context image", Image, True, "An annotated example (may be the image itself)")
         self.ctx_labels = combo("context labels", Labels, True, "The labels of the context image")
         self.ctx_region = combo("complete in", (Shapes, Labels), True,
@@ -109,8 +114,8 @@ class SegmentWidget(Container):
         self.add_context_button = PushButton(text="Add labels to context")
         self._settings = Container(widgets=[
             self.image, self.checkpoint, self.browse, self.diameter, self.steps, self.solver, self.samples,
-            self.seed, self.device, Label(value="<b>Context</b> (optional)"), self.ctx_image, self.ctx_labels,
-            self.ctx_region, self.fov, self.out_flow, self.out_disagreement])
+            self.seed, self.device, self.stitch, Label(value="<b>Context</b> (optional)"), self.ctx_image,
+            self.ctx_labels, self.ctx_region, self.fov, self.out_flow, self.out_disagreement])
         self._rethreshold = Container(widgets=[
             Label(value="<b>Re-threshold</b> (cached flows, no network)"), self.min_flow, self.min_size,
             self.min_seeds,
@@ -150,7 +155,7 @@ class SegmentWidget(Container):
                        max_flow_err=self.max_flow_err.value, flow_threshold=self.min_flow.value)
         return RunSettings(checkpoint=self.checkpoint.value, device=self.device.value, steps=self.steps.value,
                            solver=self.solver.value, num_samples=self.samples.value, seed=self.seed.value,
-                           diameter=self.diameter.value, flow=flow)
+                           diameter=self.diameter.value, flow=flow, stitch_threshold=self.stitch.value)
 
     def _set_busy(self, busy: bool) -> None:
         self._settings.enabled = self._rethreshold.enabled = not busy

@@ -20,7 +20,14 @@ from ..core.errors import InputError
 from .progress import relay, run_to_end
 from .segment import SegmentProgress, SegmentRequest, resolve_diameter, segment_steps
 
-__all__ = ["combine_axis_flows", "is_rgb", "segment_stack_steps", "segment_volume_steps", "stitch_labels"]
+__all__ = [
+    "combine_axis_flows",
+    "is_rgb",
+    "segment_stack_steps",
+    "segment_volume_steps",
+    "stitch_labels",
+    "stitch_planes",
+]
 
 
 def is_rgb(shape: tuple[int, ...]) -> bool:
@@ -107,13 +114,36 @@ def segment_stack_steps(
         )
         labels.append(result.labels)
     out = np.stack(labels).reshape((*lead, *labels[0].shape)) if labels else np.zeros(0, np.uint32)
-    if not lead:
-        return out
-    groups = out.reshape((-1, lead[-1], *labels[0].shape))
-    stitched = np.stack(
-        [stitch_labels(g, stitch_threshold) if stitch_threshold > 0 else _offset(g) for g in groups]
-    )
-    return stitched.reshape(out.shape)
+    return stitch_planes(out, len(lead), stitch_threshold) if lead else out
+
+
+def stitch_planes(labels: np.ndarray, leading: int, threshold: float = 0.25) -> np.ndarray:
+    """Labels unique over a stack of per-plane labels ``(*lead, H, W)``, stitched along the last leading axis.
+
+    Parameters
+    ----------
+    labels
+        Per-plane instance labels (each plane may reuse the same numbers).
+    leading
+        Number of leading (stack / time) axes, >= 1.
+    threshold
+        Objects of consecutive planes along the last leading axis share a label when their IoU is at least
+        this and the match is mutual-best (:func:`stitch_labels`); 0: every plane's objects get new labels.
+        Along the other leading axes (e.g. T of a T, Z stack) nothing is linked.
+
+    Returns
+    -------
+    np.ndarray
+        uint32 labels of the same shape; no label is used in two groups.
+    """
+    shape = labels.shape
+    groups = np.asarray(labels).reshape((-1, shape[leading - 1], *shape[leading:]))
+    out, offset = [], 0
+    for g in groups:
+        g = stitch_labels(g, threshold) if threshold > 0 else _offset(g)
+        out.append(np.where(g > 0, g + np.uint32(offset), 0).astype(np.uint32))
+        offset += int(g.max())
+    return np.stack(out).reshape(shape)
 
 
 def _one_scale(
