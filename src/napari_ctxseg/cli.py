@@ -61,6 +61,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--no-augment", action="store_true", help="no flips, rescaling or intensity changes")
+    p.add_argument("--target-diameter", type=float, default=None,
+                   help="rescale each image so its median object diameter is this many pixels before the "
+                   "random 0.5-2x rescaling (default: images as they are)")
     p.add_argument("--p-sigma-max", type=float, default=0.5,
                    help="fraction of samples trained at sigma_max (the one-step inference point)")
     p.add_argument("--weighting", default="unit", choices=["unit", "schedule"],
@@ -108,7 +111,9 @@ def _train_request(
         p_sigma_max=args.p_sigma_max,
         weighting=args.weighting,
         p_other_reference=args.p_other_reference,
-        augment=AugmentConfig.none() if args.no_augment else AugmentConfig(),
+        augment=(
+            AugmentConfig.none() if args.no_augment else AugmentConfig(target_diameter=args.target_diameter)
+        ),
         warmup=min(200, max(1, args.steps // 10)),
         time_budget_s=60.0 * args.time_budget_min,
     )

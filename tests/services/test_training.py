@@ -100,6 +100,34 @@ def test_crops_transform_flows_consistently() -> None:
         assert np.abs(flow[:, inside] - expected[:, inside]).mean() < 0.05
 
 
+def test_target_diameter_brings_every_image_to_one_object_size() -> None:
+    from skimage.measure import label
+
+    from napari_ctxseg.core.postprocess import median_diameter
+
+    small, large = np.zeros((128, 128), np.int32), np.zeros((128, 128), np.int32)
+    yy, xx = np.mgrid[:128, :128]
+    for k, (cy, cx) in enumerate([(20, 20), (20, 70), (70, 20), (70, 70), (100, 100)], start=1):
+        small[(yy - cy) ** 2 + (xx - cx) ** 2 <= 5**2] = k  # ~10 px discs
+    for k, (cy, cx) in enumerate([(32, 32), (32, 96), (96, 64)], start=1):
+        large[(yy - cy) ** 2 + (xx - cx) ** 2 <= 20**2] = k  # ~40 px discs
+    images = [annotate(lab.astype(np.float32) + 1, lab, name=n) for lab, n in ((small, "s"), (large, "l"))]
+
+    def crop_sizes(target):
+        aug = AugmentConfig(scale_range=(1.0, 1.0), intensity=False, invert_prob=0.0, target_diameter=target)
+        sampler = CropSampler(images, 64, augment=aug, seed=0)
+        out = {"s": [], "l": []}
+        for _ in range(16):
+            batch = sampler.sample(1, context=False)
+            out[batch.names[0]].append(median_diameter(label(batch.flow[0].norm(dim=0).numpy() > 0.5)))
+        return out
+
+    plain, scaled = crop_sizes(None), crop_sizes(20.0)
+    assert plain["s"] and plain["l"] and scaled["s"] and scaled["l"]
+    assert max(plain["s"]) < 12 and max(plain["l"]) > 30  # as they are: ~10 and ~40 px
+    assert 16 < max(scaled["s"]) < 23 and max(scaled["l"]) < 23  # both brought to ~20 px
+
+
 def test_training_input_errors(tmp_path) -> None:
     img, lab = blobs()
     with pytest.raises(InputError, match="does not match labels"):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .flows import mask_to_flow
+from .postprocess import median_diameter
 from .preprocess import normalize_image
 
 __all__ = [
@@ -133,12 +134,17 @@ class AugmentConfig:
         Random gamma, contrast, offset, noise and (RGB) channel order.
     invert_prob
         Probability of inverting intensities (bright-field vs fluorescence look).
+    target_diameter
+        ``None``: ``scale_range`` applies to the images as they are. A number of pixels: each image is
+        first rescaled so that the median diameter of its objects becomes this (as ``diameter="auto"``
+        does at inference), and ``scale_range`` jitters around that.
     """
 
     scale_range: tuple[float, float] = (0.5, 2.0)
     flips: bool = True
     intensity: bool = True
     invert_prob: float = 0.1
+    target_diameter: float | None = None
 
     @classmethod
     def none(cls) -> AugmentConfig:
@@ -239,6 +245,13 @@ class CropSampler:
         areas = np.array([np.sqrt(im.labels.size) for im in self.images], dtype=np.float64)
         self._p = areas / areas.sum()
         self.p_other_reference = float(p_other_reference)
+        # per-image rescale that brings its median object diameter to augment.target_diameter
+        target = self.augment.target_diameter
+        self._base_scale = np.ones(len(self.images))
+        if target:
+            for i, im in enumerate(self.images):
+                d = median_diameter(im.labels)
+                self._base_scale[i] = float(np.clip(target / d, 0.25, 4.0)) if d > 0 else 1.0
         keys = list(groups) if groups is not None else list(range(len(self.images)))
         members: dict[Hashable, list[int]] = {}
         for i, key in enumerate(keys):
@@ -294,9 +307,10 @@ class CropSampler:
             flow = flow.transpose(-1, -2).flip(0)  # (dy, dx) -> (dx, dy) of the transposed image
         return image.contiguous(), flow.contiguous(), labels.contiguous(), region.contiguous()
 
-    def _geometry(self) -> tuple[float, tuple[bool, bool, bool]]:
+    def _geometry(self, index: int) -> tuple[float, tuple[bool, bool, bool]]:
         lo, hi = self.augment.scale_range
         scale = float(np.exp(self.rng.uniform(np.log(lo), np.log(hi)))) if hi > lo else float(lo)
+        scale *= float(self._base_scale[index])
         flips = tuple(bool(b) for b in self.rng.integers(0, 2, 3)) if self.augment.flips else (False,) * 3
         return scale, flips  # type: ignore[return-value]
 
@@ -336,7 +350,7 @@ class CropSampler:
         for _ in range(batch_size):
             index = int(self.rng.choice(len(self.images), p=self._p))
             im = self.images[index]
-            scale, flips = self._geometry()
+            scale, flips = self._geometry(index)
             image, flow, _, region = self._crop(im, scale, flips)
             imgs.append(self._intensity(image))
             flows.append(flow)
@@ -348,7 +362,7 @@ class CropSampler:
                 others = self._others[index]
                 if others and self.p_other_reference and self.rng.random() < self.p_other_reference:
                     ref = self.images[others[int(self.rng.integers(len(others)))]]
-                r_image, r_flow, r_labels, r_region = self._crop(ref, scale, self._geometry()[1])
+                r_image, r_flow, r_labels, r_region = self._crop(ref, scale, self._geometry(index)[1])
                 if self.rng.random() < self.partial_prob:
                     r_region = r_region & self._partial_region(r_labels)
                 r_imgs.append(self._intensity(r_image))
