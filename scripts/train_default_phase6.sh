@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Phase 6 (an experiment, see docs/model_card.md): 60 minutes on 2 CPU cores from the phase-4 weights with
+# Phase 6 of the bundled default model (the shipped weights; docs/model_card.md): 60 minutes on 2 CPU cores from the phase-4 weights with
 # every training image first rescaled so its median nucleus diameter is 20 px (the size diameter="auto"
 # brings objects to at inference), then the usual random 0.5-2x rescaling. Run from the repository root.
 # BASE: the phase-4 weights (scripts/train_default_phase4_gpu.sh; SHA-256 3db98592..., shipped before).
