@@ -113,35 +113,22 @@ def rethreshold_steps(res: PlanesResult, flow: FlowParams) -> Generator[int, Non
     return replace(res, results=out, flow=flow)
 
 
-def _offset_labels(res: PlanesResult) -> np.ndarray:
-    """Labels ``(*leading, H, W)`` uint32, offset per plane so every plane's objects have their own labels."""
-    lead = res.source.leading_shape
-    out = np.zeros((*lead, *res.source.plane_shape), np.uint32)
-    offset = 0
-    for idx, r in zip(res.source.planes(), res.results):
-        out[idx] = np.where(r.labels > 0, r.labels.astype(np.uint32) + offset, 0)
-        offset += int(r.labels.max())
-    return out
-
-
-def _stitched(res: PlanesResult) -> bool:
-    return res.stitch_threshold > 0 and len(res.source.leading_shape) > 0
-
-
 def plane_labels(res: PlanesResult) -> np.ndarray:
     """Labels ``(*leading, H, W)`` uint32, unique over the stack; with ``res.stitch_threshold`` > 0 objects
     of consecutive planes (along the last leading axis) that overlap share a label
-    (:func:`~napari_ctxseg.services.stack.stitch_planes`)."""
+    (:func:`~napari_ctxseg.services.stack.stitch_planes`; 0 offsets every plane's labels)."""
     from ..services.stack import stitch_planes
 
-    out = _offset_labels(res)
-    if _stitched(res):
-        return stitch_planes(out, len(res.source.leading_shape), res.stitch_threshold)
-    return out
+    lead = res.source.leading_shape
+    planes = np.stack([r.labels for r in res.results]).astype(np.uint32)
+    if not lead:
+        return planes[0]
+    return stitch_planes(planes.reshape((*lead, *res.source.plane_shape)), len(lead), res.stitch_threshold)
 
 
-def stack_features(res: PlanesResult) -> dict[str, np.ndarray]:
-    """Per-object measurements (``index`` = the label in :func:`plane_labels`).
+def stack_features(res: PlanesResult, labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per-object measurements (``index`` = the label in :func:`plane_labels`; pass its result as
+    ``labels`` when it is at hand, so the stack is not stitched twice).
 
     Every plane is measured in 2D; an object stitched through several planes gets one row: ``area`` sums
     its pixels over the planes, ``intensity_max`` and the bounding box take the extremes, the plane
@@ -160,13 +147,16 @@ def stack_features(res: PlanesResult) -> dict[str, np.ndarray]:
         names = ["plane"] if len(lead) == 1 else [f"plane-{k}" for k in range(len(lead))]
         tables.append({"index": t["label"], **{nm: np.full(n, i) for nm, i in zip(names, idx)}, **t})
     table = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
-    if not _stitched(res):
+    if not (res.stitch_threshold > 0 and lead):
         return table
     # each per-plane (offset) label belongs to one stitched object
-    offsets, stitched = _offset_labels(res), plane_labels(res)
-    lut = np.zeros(int(offsets.max()) + 1, np.int64)
-    inside = offsets > 0
-    lut[offsets[inside]] = stitched[inside]
+    stitched = plane_labels(res) if labels is None else labels
+    lut = np.zeros(offset + 1, np.int64)
+    offset = 0
+    for idx, r in zip(res.source.planes(), res.results):
+        inside = r.labels > 0
+        lut[r.labels[inside].astype(np.int64) + offset] = stitched[idx][inside]
+        offset += int(r.labels.max())
     return _merge_rows(table, lut[table["index"]])
 
 
@@ -229,8 +219,9 @@ def result_layer_data(res: PlanesResult, *, flow: bool = False, disagreement: bo
     """
     src = res.source
     place = {"scale": src.scale, "translate": src.translate}
+    labels = plane_labels(res)
     out: list[LayerDataTuple] = [
-        (plane_labels(res), {"name": f"{src.name} ctxseg labels", "features": stack_features(res),
+        (labels, {"name": f"{src.name} ctxseg labels", "features": stack_features(res, labels),
                              "metadata": {"ctxseg": provenance(res)}, **place}, "labels")]
     shape = (*src.leading_shape, *src.plane_shape)
     if flow:
@@ -261,5 +252,6 @@ def rethreshold_job(res: PlanesResult, flow: FlowParams) -> Generator[tuple[int,
             done = next(gen)
         except StopIteration as stop:
             new = stop.value
-            return new, plane_labels(new), stack_features(new)
+            labels = plane_labels(new)
+            return new, labels, stack_features(new, labels)
         yield done, n

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
+from .errors import ConfigError, resolve_named
 
 __all__ = [
     "DISCRETIZATIONS",
@@ -185,15 +185,9 @@ def get_discretization(discretization: str | Discretization) -> Discretization:
     ConfigError
         For an unknown name; the message lists the choices.
     """
-    if callable(discretization):
-        return discretization
-    try:
-        return DISCRETIZATIONS[discretization]
-    except (KeyError, TypeError):
-        raise ConfigError(
-            f"unknown discretization {discretization!r}; expected one of {sorted(DISCRETIZATIONS)} "
-            "or a callable f(sigma_min, sigma_max, num_steps)"
-        ) from None
+    return resolve_named(
+        discretization, DISCRETIZATIONS, "discretization", "a callable f(sigma_min, sigma_max, num_steps)"
+    )
 
 
 def get_sigmas(

@@ -26,7 +26,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, resolve_named
 
 __all__ = [
     "SCHEDULES",
@@ -345,14 +345,7 @@ def get_schedule(schedule: str | Schedule) -> Schedule:
     ConfigError
         For an unknown name; the message lists the choices.
     """
-    if callable(schedule):
-        return schedule
-    try:
-        return SCHEDULES[schedule]
-    except (KeyError, TypeError):
-        raise ConfigError(
-            f"unknown training schedule {schedule!r}; expected one of {sorted(SCHEDULES)} or a callable"
-        ) from None
+    return resolve_named(schedule, SCHEDULES, "training schedule")
 
 
 def edm_loss(

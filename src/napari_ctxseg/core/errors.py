@@ -6,7 +6,12 @@ Every message says what was received and what was expected.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "CtxSegError", "InputError"]
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+__all__ = ["CheckpointError", "ConfigError", "CtxSegError", "InputError", "resolve_named"]
+
+F = TypeVar("F", bound=Callable)
 
 
 class CtxSegError(Exception):
@@ -23,3 +28,23 @@ class ConfigError(CtxSegError, ValueError):
 
 class CheckpointError(CtxSegError):
     """A checkpoint that is missing, corrupt, truncated or incompatible."""
+
+
+def resolve_named(
+    value: str | F, registry: Mapping[str, F], what: str, callable_hint: str = "a callable"
+) -> F:
+    """``registry[value]``, or ``value`` itself when it is callable.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown name: "unknown <what> <value>; expected one of <names> or <callable_hint>".
+    """
+    if callable(value):
+        return value
+    try:
+        return registry[value]
+    except (KeyError, TypeError):
+        raise ConfigError(
+            f"unknown {what} {value!r}; expected one of {sorted(registry)} or {callable_hint}"
+        ) from None
