@@ -200,3 +200,34 @@ def test_segd_decoder_dropout_only_in_training() -> None:
         c = m.eval()(image)
     assert not torch.allclose(a, b)
     close(c, io["output.call"])
+
+
+def test_ctxsegp_skips_the_references_of_no_context_samples() -> None:
+    """Mixed batches: weight-0 samples equal the no-context call; the others equal a batch of just them."""
+    io = load_npz("models", "ctxsegp.io.npz")
+    m: CtxSegP = _model("ctxsegp")
+    x_t, c, image = t(io["input.x_t"]), t(io["input.noise_labels"]), t(io["input.image"])
+    image_ref, flow_ref = t(io["input.image_ref"]), t(io["input.flow_ref"])
+    rep = [0, 1, 1, 0]  # four samples from the two of the reference file
+    x4, c4, im4, ir4, fr4 = (v[rep] for v in (x_t, c, image, image_ref, flow_ref))
+    mask4 = torch.zeros(ir4.shape[0], *ir4.shape[-2:], dtype=torch.bool)
+    mask4[:, : mask4.shape[1] // 2] = True
+    weight = torch.tensor([1.0, 0.0, 0.5, 0.0])
+    with torch.inference_mode():
+        out = m(x4, c4, image=im4, image_ref=ir4, flow_ref=fr4, ref_mask=mask4, context_weight=weight)
+        none = m(x4, c4, image=im4)
+        dense = m(
+            x4[[0, 2]], c4[[0, 2]], image=im4[[0, 2]], image_ref=ir4[[0, 2]], flow_ref=fr4[[0, 2]],
+            ref_mask=mask4[[0, 2]], context_weight=weight[[0, 2]],
+        )
+        zero = m(x4, c4, image=im4, image_ref=ir4, flow_ref=fr4, context_weight=torch.zeros(4))
+    torch.testing.assert_close(out[[1, 3]], none[[1, 3]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[[0, 2]], dense, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out[[0, 2]], none[[0, 2]], atol=1e-3)  # the context does act
+    torch.testing.assert_close(zero, none)
+    # gradients reach the context attention through the samples that use it
+    m.zero_grad()
+    m(x4, c4, image=im4, image_ref=ir4, flow_ref=fr4, context_weight=weight).square().mean().backward()
+    grads = [p.grad for p in m.atts.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(float(g.abs().max()) > 0 for g in grads)
