@@ -183,11 +183,16 @@ def test_train_and_eval_smoke(tmp_path, image_dir, tiny_checkpoint, capsys) -> N
                 "10",
                 "--p-other-reference",
                 "0.5",
+                "--precision",
+                "bf16",
             ]
         )
         == 0
     )
     assert out.is_file()
+    from napari_ctxseg.core.checkpoint import read_info
+
+    assert read_info(out).provenance["train_config"]["precision"] == "bf16"
     assert (
         main(
             [

@@ -221,3 +221,21 @@ def test_context_references_from_other_images_of_the_same_group() -> None:
         CropSampler(images, 32, groups=keys[:2])
     with pytest.raises(Exception, match="probabilities"):
         _cfg(p_other_reference=1.5)
+
+
+def test_bf16_autocast_trains_float32_weights_with_the_same_losses_to_bf16_accuracy(tmp_path) -> None:
+    kw = dict(train_images=_images(), preset="tiny", device="cpu")
+    p32, path32 = _run(TrainRequest(output=tmp_path / "a.safetensors", config=_cfg(val_every=0), **kw))
+    p16, path16 = _run(
+        TrainRequest(output=tmp_path / "b.safetensors", config=_cfg(val_every=0, precision="bf16"), **kw)
+    )
+    # same seed, same batches: the first loss differs only by bfloat16 rounding (8-bit mantissa)
+    assert p16[0].loss == pytest.approx(p32[0].loss, rel=0.05)
+    assert all(np.isfinite(p.loss) for p in p16)
+    m16, info = load_checkpoint(path16)
+    assert all(t.dtype == torch.float32 for t in m16.state_dict().values())
+    assert info.provenance["train_config"]["precision"] == "bf16"
+    m32, _ = load_checkpoint(path32)
+    assert any(not torch.equal(a, b) for a, b in zip(m16.state_dict().values(), m32.state_dict().values()))
+    with pytest.raises(Exception, match="precision"):
+        _cfg(precision="fp16")

@@ -119,13 +119,18 @@ def test_cancel_mid_run_keeps_the_best_weights_and_event_loop_stays_responsive(w
     assert median < 100  # the GUI thread is not blocked by training
 
 
-def test_time_budget_stops_training(widget, qtbot) -> None:
+def test_time_budget_stops_training_in_bfloat16(widget, qtbot) -> None:
+    from napari_ctxseg.core.checkpoint import read_info
+
     widget.steps.setValue(100_000)
     widget.budget.setValue(0.01)  # 0.6 s
+    widget.bf16.setChecked(True)
+    assert widget.settings().precision == "bf16"
     widget.run_button.click()
     qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
     assert widget.result.stopped == "time budget" and 1 <= widget.result.steps_done < 100_000
     assert widget.result.path.is_file() and "time budget reached" in widget.status.text()
+    assert read_info(widget.result.path).provenance["train_config"]["precision"] == "bf16"
 
 
 @pytest.mark.parametrize(("setup", "message"), [

@@ -83,6 +83,10 @@ class TrainConfig:
         Wall-clock budget of the training loop in seconds (0: none). With a budget the run ends at
         ``steps`` or when the budget is spent, whichever comes first, and the learning-rate schedule
         follows whichever is further along, so a run stopped by time still ends on a decayed rate.
+    precision
+        ``"fp32"`` (default) or ``"bf16"``: forward and loss under ``torch.autocast`` with bfloat16
+        (weights, optimiser state and EMA stay float32). On CPUs with AVX-512 BF16 / AMX and on recent
+        GPUs it trains faster (benchmarks/bench_training.py); on other CPUs it can be slower.
     """
 
     steps: int = 1000
@@ -106,6 +110,7 @@ class TrainConfig:
     val_batches: int = 4
     seed: int = 0
     time_budget_s: float = 0.0
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, dict):
@@ -126,6 +131,8 @@ class TrainConfig:
         get_schedule(self.schedule)
         if self.weighting not in ("unit", "schedule"):
             raise ConfigError(f"unknown weighting {self.weighting!r}; expected 'unit' or 'schedule'")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"unknown precision {self.precision!r}; expected 'fp32' or 'bf16'")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -354,14 +361,15 @@ class Trainer:
                 group["lr"] = lr
             batch = next(batches).to(device, non_blocking=True)
             model.train()
-            loss = weighted_edm_loss(
-                model,
-                batch,
-                schedule=schedule,
-                sigma_data=cfg.sigma_data,
-                generator=self.gen,
-                weighting=cfg.weighting,
-            )
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                loss = weighted_edm_loss(
+                    model,
+                    batch,
+                    schedule=schedule,
+                    sigma_data=cfg.sigma_data,
+                    generator=self.gen,
+                    weighting=cfg.weighting,
+                )
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training diverged at step {step}: loss {float(loss)}")
             self.opt.zero_grad(set_to_none=True)

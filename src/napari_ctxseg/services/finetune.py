@@ -68,6 +68,9 @@ class FinetuneSettings:
         region mask, only the painted objects and a ``ring`` of pixels around them are taught.
     ring, margin
         Width of that ring, and of the image context kept around the annotated area (pixels).
+    precision
+        ``"fp32"`` or ``"bf16"`` (bfloat16 autocast: faster on CPUs with AVX-512 BF16 or AMX and on recent
+        GPUs; the saved weights are the same float32 model either way).
     """
 
     steps: int = 300
@@ -83,6 +86,7 @@ class FinetuneSettings:
     annotation: Literal["complete", "partial"] = "complete"
     ring: int = 6
     margin: int = 32
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "crop_size", "ring"):
@@ -96,6 +100,8 @@ class FinetuneSettings:
             raise ConfigError(f"time budget must be >= 0 minutes (0 = none), got {self.time_budget_min}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"validation fraction must be in [0, 1), got {self.val_fraction}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.annotation not in ("complete", "partial"):
             raise ConfigError(f"annotation must be 'complete' or 'partial', got {self.annotation!r}")
 
@@ -108,7 +114,8 @@ class FinetuneSettings:
                            warmup=min(100, max(1, self.steps // 10)),
                            ema_decay=min(0.999, max(0.9, 1 - 10 / self.steps)),
                            augment=AugmentConfig() if self.augment else AugmentConfig.none(),
-                           val_every=max(1, min(50, self.steps // 20)), val_batches=2, seed=self.seed)
+                           val_every=max(1, min(50, self.steps // 20)), val_batches=2, seed=self.seed,
+                           precision=self.precision)
 
 
 def check_base(base: str | os.PathLike | None, crop_size: int) -> tuple[Path, str]:
