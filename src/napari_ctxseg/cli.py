@@ -75,7 +75,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state", type=Path, help="where to write the resumable training state")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also write the checkpoint every N steps")
     p.add_argument("--half", action="store_true", help="store weights as float16")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],  # core.training.PRECISIONS
                    help="training arithmetic: fp32 (default) or bf16 autocast (faster on CPUs with "
                    "AVX-512 BF16 or AMX and on recent GPUs)")
     p.add_argument("--threads", type=int, default=0,

@@ -138,11 +138,12 @@ def stack_features(res: PlanesResult, labels: np.ndarray | None = None) -> dict[
     from ..services.measure import measure_objects
 
     lead = res.source.leading_shape
-    tables, offset = [], 0
+    tables, starts, offset = [], [], 0
     for idx, r in zip(res.source.planes(), res.results):
         t = measure_objects(r.labels, res.source.data[idx], sample_labels=r.sample_labels, flows=r.flows)
         n = len(t["label"])
         t["label"] = t["label"] + offset
+        starts.append(offset)
         offset += int(r.labels.max())
         names = ["plane"] if len(lead) == 1 else [f"plane-{k}" for k in range(len(lead))]
         tables.append({"index": t["label"], **{nm: np.full(n, i) for nm, i in zip(names, idx)}, **t})
@@ -152,11 +153,9 @@ def stack_features(res: PlanesResult, labels: np.ndarray | None = None) -> dict[
     # each per-plane (offset) label belongs to one stitched object
     stitched = plane_labels(res) if labels is None else labels
     lut = np.zeros(offset + 1, np.int64)
-    offset = 0
-    for idx, r in zip(res.source.planes(), res.results):
+    for idx, r, start in zip(res.source.planes(), res.results, starts):
         inside = r.labels > 0
-        lut[r.labels[inside].astype(np.int64) + offset] = stitched[idx][inside]
-        offset += int(r.labels.max())
+        lut[r.labels[inside].astype(np.int64) + start] = stitched[idx][inside]
     return _merge_rows(table, lut[table["index"]])
 
 

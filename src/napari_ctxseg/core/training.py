@@ -31,6 +31,7 @@ from .models import CtxSegP, SegP
 from .training_data import AugmentConfig, Batch, BatchStream, CropSampler
 
 __all__ = [
+    "PRECISIONS",
     "TrainConfig",
     "TrainProgress",
     "TrainResult",
@@ -39,6 +40,8 @@ __all__ = [
     "train",
     "weighted_edm_loss",
 ]
+
+PRECISIONS = ("fp32", "bf16")  # training arithmetic: float32, or bfloat16 autocast
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,8 @@ class TrainConfig:
         get_schedule(self.schedule)
         if self.weighting not in ("unit", "schedule"):
             raise ConfigError(f"unknown weighting {self.weighting!r}; expected 'unit' or 'schedule'")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"unknown precision {self.precision!r}; expected 'fp32' or 'bf16'")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; expected one of {PRECISIONS}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..core.errors import ConfigError
-from ..core.training import TrainConfig, TrainProgress
+from ..core.training import PRECISIONS, TrainConfig, TrainProgress
 from ..core.training_data import AugmentConfig
 from .finetune_data import TrainingPair, array_digest, check_pairs, prepare, split_validation
 from .training import TrainRequest, run_training
@@ -100,8 +100,8 @@ class FinetuneSettings:
             raise ConfigError(f"time budget must be >= 0 minutes (0 = none), got {self.time_budget_min}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"validation fraction must be in [0, 1), got {self.val_fraction}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.annotation not in ("complete", "partial"):
             raise ConfigError(f"annotation must be 'complete' or 'partial', got {self.annotation!r}")
 
