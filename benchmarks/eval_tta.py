@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_ctxseg.services.evaluate import match_counts, modality
+from napari_ctxseg.services.evaluate import _scores, match_counts, modality
 from napari_ctxseg.services.models import load_model
 from napari_ctxseg.services.progress import run_to_end
 from napari_ctxseg.services.segment import (
@@ -72,6 +72,7 @@ def main() -> None:
     for i, name in enumerate(names):
         image = read_array(_find(args.data / "images", name))
         gt = read_array(_find(args.data / "labels", name))
+        keys = (modality(image), "all")
         req = SegmentRequest(image=image, checkpoint=args.checkpoint, device="cpu")
         diameter = run_to_end(resolve_diameter(req, loaded=loaded))
         flows = []
@@ -82,13 +83,12 @@ def main() -> None:
             mean = np.mean([flows[k] for k in views], axis=0)
             labels, _ = labels_from_flows(mean, FlowParams(), out_shape=image.shape[:2])
             c = np.array(match_counts(labels, gt))
-            for key in (modality(image), "all"):
+            for key in keys:
                 counts[s][key] = counts[s].get(key, 0) + c
         print(f"[{i + 1}/{len(names)}] {name}", flush=True)
     print(f"\npooled AP@0.5 on {args.subset} ({len(names)} images), {args.checkpoint}")
     for s, by_mod in counts.items():
-        ap = {m: tp / max(1, tp + fp + fn) for m, (tp, fp, fn) in sorted(by_mod.items())}
-        cells = ", ".join(f"{m} {v:.3f}" for m, v in ap.items())
+        cells = ", ".join(f"{m} {_scores(*c)['ap50']:.3f}" for m, c in sorted(by_mod.items()))
         print(f"{s:>16}: {cells}")
 
 

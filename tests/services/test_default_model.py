@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 from napari_ctxseg.services.evaluate import baseline_watershed, match_counts, modality
 from napari_ctxseg.services.models import bundled_model_path
 from napari_ctxseg.services.segment import segment
-from napari_ctxseg.services.training import read_array
+from napari_ctxseg.services.training import read_array, read_split
 from tests.conftest import DATA
 
 DSB = DATA / "dsb2018_train"
@@ -23,7 +21,7 @@ def test_bundled_model_segments_unseen_fluorescence_nuclei_out_of_the_box() -> N
         pytest.skip(f"shared data not found at {DSB}")
     if not bundled_model_path().is_file():
         pytest.skip("no bundled model")
-    names = json.loads((DSB / "split.json").read_text())["val"]
+    names = read_split(DSB / "split.json", "val")
     ours, base = np.zeros(3, int), np.zeros(3, int)
     used = 0
     for name in names:
