@@ -71,6 +71,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--p-other-reference", type=float, default=0.0,
                    help="fraction of context references taken from another image of the same size and "
                    "modality (default 0: a crop of the same image)")
+    p.add_argument("--image-sampling", default="sqrt-area", choices=["sqrt-area", "area"],
+                   help="how often each image is drawn: sqrt-area (default) or area (its area after "
+                   "--target-diameter rescaling, so every object is about equally likely)")
     p.add_argument("--resume", type=Path, help="training state to continue from")
     p.add_argument("--state", type=Path, help="where to write the resumable training state")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also write the checkpoint every N steps")
@@ -114,6 +117,7 @@ def _train_request(
         p_sigma_max=args.p_sigma_max,
         weighting=args.weighting,
         p_other_reference=args.p_other_reference,
+        image_sampling=args.image_sampling,
         augment=(
             AugmentConfig.none() if args.no_augment else AugmentConfig(target_diameter=args.target_diameter)
         ),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from napari_ctxseg.core.checkpoint import load_checkpoint
-from napari_ctxseg.core.errors import InputError
+from napari_ctxseg.core.errors import ConfigError, InputError
 from napari_ctxseg.core.training import TrainConfig
 from napari_ctxseg.core.training_data import AugmentConfig, CropSampler, annotate
 from napari_ctxseg.services.progress import run_to_end
@@ -126,6 +126,31 @@ def test_target_diameter_brings_every_image_to_one_object_size() -> None:
     assert plain["s"] and plain["l"] and scaled["s"] and scaled["l"]
     assert max(plain["s"]) < 12 and max(plain["l"]) > 30  # as they are: ~10 and ~40 px
     assert 16 < max(scaled["s"]) < 23 and max(scaled["l"]) < 23  # both brought to ~20 px
+
+
+def test_area_sampling_draws_images_by_rescaled_area() -> None:
+    """"area" draws each image by its area after the target-diameter rescaling (every object about equally
+    likely); the default draws by the square root of the pixel count."""
+    yy, xx = np.mgrid[:64, :64]
+    small = np.zeros((64, 64), np.int32)  # ~10 px discs: rescaled 2x, 4x the area of the other image
+    for k, (cy, cx) in enumerate([(12, 12), (12, 40), (40, 12), (40, 40)], start=1):
+        small[(yy - cy) ** 2 + (xx - cx) ** 2 <= 5**2] = k
+    large = np.zeros((64, 64), np.int32)  # one ~20 px disc: not rescaled
+    large[(yy - 32) ** 2 + (xx - 32) ** 2 <= 10**2] = 1
+    images = [annotate(lab.astype(np.float32) + 1, lab, name=n) for lab, n in ((small, "s"), (large, "l"))]
+    aug = AugmentConfig(scale_range=(1.0, 1.0), intensity=False, invert_prob=0.0, target_diameter=20.0)
+
+    def share_of_small(mode: str) -> float:
+        sampler = CropSampler(images, 32, augment=aug, seed=0, image_sampling=mode)
+        names = sampler.sample(400, context=False).names
+        return names.count("s") / len(names)
+
+    assert abs(share_of_small("sqrt-area") - 0.5) < 0.08  # same pixel count: drawn equally
+    assert abs(share_of_small("area") - 0.8) < 0.06  # 4 : 1
+    with pytest.raises(ConfigError, match="image_sampling"):
+        CropSampler(images, 32, image_sampling="objects")
+    with pytest.raises(ConfigError, match="image_sampling"):
+        TrainConfig(image_sampling="objects")
 
 
 def test_training_input_errors(tmp_path) -> None:

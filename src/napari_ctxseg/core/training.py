@@ -28,7 +28,7 @@ from torch import nn
 from .edm import EDMDenoiser, edm_scalings, get_schedule
 from .errors import CheckpointError, ConfigError
 from .models import CtxSegP, SegP
-from .training_data import AugmentConfig, Batch, BatchStream, CropSampler
+from .training_data import IMAGE_SAMPLING, AugmentConfig, Batch, BatchStream, CropSampler
 
 __all__ = [
     "PRECISIONS",
@@ -78,6 +78,10 @@ class TrainConfig:
         (:func:`~napari_ctxseg.core.training_data.acquisition_key`) instead of the sample's own image.
     augment
         Crop augmentation.
+    image_sampling
+        How often each training image is drawn: ``"sqrt-area"`` (default) or ``"area"`` (area after the
+        ``target_diameter`` rescaling: every object about equally likely); see
+        :class:`~napari_ctxseg.core.training_data.CropSampler`.
     val_every
         Steps between validation losses (0: never).
     seed
@@ -109,6 +113,7 @@ class TrainConfig:
     partial_prob: float = 0.5
     p_other_reference: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    image_sampling: str = "sqrt-area"
     val_every: int = 100
     val_batches: int = 4
     seed: int = 0
@@ -134,6 +139,10 @@ class TrainConfig:
         get_schedule(self.schedule)
         if self.weighting not in ("unit", "schedule"):
             raise ConfigError(f"unknown weighting {self.weighting!r}; expected 'unit' or 'schedule'")
+        if self.image_sampling not in IMAGE_SAMPLING:
+            raise ConfigError(
+                f"unknown image_sampling {self.image_sampling!r}; expected one of {IMAGE_SAMPLING}"
+            )
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; expected one of {PRECISIONS}")
 

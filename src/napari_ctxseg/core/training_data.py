@@ -20,10 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .flows import mask_to_flow
 from .postprocess import median_diameter
 from .preprocess import normalize_image
+
+#: how :class:`CropSampler` weights images when drawing crops (see its ``image_sampling``)
+IMAGE_SAMPLING = ("sqrt-area", "area")
 
 __all__ = [
     "AnnotatedImage",
@@ -217,6 +220,13 @@ class CropSampler:
         Probability that a context reference is cropped from *another* image of the sample's group (when
         the group has one), rather than from the same image: in use, the reference is a different image
         of the same kind, and a same-image crop lets the model copy instead of transfer.
+    image_sampling
+        How often each image is drawn. ``"sqrt-area"`` (default): in proportion to the square root of its
+        pixel count, so large images are seen more and small ones still often. ``"area"``: in proportion
+        to its area *after* the ``target_diameter`` rescaling, so every pixel of the rescaled images, and
+        so roughly every object, is equally likely to fall in a crop (pooled metrics count objects; with
+        ``"sqrt-area"`` an object of a large image of small nuclei is drawn several times less often than
+        one of a small image).
     """
 
     def __init__(
@@ -230,6 +240,7 @@ class CropSampler:
         seed: int = 0,
         groups: Sequence[Hashable] | None = None,
         p_other_reference: float = 0.0,
+        image_sampling: str = "sqrt-area",
     ) -> None:
         if not images:
             raise InputError("no training images")
@@ -240,10 +251,9 @@ class CropSampler:
         self.augment = augment or AugmentConfig()
         self.p_no_context = float(p_no_context)
         self.partial_prob = float(partial_prob)
+        if image_sampling not in IMAGE_SAMPLING:
+            raise ConfigError(f"unknown image_sampling {image_sampling!r}; expected one of {IMAGE_SAMPLING}")
         self.rng = np.random.default_rng(seed)
-        # sample images in proportion to sqrt(area): large images are seen more, small ones still often
-        areas = np.array([np.sqrt(im.labels.size) for im in self.images], dtype=np.float64)
-        self._p = areas / areas.sum()
         self.p_other_reference = float(p_other_reference)
         # per-image rescale that brings its median object diameter to augment.target_diameter
         target = self.augment.target_diameter
@@ -252,6 +262,9 @@ class CropSampler:
             for i, im in enumerate(self.images):
                 d = median_diameter(im.labels)
                 self._base_scale[i] = float(np.clip(target / d, 0.25, 4.0)) if d > 0 else 1.0
+        areas = np.array([im.labels.size for im in self.images], dtype=np.float64)
+        weights = np.sqrt(areas) if image_sampling == "sqrt-area" else areas * self._base_scale**2
+        self._p = weights / weights.sum()
         keys = list(groups) if groups is not None else list(range(len(self.images)))
         members: dict[Hashable, list[int]] = {}
         for i, key in enumerate(keys):

@@ -175,6 +175,7 @@ def run_training(req: TrainRequest) -> Generator[TrainProgress, None, Path]:
         seed=cfg.seed,
         groups=[acquisition_key(im) for im in req.train_images] if cfg.p_other_reference else None,
         p_other_reference=cfg.p_other_reference,
+        image_sampling=cfg.image_sampling,
     )
     val_sampler = (
         CropSampler(
