@@ -71,7 +71,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--p-other-reference", type=float, default=0.0,
                    help="fraction of context references taken from another image of the same size and "
                    "modality (default 0: a crop of the same image)")
-    p.add_argument("--image-sampling", default="sqrt-area", choices=["sqrt-area", "area"],
+    p.add_argument("--image-sampling", default="sqrt-area",
+                   choices=["sqrt-area", "area"],  # core.training_data.IMAGE_SAMPLING
                    help="how often each image is drawn: sqrt-area (default) or area (its area after "
                    "--target-diameter rescaling, so every object is about equally likely)")
     p.add_argument("--resume", type=Path, help="training state to continue from")

@@ -28,7 +28,7 @@ from torch import nn
 from .edm import EDMDenoiser, edm_scalings, get_schedule
 from .errors import CheckpointError, ConfigError
 from .models import CtxSegP, SegP
-from .training_data import IMAGE_SAMPLING, AugmentConfig, Batch, BatchStream, CropSampler
+from .training_data import AugmentConfig, Batch, BatchStream, CropSampler, check_image_sampling
 
 __all__ = [
     "PRECISIONS",
@@ -139,10 +139,7 @@ class TrainConfig:
         get_schedule(self.schedule)
         if self.weighting not in ("unit", "schedule"):
             raise ConfigError(f"unknown weighting {self.weighting!r}; expected 'unit' or 'schedule'")
-        if self.image_sampling not in IMAGE_SAMPLING:
-            raise ConfigError(
-                f"unknown image_sampling {self.image_sampling!r}; expected one of {IMAGE_SAMPLING}"
-            )
+        check_image_sampling(self.image_sampling)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; expected one of {PRECISIONS}")
 

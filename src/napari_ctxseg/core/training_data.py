@@ -28,7 +28,15 @@ from .preprocess import normalize_image
 #: how :class:`CropSampler` weights images when drawing crops (see its ``image_sampling``)
 IMAGE_SAMPLING = ("sqrt-area", "area")
 
+
+def check_image_sampling(value: str) -> str:
+    """Return ``value`` if it is one of :data:`IMAGE_SAMPLING`; raise :class:`ConfigError` otherwise."""
+    if value not in IMAGE_SAMPLING:
+        raise ConfigError(f"unknown image_sampling {value!r}; expected one of {IMAGE_SAMPLING}")
+    return value
+
 __all__ = [
+    "IMAGE_SAMPLING",
     "AnnotatedImage",
     "AugmentConfig",
     "Batch",
@@ -36,6 +44,7 @@ __all__ = [
     "CropSampler",
     "acquisition_key",
     "annotate",
+    "check_image_sampling",
     "model_input",
 ]
 
@@ -251,8 +260,7 @@ class CropSampler:
         self.augment = augment or AugmentConfig()
         self.p_no_context = float(p_no_context)
         self.partial_prob = float(partial_prob)
-        if image_sampling not in IMAGE_SAMPLING:
-            raise ConfigError(f"unknown image_sampling {image_sampling!r}; expected one of {IMAGE_SAMPLING}")
+        check_image_sampling(image_sampling)
         self.rng = np.random.default_rng(seed)
         self.p_other_reference = float(p_other_reference)
         # per-image rescale that brings its median object diameter to augment.target_diameter
