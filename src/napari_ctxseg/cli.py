@@ -64,6 +64,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-diameter", type=float, default=None,
                    help="rescale each image so its median object diameter is this many pixels before the "
                    "random 0.5-2x rescaling (default: images as they are)")
+    p.add_argument("--blur-prob", type=float, default=0.0,
+                   help="fraction of crops blurred by a Gaussian of 0.5-2 px (out-of-focus nuclei; "
+                   "default 0)")
     p.add_argument("--p-sigma-max", type=float, default=0.5,
                    help="fraction of samples trained at sigma_max (the one-step inference point)")
     p.add_argument("--weighting", default="unit", choices=["unit", "schedule"],
@@ -120,7 +123,9 @@ def _train_request(
         p_other_reference=args.p_other_reference,
         image_sampling=args.image_sampling,
         augment=(
-            AugmentConfig.none() if args.no_augment else AugmentConfig(target_diameter=args.target_diameter)
+            AugmentConfig.none()
+            if args.no_augment
+            else AugmentConfig(target_diameter=args.target_diameter, blur_prob=args.blur_prob)
         ),
         warmup=min(200, max(1, args.steps // 10)),
         time_budget_s=60.0 * args.time_budget_min,

@@ -153,6 +153,28 @@ def test_area_sampling_draws_images_by_rescaled_area() -> None:
         TrainConfig(image_sampling="objects")
 
 
+def test_blur_augmentation_softens_crops_and_is_off_by_default() -> None:
+    """``blur_prob`` blurs crops (less pixel-to-pixel variation, same geometry and flows); at its default 0
+    it draws no random numbers, so earlier runs are reproduced exactly."""
+    img, lab = dsb_pair(crop=96)
+    images = [annotate(img, lab, name="dsb")]
+    base = dict(scale_range=(1.0, 1.0), intensity=False, invert_prob=0.0)
+
+    def batch(**kw):
+        return CropSampler(images, 64, augment=AugmentConfig(**base, **kw), seed=3).sample(4, context=False)
+
+    plain, blurred = batch(), batch(blur_prob=1.0, blur_sigma=(1.5, 2.0))
+    torch.testing.assert_close(blurred.flow, plain.flow)  # the target is untouched
+    roughness = [float((b.image.diff(dim=-1).abs()).mean()) for b in (plain, blurred)]
+    assert roughness[1] < 0.6 * roughness[0]
+    assert abs(float(blurred.image.mean()) - float(plain.image.mean())) < 0.02  # intensities kept
+    torch.testing.assert_close(batch(blur_prob=0.0).image, plain.image)
+    with pytest.raises(ConfigError, match="blur_prob"):
+        AugmentConfig(blur_prob=1.5)
+    with pytest.raises(ConfigError, match="blur_sigma"):
+        AugmentConfig(blur_sigma=(2.0, 1.0))
+
+
 def test_training_input_errors(tmp_path) -> None:
     img, lab = blobs()
     with pytest.raises(InputError, match="does not match labels"):
