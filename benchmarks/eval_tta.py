@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_ctxseg.services.evaluate import _scores, match_counts, modality
+from napari_ctxseg.services.evaluate import match_counts, modality, pooled_scores
 from napari_ctxseg.services.models import load_model
 from napari_ctxseg.services.progress import run_to_end
 from napari_ctxseg.services.segment import (
@@ -88,7 +88,7 @@ def main() -> None:
         print(f"[{i + 1}/{len(names)}] {name}", flush=True)
     print(f"\npooled AP@0.5 on {args.subset} ({len(names)} images), {args.checkpoint}")
     for s, by_mod in counts.items():
-        cells = ", ".join(f"{m} {_scores(*c)['ap50']:.3f}" for m, c in sorted(by_mod.items()))
+        cells = ", ".join(f"{m} {pooled_scores(*c)['ap50']:.3f}" for m, c in sorted(by_mod.items()))
         print(f"{s:>16}: {cells}")
 
 

@@ -17,11 +17,19 @@ from typing import Any
 
 import numpy as np
 
+from ..core.metrics import MatchScores
 from ..core.preprocess import normalize_image
 from .measure import best_iou_per_object
 from .progress import run_to_end
 
-__all__ = ["baseline_watershed", "evaluate_folder", "format_report", "match_counts", "modality"]
+__all__ = [
+    "baseline_watershed",
+    "evaluate_folder",
+    "format_report",
+    "match_counts",
+    "modality",
+    "pooled_scores",
+]
 
 
 def modality(image: np.ndarray) -> str:
@@ -73,15 +81,17 @@ def baseline_watershed(image: np.ndarray, diameter: float = 20.0) -> np.ndarray:
     return watershed(-dist, markers, mask=fg).astype(np.uint32)
 
 
-def _scores(tp: int, fp: int, fn: int) -> dict[str, float]:
-    denom = tp + fp + fn
-    return {
-        "tp": tp,
-        "fp": fp,
-        "fn": fn,
-        "ap50": tp / denom if denom else float("nan"),
-        "f1_50": 2 * tp / (2 * tp + fp + fn) if denom else float("nan"),
-    }
+def pooled_scores(tp: int, fp: int, fn: int) -> dict[str, float]:
+    """Report scores of counts summed over images: the counts, AP@0.5 = TP / (TP + FP + FN) and F1@0.5
+    (NaN when all three are 0), as :class:`~napari_ctxseg.core.metrics.MatchScores` computes them.
+
+    Examples
+    --------
+    >>> pooled_scores(8, 1, 1)["ap50"]
+    0.8
+    """
+    m = MatchScores(0.5, tp, fp, fn)
+    return {"tp": tp, "fp": fp, "fn": fn, "ap50": m.ap, "f1_50": m.f1}
 
 
 def evaluate_folder(
@@ -136,7 +146,7 @@ def evaluate_folder(
                 acc = counts[method].setdefault(key, [0, 0, 0])
                 for j in range(3):
                     acc[j] += c[j]
-            row[method] = _scores(*c)["ap50"]
+            row[method] = pooled_scores(*c)["ap50"]
         per_image.append(row)
         say(f"[{i + 1}/{len(names)}] {name} ({mod}): AP50 " + ", ".join(f"{m} {row[m]:.3f}" for m in preds))
     report = {
@@ -147,7 +157,10 @@ def evaluate_folder(
         },
         "methods": {
             m: {
-                key: {**_scores(*c), "images": sum(r["modality"] == key or key == "all" for r in per_image)}
+                key: {
+                    **pooled_scores(*c),
+                    "images": sum(r["modality"] == key or key == "all" for r in per_image),
+                }
                 for key, c in sorted(counts[m].items())
             }
             for m in counts
