@@ -185,6 +185,8 @@ def test_train_and_eval_smoke(tmp_path, image_dir, tiny_checkpoint, capsys) -> N
                 "0.5",
                 "--precision",
                 "bf16",
+                "--blur-prob",
+                "0.5",
             ]
         )
         == 0
@@ -192,7 +194,8 @@ def test_train_and_eval_smoke(tmp_path, image_dir, tiny_checkpoint, capsys) -> N
     assert out.is_file()
     from napari_ctxseg.core.checkpoint import read_info
 
-    assert read_info(out).provenance["train_config"]["precision"] == "bf16"
+    train_config = read_info(out).provenance["train_config"]
+    assert train_config["precision"] == "bf16" and train_config["augment"]["blur_prob"] == 0.5
     assert (
         main(
             [
