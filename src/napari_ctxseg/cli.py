@@ -64,7 +64,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-diameter", type=float, default=None,
                    help="rescale each image so its median object diameter is this many pixels before the "
                    "random 0.5-2x rescaling (default: images as they are)")
-    p.add_argument("--blur-prob", type=float, default=0.0,
+    p.add_argument("--blur-prob", type=float, default=0.0,  # sigma: core.training_data.AugmentConfig
                    help="fraction of crops blurred by a Gaussian of 0.5-2 px (out-of-focus nuclei; "
                    "default 0)")
     p.add_argument("--p-sigma-max", type=float, default=0.5,

@@ -29,13 +29,6 @@ from .preprocess import normalize_image
 #: how :class:`CropSampler` weights images when drawing crops (see its ``image_sampling``)
 IMAGE_SAMPLING = ("sqrt-area", "area")
 
-
-def check_image_sampling(value: str) -> str:
-    """Return ``value`` if it is one of :data:`IMAGE_SAMPLING`; raise :class:`ConfigError` otherwise."""
-    if value not in IMAGE_SAMPLING:
-        raise ConfigError(f"unknown image_sampling {value!r}; expected one of {IMAGE_SAMPLING}")
-    return value
-
 __all__ = [
     "IMAGE_SAMPLING",
     "AnnotatedImage",
@@ -48,6 +41,13 @@ __all__ = [
     "check_image_sampling",
     "model_input",
 ]
+
+
+def check_image_sampling(value: str) -> str:
+    """Return ``value`` if it is one of :data:`IMAGE_SAMPLING`; raise :class:`ConfigError` otherwise."""
+    if value not in IMAGE_SAMPLING:
+        raise ConfigError(f"unknown image_sampling {value!r}; expected one of {IMAGE_SAMPLING}")
+    return value
 
 
 def model_input(image: np.ndarray, channels: int = 3) -> np.ndarray:
@@ -149,8 +149,8 @@ class AugmentConfig:
         Probability of inverting intensities (bright-field vs fluorescence look).
     blur_prob, blur_sigma
         Probability of a Gaussian blur of the crop (out-of-focus and dim, densely packed nuclei), with a
-        standard deviation drawn uniformly from ``blur_sigma`` (pixels of the crop). It precedes the other
-        intensity changes, so added noise stays sharp, as a camera's would. The default 0 draws nothing,
+        standard deviation drawn uniformly from ``blur_sigma`` (pixels of the crop). It comes before gamma,
+        contrast and noise, so added noise stays sharp, as a camera's would. The default 0 draws nothing,
         so runs without it are reproduced exactly.
     target_diameter
         ``None``: ``scale_range`` applies to the images as they are. A number of pixels: each image is
@@ -175,7 +175,7 @@ class AugmentConfig:
 
     @classmethod
     def none(cls) -> AugmentConfig:
-        return cls(scale_range=(1.0, 1.0), flips=False, intensity=False, invert_prob=0.0, blur_prob=0.0)
+        return cls(scale_range=(1.0, 1.0), flips=False, intensity=False, invert_prob=0.0)
 
 
 @dataclass
