@@ -69,6 +69,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    "default 0)")
     p.add_argument("--p-sigma-max", type=float, default=0.5,
                    help="fraction of samples trained at sigma_max (the one-step inference point)")
+    p.add_argument("--p-no-context", type=float, default=0.5,
+                   help="fraction of samples trained without a context (the plain segmentation use)")
     p.add_argument("--weighting", default="unit", choices=["unit", "schedule"],
                    help="loss weight: unit (1/c_out^2, default) or the schedule's (as the original)")
     p.add_argument("--p-other-reference", type=float, default=0.0,
@@ -119,6 +121,7 @@ def _train_request(
         seed=args.seed,
         val_every=args.val_every,
         p_sigma_max=args.p_sigma_max,
+        p_no_context=args.p_no_context,
         weighting=args.weighting,
         p_other_reference=args.p_other_reference,
         image_sampling=args.image_sampling,
