@@ -220,6 +220,32 @@ def test_train_and_eval_smoke(tmp_path, image_dir, tiny_checkpoint, capsys) -> N
     assert "baseline" in report and "AP@0.5" in report
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--blur-prob", "2", "blur_prob"),
+        ("--p-no-context", "-0.1", "p_no_context"),
+        ("--p-sigma-max", "1.5", "p_sigma_max"),
+    ],
+)
+def test_train_settings_are_checked_before_images_are_read(tmp_path, capsys, flag, value, message) -> None:
+    # the folders do not exist: a bad setting must be reported first, not after loading a data set
+    missing = tmp_path / "missing"
+    argv = [
+        "train",
+        "--images",
+        str(missing),
+        "--labels",
+        str(missing),
+        "-o",
+        str(tmp_path / "m.safetensors"),
+    ]
+    assert main([*argv, flag, value, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ctxseg train: error:") and message in err[0]
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def test_diameter_option_takes_auto_none_or_pixels(capsys) -> None:
     from napari_ctxseg.cli import build_parser
 

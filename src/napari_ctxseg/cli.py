@@ -103,16 +103,7 @@ def _train_request(
     from .core.training_data import AugmentConfig
     from .services.training import TrainRequest, load_folder_pairs, read_split
 
-    train_names = read_split(args.split, "train") if args.split else None
-    # validation images are only read when validation runs
-    val_names = read_split(args.split, "val") if args.split and args.val_every > 0 else []
-    workers = max(0, args.loader_workers)
-    train_images = load_folder_pairs(args.images, args.labels, train_names, workers=workers)
-    if args.masks is not None:
-        from .services.training import attach_regions
-
-        attach_regions(train_images, args.masks)
-    val_images = load_folder_pairs(args.images, args.labels, val_names, workers=workers) if val_names else []
+    # the settings are checked (ConfigError) before any image is read
     cfg = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -134,6 +125,16 @@ def _train_request(
         time_budget_s=60.0 * args.time_budget_min,
         precision=args.precision,
     )
+    train_names = read_split(args.split, "train") if args.split else None
+    # validation images are only read when validation runs
+    val_names = read_split(args.split, "val") if args.split and args.val_every > 0 else []
+    workers = max(0, args.loader_workers)
+    train_images = load_folder_pairs(args.images, args.labels, train_names, workers=workers)
+    if args.masks is not None:
+        from .services.training import attach_regions
+
+        attach_regions(train_images, args.masks)
+    val_images = load_folder_pairs(args.images, args.labels, val_names, workers=workers) if val_names else []
     return TrainRequest(
         output=args.output,
         train_images=train_images,
