@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Phase 12 (docs/model_card.md): 110 minutes on 2 CPU cores from the shipped phase-9/10 average, the phase-9
+# Phase 12 (docs/model_card.md): 110 minutes on 2 CPU cores from the once-shipped phase-9/10 average, the phase-9
 # recipe (median nucleus diameter rescaled to 20 px, then 0.5-2x; images drawn by the square root of their
 # area; bfloat16 autocast; peak learning rate 1e-4) plus a Gaussian blur of 0.5-2 px on 30 % of the crops
 # (--blur-prob 0.3): the nuclei missed on DSB images are mostly small, dim and soft-edged. Run from the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Phase 13 (docs/model_card.md): 115 minutes on 2 CPU cores from the shipped phase-9/10 average, the phase-9
+# Phase 13 (docs/model_card.md): 115 minutes on 2 CPU cores from the once-shipped phase-9/10 average, the phase-9
 # recipe (median nucleus diameter rescaled to 20 px, then 0.5-2x; images drawn by the square root of their
 # area; bfloat16 autocast; peak learning rate 1e-4) with more of the samples on the path that the default
 # inference takes (one step from sigma_max, no context): 90 % of the samples at sigma_max (--p-sigma-max,
