@@ -57,6 +57,28 @@ def test_segment_writes_labels_and_csv_then_resumes(tmp_path, image_dir, tiny_ch
     assert capsys.readouterr().out.count("skipped") == 2
 
 
+def test_segment_warns_when_sampler_settings_exceed_the_checkpoints_declaration(
+    tmp_path, image_dir, tiny_checkpoint, capsys
+) -> None:
+    import shutil
+
+    from napari_ctxseg.core.checkpoint import set_sampling
+
+    declared = shutil.copy(tiny_checkpoint, tmp_path / "declared.safetensors")
+    set_sampling(declared, {"solvers": ["edf"], "max_steps": 2, "evidence": "test"})
+    base = [str(image_dir / "im0.tif"), "--checkpoint", str(declared), "--device", "cpu", "--overwrite"]
+    assert main(["segment", *base, "-o", str(tmp_path / "a"), "--steps", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: declared.safetensors is validated for 1-2 sampler steps with edf; 3 steps" in err
+    assert (tmp_path / "a" / "im0_labels.tif").is_file()  # a warning, not a refusal
+    assert main(["segment", *base, "-o", str(tmp_path / "b"), "--steps", "2"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    # a checkpoint that declares nothing gets no warning
+    plain = ["segment", str(image_dir / "im0.tif"), "--checkpoint", str(tiny_checkpoint), "--device", "cpu"]
+    assert main([*plain, "-o", str(tmp_path / "c"), "--steps", "3", "--solver", "heun"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_segment_with_context_files(tmp_path, image_dir, tiny_checkpoint) -> None:
     out = tmp_path / "ctx"
     assert (

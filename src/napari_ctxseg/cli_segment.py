@@ -79,10 +79,19 @@ def _segment_options(args: argparse.Namespace) -> dict:
     )
 
 
+def _warn_sampler(args: argparse.Namespace) -> None:
+    from .services.models import sampler_warning
+
+    advice = sampler_warning(args.checkpoint, args.steps, args.solver)
+    if advice:
+        print(f"warning: {advice}", file=sys.stderr)
+
+
 def _cmd_segment(args: argparse.Namespace) -> int:
     from .services.batch import collect_inputs, segment_files
 
     inputs = collect_inputs(args.inputs)
+    _warn_sampler(args)
     options = _segment_options(args)
     if args.volume_3d:
         options["volume_3d"] = True
@@ -138,6 +147,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .services.evaluate import evaluate_folder, format_report
 
+    _warn_sampler(args)
     report = evaluate_folder(
         args.images,
         args.labels,

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from napari_ctxseg.core.checkpoint import load_checkpoint, read_info, save_checkpoint
+from napari_ctxseg.core.checkpoint import (
+    load_checkpoint,
+    read_info,
+    sampling_advice,
+    save_checkpoint,
+    set_sampling,
+)
 from napari_ctxseg.core.config import CtxSegPConfig, SegDConfig, config_from_dict
 from napari_ctxseg.core.errors import CheckpointError, ConfigError
 from napari_ctxseg.core.models import build_model
@@ -133,3 +139,61 @@ def test_a_header_length_ending_in_0x80_is_not_mistaken_for_a_pickle(tmp_path) -
             break
     else:
         pytest.fail("no padding gave a header length ending in 0x80")
+
+
+SAMPLING = {"solvers": ["euler", "edf"], "max_steps": 2, "evidence": "measured on a test set"}
+
+
+def test_sampling_declaration_round_trips_and_malformed_ones_are_refused(tmp_path) -> None:
+    _, plain = _save(tmp_path)
+    assert read_info(plain).sampling is None
+    model, path = _save(tmp_path, sampling=SAMPLING)
+    assert read_info(path).sampling == SAMPLING
+    assert load_checkpoint(path)[1].sampling == SAMPLING  # kept when the weights are loaded too
+    for bad in ({"solvers": [], "max_steps": 2}, {"solvers": ["edf"], "max_steps": 0},
+                {"solvers": "edf", "max_steps": 2}, {"solvers": ["edf"], "max_steps": True}, ["edf"]):
+        with pytest.raises(CheckpointError, match="sampling"):
+            save_checkpoint(tmp_path / "bad.safetensors", model, sigma_data=1.0, sampling=bad)
+    # a file whose declaration is not JSON, or not a valid one, is refused on reading
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    for text, message in (("{not json", "invalid metadata"), ('{"solvers": ["edf"]}', "max_steps")):
+        save_file(tensors, tmp_path / "broken.safetensors", metadata={**meta, "sampling": text})
+        with pytest.raises(CheckpointError, match=message):
+            read_info(tmp_path / "broken.safetensors")
+
+
+def test_set_sampling_keeps_the_tensors_and_can_remove_the_declaration(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    _, path = _save(tmp_path, dtype=torch.float16)
+    before, info = load_file(path), read_info(path)
+    set_sampling(path, SAMPLING)
+    after = read_info(path)
+    assert after.sampling == SAMPLING
+    keep = ("config", "sigma_data", "provenance", "package_version")
+    assert [getattr(after, k) for k in keep] == [getattr(info, k) for k in keep]
+    for k, v in load_file(path).items():
+        assert v.dtype == before[k].dtype == torch.float16 and torch.equal(v, before[k])
+    set_sampling(path, None)
+    assert read_info(path).sampling is None
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(CheckpointError, match="max_steps"):
+        set_sampling(path, {"solvers": ["edf"], "max_steps": -1})
+    assert read_info(path).sampling is None  # a refused declaration leaves the file as it was
+
+
+def test_sampling_advice_flags_only_settings_outside_the_declaration(tmp_path) -> None:
+    _, path = _save(tmp_path, sampling=SAMPLING)
+    info = read_info(path)
+    assert sampling_advice(info, 1, "heun") is None  # one step is the same prediction for every solver
+    assert sampling_advice(info, 2, "edf") is None and sampling_advice(info, 2, "euler") is None
+    for steps, solver in ((3, "edf"), (2, "heun"), (8, "euler")):
+        advice = sampling_advice(info, steps, solver)
+        assert advice is not None and f"{steps} steps with {solver}" in advice
+        assert "1-2 sampler steps with euler or edf" in advice and "measured on a test set" in advice
+    _, plain = _save(tmp_path)
+    assert sampling_advice(read_info(plain), 50, "heun") is None  # nothing declared, nothing to say

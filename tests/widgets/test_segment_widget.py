@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import time
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -262,3 +263,34 @@ def test_auto_size_is_reported_after_the_run(qtbot: Any, segment_widget: Any, mo
     assert labels.metadata["ctxseg"]["scale"] == pytest.approx(20 / 90)
     assert labels.data.shape == layer.data.shape
     assert "objects ~90 px, downscaled 4.5x" in widget.status.value
+
+
+def test_sampler_note_flags_settings_outside_the_checkpoints_declaration(
+    qtbot: Any, segment_widget: Any, tmp_path: Any
+) -> None:
+    """A checkpoint that declares 1-2 steps of euler/edf: the note under the solver says when a setting
+    leaves that and follows the controls; it stays hidden for a checkpoint that declares nothing."""
+    from napari_ctxseg.core.checkpoint import set_sampling
+
+    _, widget, _ = segment_widget()
+    plain = Path(widget.browse.value)  # the tiny test checkpoint declares nothing
+    declared = tmp_path / "declared.safetensors"
+    declared.write_bytes(plain.read_bytes())
+    set_sampling(declared, {"solvers": ["euler", "edf"], "max_steps": 2, "evidence": "test"})
+    note = widget.sampler_note
+    widget.steps.value, widget.solver.value = 1, "heun"
+    widget.browse.value = declared
+    assert widget.checkpoint.value == str(declared.resolve())
+    assert note.native.isHidden() and note.value == ""  # isHidden: hidden itself, not only its window
+    widget.steps.value = 2
+    assert "declared.safetensors is validated for 1-2 sampler steps with euler or edf; 2 steps with heun" in (
+        note.value
+    )
+    assert not note.native.isHidden()
+    widget.solver.value = "edf"
+    assert note.value == "" and note.native.isHidden()
+    widget.steps.value = 4
+    assert "4 steps with edf" in note.value and not note.native.isHidden()
+    assert widget._run_settings().steps == 4  # the note only advises: a run uses the settings as they are
+    widget.checkpoint.value = str(plain.resolve())
+    assert note.value == "" and note.native.isHidden()

@@ -28,6 +28,7 @@ from napari.utils.notifications import show_error
 
 from ..core.errors import CtxSegError, InputError
 from ..services.devices import DEVICE_CHOICES
+from ..services.models import sampler_warning
 from ..services.recent import add_recent_checkpoint, on_recent_changed, recent_checkpoints
 from ..services.segment import SOLVERS, FlowParams
 from ._dock import show_features_table, tidy
@@ -80,8 +81,14 @@ class SegmentWidget(Container):
                                      tooltip="Typical object diameter in pixels; 0 = auto (measured from "
                                      "the context labels, or from a quick first pass); 20 = the "
                                      "model's training scale")
-        self.steps = SpinBox(label="sampler steps", value=1, min=1, max=200)
+        self.steps = SpinBox(label="sampler steps", value=1, min=1, max=200,
+                             tooltip="Denoising steps; 1 = one-step prediction (the bundled model's best). "
+                             "A checkpoint may declare the steps and solvers it was validated with; "
+                             "settings outside them are flagged below")
         self.solver = ComboBox(label="solver", choices=list(SOLVERS), value="edf")
+        self.sampler_note = Label(value="")
+        self.sampler_note.native.setStyleSheet("color: #e0a040")
+        self.sampler_note.native.setWordWrap(True)
         self.samples = SpinBox(label="samples", value=1, min=1, max=64,
                                tooltip="Diffusion samples; their disagreement is measured per object")
         self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
@@ -113,9 +120,10 @@ class SegmentWidget(Container):
         self.corrected = combo("corrected labels", Labels)
         self.add_context_button = PushButton(text="Add labels to context")
         self._settings = Container(widgets=[
-            self.image, self.checkpoint, self.browse, self.diameter, self.steps, self.solver, self.samples,
-            self.seed, self.device, self.stitch, Label(value="<b>Context</b> (optional)"), self.ctx_image,
-            self.ctx_labels, self.ctx_region, self.fov, self.out_flow, self.out_disagreement])
+            self.image, self.checkpoint, self.browse, self.diameter, self.steps, self.solver,
+            self.sampler_note, self.samples, self.seed, self.device, self.stitch,
+            Label(value="<b>Context</b> (optional)"), self.ctx_image, self.ctx_labels, self.ctx_region,
+            self.fov, self.out_flow, self.out_disagreement])
         self._rethreshold = Container(widgets=[
             Label(value="<b>Re-threshold</b> (cached flows, no network)"), self.min_flow, self.min_size,
             self.min_seeds,
@@ -127,9 +135,12 @@ class SegmentWidget(Container):
         self.apply_button.changed.connect(self._on_apply)
         self.add_context_button.changed.connect(self._on_add_context)
         self.browse.changed.connect(self._on_browse)
+        for control in (self.checkpoint, self.steps, self.solver):
+            control.changed.connect(self._update_sampler_note)
         on_recent_changed.connect(self._on_recent)
         self.native.destroyed.connect(self._on_destroyed)
         tidy(self._settings, self._rethreshold)
+        self._update_sampler_note()
 
     # ---- controls ----------------------------------------------------------------------------------------
 
@@ -149,6 +160,12 @@ class SegmentWidget(Container):
         add_recent_checkpoint(path)  # emits on_recent_changed -> the choices now list it
         self.checkpoint.reset_choices()
         self.checkpoint.value = str(Path(path).expanduser().resolve())
+
+    def _update_sampler_note(self, _value: Any = None) -> None:
+        """Flag sampler settings outside those the chosen checkpoint was validated with."""
+        advice = sampler_warning(self.checkpoint.value, self.steps.value, self.solver.value)
+        self.sampler_note.value = advice or ""
+        self.sampler_note.visible = bool(advice)
 
     def _run_settings(self) -> RunSettings:
         flow = replace(FlowParams(), min_size=self.min_size.value, min_seed_cnts=self.min_seeds.value,

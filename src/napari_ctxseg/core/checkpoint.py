@@ -6,7 +6,10 @@ Metadata keys (all strings, as safetensors requires):
 - ``config``: JSON of :meth:`ModelConfig.to_dict` (includes ``kind``);
 - ``sigma_data``: the EDM sigma_data the model was trained with (the original inference uses 1.0);
 - ``provenance``: JSON object (training data, steps, base checkpoint hash, converter source, ...);
-- ``package_version``.
+- ``package_version``;
+- ``sampling`` (optional): JSON object ``{"solvers": [...], "max_steps": N, "evidence": "..."}``, the sampler
+  settings the weights were validated with (see :func:`sampling_advice`). Steps beyond ``max_steps``, or
+  more than one step with another solver, were measured to give worse labels with these weights.
 
 Weights are never unpickled. Files are written atomically (temporary file in the same folder, then
 ``os.replace``), so an interrupted save never leaves a truncated checkpoint behind.
@@ -14,6 +17,7 @@ Weights are never unpickled. Files are written atomically (temporary file in the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,7 +33,16 @@ from .config import ModelConfig, config_from_dict
 from .errors import CheckpointError, ConfigError
 from .models import build_model
 
-__all__ = ["FORMAT", "CheckpointInfo", "file_sha256", "load_checkpoint", "read_info", "save_checkpoint"]
+__all__ = [
+    "FORMAT",
+    "CheckpointInfo",
+    "file_sha256",
+    "load_checkpoint",
+    "read_info",
+    "sampling_advice",
+    "save_checkpoint",
+    "set_sampling",
+]
 
 FORMAT = "napari-ctxseg"
 FORMAT_VERSION = "1"
@@ -45,6 +58,7 @@ class CheckpointInfo:
     provenance: dict[str, Any] = field(default_factory=dict)
     package_version: str = ""
     sha256: str = ""
+    sampling: dict[str, Any] | None = None  # validated sampler settings, if the checkpoint declares them
 
     @property
     def kind(self) -> str:
@@ -76,6 +90,7 @@ def save_checkpoint(
     sigma_data: float,
     provenance: dict[str, Any] | None = None,
     dtype: torch.dtype | None = None,
+    sampling: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` with its config to ``path`` atomically.
 
@@ -91,14 +106,14 @@ def save_checkpoint(
         JSON-serialisable facts about where the weights come from.
     dtype
         Storage dtype (e.g. ``torch.float16`` to halve the file); loading always returns float32.
+    sampling
+        The sampler settings the weights were validated with (module notes); ``None``: not declared.
 
     Returns
     -------
     Path
         The written path.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     config: ModelConfig = model.config  # type: ignore[assignment]
     tensors = {}
@@ -115,6 +130,16 @@ def save_checkpoint(
         "provenance": json.dumps(provenance or {}),
         "package_version": _package_version(),
     }
+    if sampling is not None:
+        metadata["sampling"] = json.dumps(_check_sampling(sampling, path))
+    _write_atomic(path, tensors, metadata)
+    return path
+
+
+def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file through a temporary file in the same folder and ``os.replace``."""
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -125,7 +150,84 @@ def save_checkpoint(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _check_sampling(sampling: Any, path: Path | None) -> dict[str, Any]:
+    """Validate a ``sampling`` declaration (module notes); raises :class:`CheckpointError`."""
+    where = f"{path}: " if path is not None else ""
+    if not isinstance(sampling, dict):
+        raise CheckpointError(f"{where}sampling must be a JSON object, got {type(sampling).__name__}")
+    solvers, max_steps = sampling.get("solvers"), sampling.get("max_steps")
+    if not (isinstance(solvers, list) and solvers and all(isinstance(s, str) for s in solvers)):
+        raise CheckpointError(f"{where}sampling.solvers must be a non-empty list of solver names")
+    if not (isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps >= 1):
+        raise CheckpointError(f"{where}sampling.max_steps must be an integer >= 1, got {max_steps!r}")
+    if not isinstance(sampling.get("evidence", ""), str):
+        raise CheckpointError(f"{where}sampling.evidence must be text")
+    return sampling
+
+
+def set_sampling(path: str | os.PathLike, sampling: dict[str, Any] | None) -> Path:
+    """Declare (or, with ``None``, remove) the validated sampler settings of a checkpoint in place.
+
+    The tensors and the other metadata are kept bit for bit; the file is rewritten atomically.
+
+    Parameters
+    ----------
+    path
+        An existing napari-ctxseg checkpoint.
+    sampling
+        ``{"solvers": [...], "max_steps": N, "evidence": "..."}`` (module notes), or ``None``.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    read_info(path)  # ours and well-formed, or CheckpointError
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    metadata.pop("sampling", None)
+    if sampling is not None:
+        metadata["sampling"] = json.dumps(_check_sampling(sampling, path))
+    _write_atomic(path, tensors, metadata)
     return path
+
+
+def sampling_advice(info: CheckpointInfo, steps: int, solver: str) -> str | None:
+    """A one-line warning when ``steps``/``solver`` lie outside what the checkpoint was validated with.
+
+    One step is the same prediction for every solver and is never flagged. Checkpoints that declare
+    nothing get no advice (``None``).
+
+    Parameters
+    ----------
+    info
+        The checkpoint's metadata (:func:`read_info`).
+    steps, solver
+        The sampler settings about to be used.
+
+    Returns
+    -------
+    str or None
+        The warning, or ``None`` when the settings are within the declared ones.
+    """
+    s = info.sampling
+    if not s or steps <= 1:
+        return None
+    solvers, max_steps = list(s["solvers"]), int(s["max_steps"])
+    if solver in solvers and steps <= max_steps:
+        return None
+    name = info.path.name if info.path is not None else "this model"
+    evidence = f" ({s['evidence']})" if s.get("evidence") else ""
+    return (
+        f"{name} is validated for 1-{max_steps} sampler steps with {' or '.join(solvers)}; {steps} steps "
+        f"with {solver} may give much worse labels{evidence}"
+    )
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:
@@ -188,11 +290,16 @@ def _info_from_metadata(meta: dict[str, str], path: Path) -> CheckpointInfo:
         config = config_from_dict(json.loads(meta["config"]))
         sigma_data = float(meta["sigma_data"])
         provenance = json.loads(meta.get("provenance", "{}"))
+        sampling = json.loads(meta["sampling"]) if "sampling" in meta else None
     except (KeyError, ValueError, ConfigError) as exc:
         raise CheckpointError(f"{path} has invalid metadata: {exc}") from exc
     if not sigma_data > 0:
         raise CheckpointError(f"{path} has sigma_data {sigma_data}; expected a positive number")
-    return CheckpointInfo(path, config, sigma_data, provenance, meta.get("package_version", ""))
+    if sampling is not None:
+        _check_sampling(sampling, path)
+    return CheckpointInfo(
+        path, config, sigma_data, provenance, meta.get("package_version", ""), sampling=sampling
+    )
 
 
 def load_checkpoint(
@@ -246,7 +353,4 @@ def load_checkpoint(
         raise CheckpointError(f"{path} has non-finite weights in {bad[:3]}")
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
     model.to(device).eval()
-    info = CheckpointInfo(
-        info.path, info.config, info.sigma_data, info.provenance, info.package_version, file_sha256(path)
-    )
-    return model, info
+    return model, dataclasses.replace(info, sha256=file_sha256(path))

@@ -11,12 +11,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.checkpoint import CheckpointInfo, load_checkpoint
+from ..core.checkpoint import CheckpointInfo, load_checkpoint, read_info, sampling_advice
 from ..core.config import CtxSegPConfig, ModelConfig
 from ..core.errors import CheckpointError, ConfigError
 from .devices import resolve_device
 
-__all__ = ["PRESETS", "LoadedModel", "bundled_model_path", "load_model", "resolve_checkpoint"]
+__all__ = [
+    "PRESETS",
+    "LoadedModel",
+    "bundled_model_path",
+    "load_model",
+    "resolve_checkpoint",
+    "sampler_warning",
+]
 
 #: Model sizes for training. "small" (6.0 M parameters) and "medium" (9.3 M, 18.6 MB in float16) are
 #: CPU-friendly (about 0.12 s per 512x512 denoiser call on 2 cores); "original" is the paper's size.
@@ -52,6 +59,32 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | None) -> Path:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     return path
+
+
+def sampler_warning(checkpoint: str | os.PathLike | None, steps: int, solver: str) -> str | None:
+    """Warn when sampler settings lie outside those a checkpoint was validated with.
+
+    Reads only the checkpoint's header (cheap enough to call whenever a control changes).
+
+    Parameters
+    ----------
+    checkpoint
+        ``"default"``/``None`` (the bundled model) or a path.
+    steps, solver
+        The sampler settings about to be used.
+
+    Returns
+    -------
+    str or None
+        One line of advice (see :func:`~napari_ctxseg.core.checkpoint.sampling_advice`), or ``None`` when
+        the settings are fine, the checkpoint declares nothing, or it cannot be read (running it will
+        report that error).
+    """
+    try:
+        info = read_info(resolve_checkpoint(checkpoint))
+    except CheckpointError:
+        return None
+    return sampling_advice(info, steps, solver)
 
 
 @dataclass(frozen=True)
