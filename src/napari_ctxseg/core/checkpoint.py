@@ -8,8 +8,8 @@ Metadata keys (all strings, as safetensors requires):
 - ``provenance``: JSON object (training data, steps, base checkpoint hash, converter source, ...);
 - ``package_version``;
 - ``sampling`` (optional): JSON object ``{"solvers": [...], "max_steps": N, "evidence": "..."}``, the sampler
-  settings the weights were validated with (see :func:`sampling_advice`). Steps beyond ``max_steps``, or
-  more than one step with another solver, were measured to give worse labels with these weights.
+  settings the weights were validated with (written by :func:`save_checkpoint` or :func:`set_sampling`).
+  :func:`sampling_advice` flags steps beyond ``max_steps``, or more than one step with another solver.
 
 Weights are never unpickled. Files are written atomically (temporary file in the same folder, then
 ``os.replace``), so an interrupted save never leaves a truncated checkpoint behind.
