@@ -384,7 +384,10 @@ class CropSampler:
     # ---- batches ---------------------------------------------------------------------------------
     def sample(self, batch_size: int, *, context: bool = True) -> Batch:
         """Draw a batch; with ``context`` every sample also gets a reference crop (of the same image, or
-        of another image of its group with probability ``p_other_reference``) at the same scale."""
+        of another image of its group with probability ``p_other_reference``) at the same scale.
+
+        A sample drawn without a context (probability ``p_no_context``; ``context_weight`` 0) gets an
+        all-zero reference instead: the model skips references of weight 0, so none is cropped."""
         imgs, flows, weights, names = [], [], [], []
         r_imgs, r_flows, r_masks, cw = [], [], [], []
         for _ in range(batch_size):
@@ -398,6 +401,12 @@ class CropSampler:
             names.append(im.name)
             if context:
                 use = self.rng.random() >= self.p_no_context
+                if not use:  # weight 0: the model never encodes this reference, so none is cropped
+                    r_imgs.append(torch.zeros_like(imgs[-1]))
+                    r_flows.append(torch.zeros_like(flow))
+                    r_masks.append(torch.zeros_like(region))
+                    cw.append(0.0)
+                    continue
                 ref = im
                 others = self._others[index]
                 if others and self.p_other_reference and self.rng.random() < self.p_other_reference:
@@ -408,7 +417,7 @@ class CropSampler:
                 r_imgs.append(self._intensity(r_image))
                 r_flows.append(torch.where(r_region[None], r_flow, torch.zeros_like(r_flow)))
                 r_masks.append(r_region)
-                cw.append(1.0 if use else 0.0)
+                cw.append(1.0)
         batch = Batch(torch.stack(imgs), torch.stack(flows), torch.stack(weights), names=names)
         if context:
             batch.ref_image = torch.stack(r_imgs)
