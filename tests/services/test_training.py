@@ -328,3 +328,20 @@ def test_bf16_autocast_trains_float32_weights_with_the_same_losses_to_bf16_accur
     assert any(not torch.equal(a, b) for a, b in zip(m16.state_dict().values(), m32.state_dict().values()))
     with pytest.raises(Exception, match="precision"):
         _cfg(precision="fp16")
+
+
+def test_fine_tuning_keeps_the_bases_sampler_declaration_marked_as_inherited(tmp_path) -> None:
+    from napari_ctxseg.core.checkpoint import read_info, set_sampling
+
+    kw = dict(train_images=_images(), device="cpu", config=_cfg(steps=2, val_every=0))
+    _, base = _run(TrainRequest(output=tmp_path / "base.safetensors", preset="tiny", **kw))
+    assert read_info(base).sampling is None  # a model trained from scratch declares nothing
+    _, plain_tuned = _run(TrainRequest(output=tmp_path / "plain_tuned.safetensors", base=base, **kw))
+    assert read_info(plain_tuned).sampling is None  # nothing to inherit
+    set_sampling(base, {"solvers": ["edf"], "max_steps": 2, "evidence": "measured on val"})
+    _, tuned = _run(TrainRequest(output=tmp_path / "tuned.safetensors", base=base, **kw))
+    sampling = read_info(tuned).sampling
+    assert sampling["solvers"] == ["edf"] and sampling["max_steps"] == 2
+    assert sampling["evidence"] == (
+        "inherited from base.safetensors, not measured after fine-tuning; base.safetensors: measured on val"
+    )

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.checkpoint import save_checkpoint
+from ..core.checkpoint import CheckpointInfo, save_checkpoint
 from ..core.config import ModelConfig
 from ..core.errors import ConfigError, InputError
 from ..core.models import SegP, build_model
@@ -136,18 +136,31 @@ class TrainRequest:
     workers: int = 0
 
 
-def _initial_model(req: TrainRequest) -> tuple[SegP, dict[str, Any], float]:
+def _initial_model(req: TrainRequest) -> tuple[SegP, dict[str, Any], float, dict[str, Any] | None]:
+    """The model to train, its provenance, its sigma_data and the sampler declaration it inherits."""
     if req.base is not None:
         loaded = load_model(req.base, device="cpu")
         model = build_model(loaded.info.config)
         model.load_state_dict(loaded.model.state_dict())
         base = {"base_checkpoint": loaded.name, "base_sha256": loaded.info.sha256}
-        return model, base, loaded.sigma_data  # type: ignore[return-value]
+        return model, base, loaded.sigma_data, _inherited_sampling(loaded.info)  # type: ignore[return-value]
     if req.preset not in PRESETS:
         raise ConfigError(f"unknown preset {req.preset!r}; expected one of {sorted(PRESETS)}")
     torch.manual_seed(req.config.seed)
     config: ModelConfig = PRESETS[req.preset]
-    return build_model(config), {"preset": req.preset}, req.config.sigma_data  # type: ignore[return-value]
+    return build_model(config), {"preset": req.preset}, req.config.sigma_data, None  # type: ignore[return-value]
+
+
+def _inherited_sampling(base: CheckpointInfo) -> dict[str, Any] | None:
+    """A fine-tuned model keeps its base's sampler declaration, marked as not measured again: minutes of
+    fine-tuning do not teach the noise levels the base was weak at, so the same warnings stay useful."""
+    if not base.sampling:
+        return None
+    name = base.path.name if base.path is not None else "the base checkpoint"
+    evidence = f"inherited from {name}, not measured after fine-tuning"
+    if base.sampling.get("evidence"):
+        evidence += f"; {name}: {base.sampling['evidence']}"
+    return {**base.sampling, "evidence": evidence}
 
 
 def run_training(req: TrainRequest) -> Generator[TrainProgress, None, Path]:
@@ -161,7 +174,7 @@ def run_training(req: TrainRequest) -> Generator[TrainProgress, None, Path]:
     if not any(int(im.labels.max()) > 0 for im in req.train_images):
         raise InputError("the training labels contain no annotated objects")
     cfg = req.config
-    model, prov, sigma_data = _initial_model(req)
+    model, prov, sigma_data, sampling = _initial_model(req)
     if abs(sigma_data - cfg.sigma_data) > 1e-12:
         cfg = TrainConfig(**{**cfg.to_dict(), "sigma_data": sigma_data})
     device = resolve_device(req.device)
@@ -210,6 +223,13 @@ def run_training(req: TrainRequest) -> Generator[TrainProgress, None, Path]:
         state_every=req.state_every,
         workers=req.workers,
     )
+
+    def write(last: TrainProgress | None, *, final: bool, history: list | None = None) -> Path:
+        return _write(
+            req, trainer.best_model(), sigma_data, provenance, last, t0,
+            final=final, history=history, sampling=sampling,
+        )
+
     gen = trainer.run()
     last: TrainProgress | None = None
     history = None
@@ -221,14 +241,14 @@ def run_training(req: TrainRequest) -> Generator[TrainProgress, None, Path]:
                 history = stop.value.history
                 break
             if req.checkpoint_every and last.step % req.checkpoint_every == 0 and last.step < cfg.steps:
-                _write(req, trainer.best_model(), sigma_data, provenance, last, t0, final=False)
+                write(last, final=False)
             yield last
     finally:
         if history is None:  # cancelled or failed: keep what was learned so far
             gen.close()
             if last is not None:
-                _write(req, trainer.best_model(), sigma_data, provenance, last, t0, final=False)
-    return _write(req, trainer.best_model(), sigma_data, provenance, last, t0, final=True, history=history)
+                write(last, final=False)
+    return write(last, final=True, history=history)
 
 
 def _write(
@@ -241,6 +261,7 @@ def _write(
     *,
     final: bool,
     history: list | None = None,
+    sampling: dict[str, Any] | None = None,
 ) -> Path:
     prov = dict(provenance)
     prov.update(
@@ -261,6 +282,7 @@ def _write(
         sigma_data=sigma_data,
         provenance=prov,
         dtype=torch.float16 if req.half else None,
+        sampling=sampling,
     )
     return Path(path)
 
