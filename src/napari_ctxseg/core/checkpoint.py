@@ -152,9 +152,9 @@ def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
         raise
 
 
-def _check_sampling(sampling: Any, path: Path | None) -> dict[str, Any]:
+def _check_sampling(sampling: Any, path: Path) -> dict[str, Any]:
     """Validate a ``sampling`` declaration (module notes); raises :class:`CheckpointError`."""
-    where = f"{path}: " if path is not None else ""
+    where = f"{path}: "
     if not isinstance(sampling, dict):
         raise CheckpointError(f"{where}sampling must be a JSON object, got {type(sampling).__name__}")
     solvers, max_steps = sampling.get("solvers"), sampling.get("max_steps")
@@ -219,7 +219,7 @@ def sampling_advice(info: CheckpointInfo, steps: int, solver: str) -> str | None
     s = info.sampling
     if not s or steps <= 1:
         return None
-    solvers, max_steps = list(s["solvers"]), int(s["max_steps"])
+    solvers, max_steps = s["solvers"], s["max_steps"]  # validated when read
     if solver in solvers and steps <= max_steps:
         return None
     name = info.path.name if info.path is not None else "this model"
