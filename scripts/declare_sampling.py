@@ -15,23 +15,25 @@ import argparse
 from pathlib import Path
 
 from napari_ctxseg.core.checkpoint import file_sha256, read_info, set_sampling
-from napari_ctxseg.core.sampling import SOLVERS
+from napari_ctxseg.core.errors import CheckpointError
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", type=Path)
-    ap.add_argument("--solvers", default="euler,edf", help="comma-separated solver names")
+    ap.add_argument(
+        "--solvers", default="euler,edf", help="comma-separated solvers (euler, heun, edf, one_step)"
+    )
     ap.add_argument("--max-steps", type=int, default=2)
     ap.add_argument("--evidence", default="", help="where the limit comes from (shown in the warning)")
     ap.add_argument("--clear", action="store_true", help="remove the declaration instead")
     args = ap.parse_args()
     solvers = [s.strip() for s in args.solvers.split(",") if s.strip()]
-    unknown = [s for s in solvers if s not in SOLVERS]
-    if unknown:
-        ap.error(f"unknown solvers {unknown}; expected some of {list(SOLVERS)}")
     sampling = {"solvers": solvers, "max_steps": args.max_steps, "evidence": args.evidence}
-    set_sampling(args.checkpoint, None if args.clear else sampling)
+    try:
+        set_sampling(args.checkpoint, None if args.clear else sampling)  # checks the solver names
+    except CheckpointError as e:
+        ap.error(str(e))
     info = read_info(args.checkpoint)
     print(f"{args.checkpoint}: sampling {info.sampling}; sha256 {file_sha256(args.checkpoint)}")
 

@@ -151,7 +151,8 @@ def test_sampling_declaration_round_trips_and_malformed_ones_are_refused(tmp_pat
     assert read_info(path).sampling == SAMPLING
     assert load_checkpoint(path)[1].sampling == SAMPLING  # kept when the weights are loaded too
     for bad in ({"solvers": [], "max_steps": 2}, {"solvers": ["edf"], "max_steps": 0},
-                {"solvers": "edf", "max_steps": 2}, {"solvers": ["edf"], "max_steps": True}, ["edf"]):
+                {"solvers": "edf", "max_steps": 2}, {"solvers": ["edf"], "max_steps": True}, ["edf"],
+                {"solvers": ["eular"], "max_steps": 2}):
         with pytest.raises(CheckpointError, match="sampling"):
             save_checkpoint(tmp_path / "bad.safetensors", model, sigma_data=1.0, sampling=bad)
     # a file whose declaration is not JSON, or not a valid one, is refused on reading
@@ -164,6 +165,10 @@ def test_sampling_declaration_round_trips_and_malformed_ones_are_refused(tmp_pat
         save_file(tensors, tmp_path / "broken.safetensors", metadata={**meta, "sampling": text})
         with pytest.raises(CheckpointError, match=message):
             read_info(tmp_path / "broken.safetensors")
+    # but a solver this version does not know (a later version's) does not stop a file from loading
+    later = {"solvers": ["edf", "dpm2"], "max_steps": 4}
+    save_file(tensors, tmp_path / "later.safetensors", metadata={**meta, "sampling": json.dumps(later)})
+    assert read_info(tmp_path / "later.safetensors").sampling == later
 
 
 def test_set_sampling_keeps_the_tensors_and_can_remove_the_declaration(tmp_path) -> None:

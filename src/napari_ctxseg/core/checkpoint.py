@@ -8,7 +8,8 @@ Metadata keys (all strings, as safetensors requires):
 - ``provenance``: JSON object (training data, steps, base checkpoint hash, converter source, ...);
 - ``package_version``;
 - ``sampling`` (optional): JSON object ``{"solvers": [...], "max_steps": N, "evidence": "..."}``, the sampler
-  settings the weights were validated with (written by :func:`save_checkpoint` or :func:`set_sampling`).
+  settings the weights were validated with (written by :func:`save_checkpoint` or :func:`set_sampling`,
+  which refuse solver names this version does not have; readers accept them, for files of later versions).
   :func:`sampling_advice` flags steps beyond ``max_steps``, or more than one step with another solver.
 
 Weights are never unpickled. Files are written atomically (temporary file in the same folder, then
@@ -32,6 +33,7 @@ from torch import nn
 from .config import ModelConfig, config_from_dict
 from .errors import CheckpointError, ConfigError
 from .models import build_model
+from .sampling import SOLVERS
 
 __all__ = [
     "FORMAT",
@@ -131,7 +133,7 @@ def save_checkpoint(
         "package_version": _package_version(),
     }
     if sampling is not None:
-        metadata["sampling"] = json.dumps(_check_sampling(sampling, path))
+        metadata["sampling"] = json.dumps(_check_sampling(sampling, path, writing=True))
     _write_atomic(path, tensors, metadata)
     return path
 
@@ -152,14 +154,21 @@ def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
         raise
 
 
-def _check_sampling(sampling: Any, path: Path) -> dict[str, Any]:
-    """Validate a ``sampling`` declaration (module notes); raises :class:`CheckpointError`."""
+def _check_sampling(sampling: Any, path: Path, writing: bool = False) -> dict[str, Any]:
+    """Validate a ``sampling`` declaration (module notes); raises :class:`CheckpointError`.
+
+    Solver names are checked against this version's solvers only when ``writing``: a file that names a
+    solver added by a later version must still load.
+    """
     where = f"{path}: "
     if not isinstance(sampling, dict):
         raise CheckpointError(f"{where}sampling must be a JSON object, got {type(sampling).__name__}")
     solvers, max_steps = sampling.get("solvers"), sampling.get("max_steps")
     if not (isinstance(solvers, list) and solvers and all(isinstance(s, str) for s in solvers)):
         raise CheckpointError(f"{where}sampling.solvers must be a non-empty list of solver names")
+    unknown = [s for s in solvers if s not in SOLVERS]
+    if writing and unknown:
+        raise CheckpointError(f"{where}unknown sampling.solvers {unknown}; expected some of {list(SOLVERS)}")
     if not (isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps >= 1):
         raise CheckpointError(f"{where}sampling.max_steps must be an integer >= 1, got {max_steps!r}")
     if not isinstance(sampling.get("evidence", ""), str):
@@ -193,7 +202,7 @@ def set_sampling(path: str | os.PathLike, sampling: dict[str, Any] | None) -> Pa
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     metadata.pop("sampling", None)
     if sampling is not None:
-        metadata["sampling"] = json.dumps(_check_sampling(sampling, path))
+        metadata["sampling"] = json.dumps(_check_sampling(sampling, path, writing=True))
     _write_atomic(path, tensors, metadata)
     return path
 
