@@ -16,14 +16,13 @@ from pathlib import Path
 
 from napari_ctxseg.core.checkpoint import file_sha256, read_info, set_sampling
 from napari_ctxseg.core.errors import CheckpointError
+from napari_ctxseg.core.sampling import SOLVERS
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", type=Path)
-    ap.add_argument(
-        "--solvers", default="euler,edf", help="comma-separated solvers (euler, heun, edf, one_step)"
-    )
+    ap.add_argument("--solvers", default="euler,edf", help=f"comma-separated, of {', '.join(SOLVERS)}")
     ap.add_argument("--max-steps", type=int, default=2)
     ap.add_argument("--evidence", default="", help="where the limit comes from (shown in the warning)")
     ap.add_argument("--clear", action="store_true", help="remove the declaration instead")

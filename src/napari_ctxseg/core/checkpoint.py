@@ -166,8 +166,7 @@ def _check_sampling(sampling: Any, path: Path, writing: bool = False) -> dict[st
     solvers, max_steps = sampling.get("solvers"), sampling.get("max_steps")
     if not (isinstance(solvers, list) and solvers and all(isinstance(s, str) for s in solvers)):
         raise CheckpointError(f"{where}sampling.solvers must be a non-empty list of solver names")
-    unknown = [s for s in solvers if s not in SOLVERS]
-    if writing and unknown:
+    if writing and (unknown := [s for s in solvers if s not in SOLVERS]):
         raise CheckpointError(f"{where}unknown sampling.solvers {unknown}; expected some of {list(SOLVERS)}")
     if not (isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps >= 1):
         raise CheckpointError(f"{where}sampling.max_steps must be an integer >= 1, got {max_steps!r}")
