@@ -85,7 +85,9 @@ class FlowParams:
     """Flow-following settings (applied to cached flows without re-running the network).
 
     ``min_size`` is in pixels of the input image; ``max_flow_err`` > 0 drops objects whose flow disagrees
-    with the flow of their own shape (mean squared error above the threshold). ``flow_threshold``: pixels
+    with the flow of their own shape (mean squared error above the threshold); it is off by default because,
+    with the bundled model, it removes more true objects than false ones at every threshold tried
+    (docs/model_card.md). ``flow_threshold``: pixels
     whose predicted flow is shorter than this are background (they neither move nor get a label).
     Ideal flows have length 1 inside objects and 0 outside; the original follows every pixel (its
     ``scripts/eval.py`` passes a ``threshold`` that its ``flow_to_mask`` does not accept), which lets
