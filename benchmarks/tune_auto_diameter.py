@@ -50,8 +50,11 @@ def main() -> None:
             m = matching_scores(labels, gt, (0.5,))[0.5]
             counts[s] = (m.tp, m.fp, m.fn)
         rows.append({"name": name, "estimate": est, "counts": {str(k): v for k, v in counts.items()}})
-        print(f"[{i + 1}/{len(names)}] {name[:12]} est {est:.1f} " + " ".join(
-            f"{s}:{c[0] / max(1, sum(c)):.2f}" for s, c in counts.items()), flush=True)
+        print(
+            f"[{i + 1}/{len(names)}] {name[:12]} est {est:.1f} "
+            + " ".join(f"{s}:{c[0] / max(1, sum(c)):.2f}" for s, c in counts.items()),
+            flush=True,
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     report(rows)

@@ -61,38 +61,80 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--no-augment", action="store_true", help="no flips, rescaling or intensity changes")
-    p.add_argument("--target-diameter", type=float, default=None,
-                   help="rescale each image so its median object diameter is this many pixels before the "
-                   "random 0.5-2x rescaling (default: images as they are)")
-    p.add_argument("--blur-prob", type=float, default=0.0,  # sigma: core.training_data.AugmentConfig
-                   help="fraction of crops blurred by a Gaussian of 0.5-2 px (out-of-focus nuclei; "
-                   "default 0)")
-    p.add_argument("--p-sigma-max", type=float, default=0.5,
-                   help="fraction of samples trained at sigma_max (the one-step inference point)")
-    p.add_argument("--p-no-context", type=float, default=0.5,
-                   help="fraction of samples trained without a context (the plain segmentation use)")
-    p.add_argument("--weighting", default="unit", choices=["unit", "schedule"],
-                   help="loss weight: unit (1/c_out^2, default) or the schedule's (as the original)")
-    p.add_argument("--p-other-reference", type=float, default=0.0,
-                   help="fraction of context references taken from another image of the same size and "
-                   "modality (default 0: a crop of the same image)")
-    p.add_argument("--image-sampling", default="sqrt-area",
-                   choices=["sqrt-area", "area"],  # core.training_data.IMAGE_SAMPLING
-                   help="how often each image is drawn: sqrt-area (default) or area (its area after "
-                   "--target-diameter rescaling, so every object is about equally likely)")
+    p.add_argument(
+        "--target-diameter",
+        type=float,
+        default=None,
+        help="rescale each image so its median object diameter is this many pixels before the "
+        "random 0.5-2x rescaling (default: images as they are)",
+    )
+    p.add_argument(
+        "--blur-prob",
+        type=float,
+        default=0.0,  # sigma: core.training_data.AugmentConfig
+        help="fraction of crops blurred by a Gaussian of 0.5-2 px (out-of-focus nuclei; default 0)",
+    )
+    p.add_argument(
+        "--p-sigma-max",
+        type=float,
+        default=0.5,
+        help="fraction of samples trained at sigma_max (the one-step inference point)",
+    )
+    p.add_argument(
+        "--p-no-context",
+        type=float,
+        default=0.5,
+        help="fraction of samples trained without a context (the plain segmentation use)",
+    )
+    p.add_argument(
+        "--weighting",
+        default="unit",
+        choices=["unit", "schedule"],
+        help="loss weight: unit (1/c_out^2, default) or the schedule's (as the original)",
+    )
+    p.add_argument(
+        "--p-other-reference",
+        type=float,
+        default=0.0,
+        help="fraction of context references taken from another image of the same size and "
+        "modality (default 0: a crop of the same image)",
+    )
+    p.add_argument(
+        "--image-sampling",
+        default="sqrt-area",
+        choices=["sqrt-area", "area"],  # core.training_data.IMAGE_SAMPLING
+        help="how often each image is drawn: sqrt-area (default) or area (its area after "
+        "--target-diameter rescaling, so every object is about equally likely)",
+    )
     p.add_argument("--resume", type=Path, help="training state to continue from")
     p.add_argument("--state", type=Path, help="where to write the resumable training state")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also write the checkpoint every N steps")
     p.add_argument("--half", action="store_true", help="store weights as float16")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],  # core.training.PRECISIONS
-                   help="training arithmetic: fp32 (default) or bf16 autocast (faster on CPUs with "
-                   "AVX-512 BF16 or AMX and on recent GPUs)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (default: all cores; 1 is faster on a busy machine)")
-    p.add_argument("--loader-workers", type=int, default=0,
-                   help="processes that load images and draw batches (default 0: none; use on a GPU)")
-    p.add_argument("--time-budget-min", type=float, default=0.0,
-                   help="stop after this many minutes of training (the learning rate decays by time)")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],  # core.training.PRECISIONS
+        help="training arithmetic: fp32 (default) or bf16 autocast (faster on CPUs with "
+        "AVX-512 BF16 or AMX and on recent GPUs)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for torch (default: all cores; 1 is faster on a busy machine)",
+    )
+    p.add_argument(
+        "--loader-workers",
+        type=int,
+        default=0,
+        help="processes that load images and draw batches (default 0: none; use on a GPU)",
+    )
+    p.add_argument(
+        "--time-budget-min",
+        type=float,
+        default=0.0,
+        help="stop after this many minutes of training (the learning rate decays by time)",
+    )
     _add_device(p)
 
 

@@ -150,9 +150,14 @@ def test_sampling_declaration_round_trips_and_malformed_ones_are_refused(tmp_pat
     model, path = _save(tmp_path, sampling=SAMPLING)
     assert read_info(path).sampling == SAMPLING
     assert load_checkpoint(path)[1].sampling == SAMPLING  # kept when the weights are loaded too
-    for bad in ({"solvers": [], "max_steps": 2}, {"solvers": ["edf"], "max_steps": 0},
-                {"solvers": "edf", "max_steps": 2}, {"solvers": ["edf"], "max_steps": True}, ["edf"],
-                {"solvers": ["eular"], "max_steps": 2}):
+    for bad in (
+        {"solvers": [], "max_steps": 2},
+        {"solvers": ["edf"], "max_steps": 0},
+        {"solvers": "edf", "max_steps": 2},
+        {"solvers": ["edf"], "max_steps": True},
+        ["edf"],
+        {"solvers": ["eular"], "max_steps": 2},
+    ):
         with pytest.raises(CheckpointError, match="sampling"):
             save_checkpoint(tmp_path / "bad.safetensors", model, sigma_data=1.0, sampling=bad)
     # a file whose declaration is not JSON, or not a valid one, is refused on reading

@@ -99,8 +99,8 @@ def _evil_pickles(marker: Path) -> dict[str, bytes]:
     return {
         "os.system (protocol 0)": f"cos\nsystem\n(S'{cmd}'\ntR.".encode(),
         "posix.system (protocol 5)": pickle.dumps(Evil(), protocol=5),
-        "builtins.eval": f"cbuiltins\neval\n(S'__import__(\"os\").system(\"{cmd}\")'\ntR.".encode(),
-        "builtins.exec": f"cbuiltins\nexec\n(S'open(\"{marker}\", \"w\")'\ntR.".encode(),
+        "builtins.eval": f'cbuiltins\neval\n(S\'__import__("os").system("{cmd}")\'\ntR.'.encode(),
+        "builtins.exec": f'cbuiltins\nexec\n(S\'open("{marker}", "w")\'\ntR.'.encode(),
         "subprocess.call": f"csubprocess\ncall\n((lS'touch'\naS'{marker}'\natR.".encode(),
         "numpy method by dotted name": f"cnumpy\nndarray.tofile\n(S'{marker}'\ntR.".encode(),
         "numpy.load": f"cnumpy\nload\n(S'{marker}'\ntR.".encode(),
@@ -190,8 +190,10 @@ def test_infer_config_recovers_the_full_size_original_defaults(kind: str) -> Non
     with torch.device("meta"):  # shapes only: zero-stride arrays stand in for the 179 M weights
         model = build_model(MODEL_KINDS[kind]())
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    params = {fkey: _to_flax(rule, np.broadcast_to(np.float32(0), shapes[tkey]), module)
-              for tkey, fkey, rule, module in _pairs(model)}
+    params = {
+        fkey: _to_flax(rule, np.broadcast_to(np.float32(0), shapes[tkey]), module)
+        for tkey, fkey, rule, module in _pairs(model)
+    }
     assert infer_config(kind, params) == MODEL_KINDS[kind]()
 
 
@@ -245,12 +247,20 @@ def _fake_flax_pickle(path: Path, monkeypatch: pytest.MonkeyPatch, root: str) ->
         return obj
 
     a, b = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((1, 4), np.float32)
-    net = make(Module, layers=[make(Module, kernel=make(Param, raw_value=a, _var_metadata={}))],
-               ref_emb=make(Param, raw_value=b), freqs=np.ones(2, np.float32),
-               rngs=make(Module, key=make(RngKey, raw_value=np.zeros(2, np.uint32))), _object__state=None)
+    net = make(
+        Module,
+        layers=[make(Module, kernel=make(Param, raw_value=a, _var_metadata={}))],
+        ref_emb=make(Param, raw_value=b),
+        freqs=np.ones(2, np.float32),
+        rngs=make(Module, key=make(RngKey, raw_value=np.zeros(2, np.uint32))),
+        _object__state=None,
+    )
     opt_state = (make(Module, mu=make(Param, raw_value=a + 1)),)
-    obj = {"optimizer": make(Optimizer, model=net, opt_state=opt_state), "module": net,
-           "optimizer without model": make(Optimizer, opt_state=opt_state)}[root]
+    obj = {
+        "optimizer": make(Optimizer, model=net, opt_state=opt_state),
+        "module": net,
+        "optimizer without model": make(Optimizer, opt_state=opt_state),
+    }[root]
     with monkeypatch.context() as m:
         for name, mod in modules.items():
             m.setitem(sys.modules, name, mod)

@@ -217,8 +217,13 @@ def test_ctxsegp_skips_the_references_of_no_context_samples() -> None:
         out = m(x4, c4, image=im4, image_ref=ir4, flow_ref=fr4, ref_mask=mask4, context_weight=weight)
         none = m(x4, c4, image=im4)
         dense = m(
-            x4[[0, 2]], c4[[0, 2]], image=im4[[0, 2]], image_ref=ir4[[0, 2]], flow_ref=fr4[[0, 2]],
-            ref_mask=mask4[[0, 2]], context_weight=weight[[0, 2]],
+            x4[[0, 2]],
+            c4[[0, 2]],
+            image=im4[[0, 2]],
+            image_ref=ir4[[0, 2]],
+            flow_ref=fr4[[0, 2]],
+            ref_mask=mask4[[0, 2]],
+            context_weight=weight[[0, 2]],
         )
         zero = m(x4, c4, image=im4, image_ref=ir4, flow_ref=fr4, context_weight=torch.zeros(4))
     torch.testing.assert_close(out[[1, 3]], none[[1, 3]], rtol=1e-5, atol=1e-5)

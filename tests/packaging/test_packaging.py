@@ -46,6 +46,15 @@ def test_layering_contracts_hold() -> None:
     assert "0 broken" in r.stdout
 
 
+@pytest.mark.parametrize("check", [("check",), ("format", "--check")], ids=["lint", "format"])
+def test_code_is_ruff_clean(check: tuple[str, ...]) -> None:
+    ruff = Path(sys.executable).with_name("ruff")
+    if not ruff.exists():
+        pytest.skip("ruff not installed")
+    r = _run(str(ruff), *check, "src", "tests", "benchmarks", "scripts", cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
 def test_ci_runs_the_readme_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
     commands = [c.strip() for c in re.findall(r"```bash\n(.+?)\n\s*```", readme, flags=re.S)]

@@ -39,8 +39,12 @@ def test_pickle_converts_and_predicts_like_the_original(name: str, tmp_path: Pat
     assert info.path == dst and info.kind == "ctxseg-p" and info.config == CONFIGS["ctxsegp"]
     assert info.sha256 == file_sha256(dst)
     assert info.provenance == {
-        "converted_from": name, "source_sha256": file_sha256(src), "source_format": PICKLES[name],
-        "converter": f"napari-ctxseg {__version__}", "overrides": SMALL_CTX, "stored_dtype": "float32",
+        "converted_from": name,
+        "source_sha256": file_sha256(src),
+        "source_format": PICKLES[name],
+        "converter": f"napari-ctxseg {__version__}",
+        "overrides": SMALL_CTX,
+        "stored_dtype": "float32",
     }
     assert sorted(p.name for p in dst.parent.iterdir()) == [dst.name]  # no temporary files left
 
@@ -51,16 +55,23 @@ def test_pickle_converts_and_predicts_like_the_original(name: str, tmp_path: Pat
     image_ref, flow_ref = t(io["input.image_ref"]), t(io["input.flow_ref"])
     ref_mask = torch.from_numpy(io["input.ref_mask"])
     close(m.predict(x_t, c, m.prepare(image)), io["output.predict_noref"])
-    close(m.predict(x_t, c, m.prepare(image, m.encode_context(image_ref, flow_ref, ref_mask))),
-          io["output.predict_ref_mask"])
+    close(
+        m.predict(x_t, c, m.prepare(image, m.encode_context(image_ref, flow_ref, ref_mask))),
+        io["output.predict_ref_mask"],
+    )
 
 
 @pytest.mark.parametrize("name", list(KINDS))
 def test_npz_converts_to_the_same_weights(name: str, tmp_path: Path) -> None:
     dst = tmp_path / f"{name}.safetensors"
     overrides = SMALL_CTX if name.startswith("ctx") else None
-    info = convert_flax_checkpoint(parity_path("models", f"{name}.params.npz"), dst, kind=KINDS[name],
-                                   overrides=overrides, sigma_data=0.5)
+    info = convert_flax_checkpoint(
+        parity_path("models", f"{name}.params.npz"),
+        dst,
+        kind=KINDS[name],
+        overrides=overrides,
+        sigma_data=0.5,
+    )
     assert info.config == CONFIGS[name] and info.sigma_data == 0.5
     assert info.provenance["source_format"] == "npz"
     m, _ = load_checkpoint(dst)
@@ -98,8 +109,12 @@ def test_half_refuses_weights_outside_float16(tmp_path: Path) -> None:
 def test_untrusted_pickle_is_refused(tmp_path: Path) -> None:
     dst = tmp_path / "m.safetensors"
     with pytest.raises(CheckpointError, match="trust"):
-        convert_flax_checkpoint(parity_path("ckpt", "ctxsegp_small.state.flax-0.11.2.pkl"), dst,
-                                kind="ctxseg-p", overrides=SMALL_CTX)
+        convert_flax_checkpoint(
+            parity_path("ckpt", "ctxsegp_small.state.flax-0.11.2.pkl"),
+            dst,
+            kind="ctxseg-p",
+            overrides=SMALL_CTX,
+        )
     assert not dst.exists()
 
 
@@ -107,16 +122,20 @@ def test_wrong_kind_names_the_problem_and_keeps_an_existing_file(tmp_path: Path)
     dst = tmp_path / "m.safetensors"
     dst.write_bytes(b"old")
     with pytest.raises(CheckpointError, match=r"ctxseg-p.*look like a seg-d model"):
-        convert_flax_checkpoint(parity_path("models", "segd.params.npz"), dst, kind="ctxseg-p",
-                                overrides=SMALL_CTX)
+        convert_flax_checkpoint(
+            parity_path("models", "segd.params.npz"), dst, kind="ctxseg-p", overrides=SMALL_CTX
+        )
     assert dst.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 
 
 def test_missing_ctx_head_dim_is_asked_for(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="--ctx-head-dim"):
-        convert_pickle(parity_path("ckpt", "ctxsegp_small.state.flax-0.10.7.pkl"),
-                       tmp_path / "m.safetensors", kind="ctxseg-p")
+        convert_pickle(
+            parity_path("ckpt", "ctxsegp_small.state.flax-0.10.7.pkl"),
+            tmp_path / "m.safetensors",
+            kind="ctxseg-p",
+        )
 
 
 def test_truncated_pickle(tmp_path: Path) -> None:

@@ -38,8 +38,9 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_checkpoint(path, build_model(PRESETS["tiny"]).eval(), sigma_data=1.0)
 
 
-def discs(shape: tuple[int, int] = (96, 96), centres: tuple = ((30, 30), (60, 64)), r: int = 8
-          ) -> tuple[np.ndarray, np.ndarray]:
+def discs(
+    shape: tuple[int, int] = (96, 96), centres: tuple = ((30, 30), (60, 64)), r: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
     """An image of bright discs and their labels."""
     yy, xx = np.mgrid[: shape[0], : shape[1]]
     labels = np.zeros(shape, np.int32)
@@ -49,13 +50,19 @@ def discs(shape: tuple[int, int] = (96, 96), centres: tuple = ((30, 30), (60, 64
     return image.astype(np.float32), labels
 
 
-@pytest.mark.parametrize(("make", "message"), [
-    (lambda im, lab: [(im, lab[:80], None, "cells")], "cells: labels shape (80, 96) does not match image"),
-    (lambda im, lab: [(im, np.zeros_like(lab), None, "cells")], "no annotated objects"),
-    (lambda im, lab: [(im, lab, np.zeros(lab.shape, bool), "cells")], "region mask is all zero"),
-    (lambda im, lab: [(im, lab, np.ones((5, 5), bool), "cells")], "region mask shape (5, 5)"),
-    (lambda im, lab: [], "no training data"),
-])
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda im, lab: [(im, lab[:80], None, "cells")],
+            "cells: labels shape (80, 96) does not match image",
+        ),
+        (lambda im, lab: [(im, np.zeros_like(lab), None, "cells")], "no annotated objects"),
+        (lambda im, lab: [(im, lab, np.zeros(lab.shape, bool), "cells")], "region mask is all zero"),
+        (lambda im, lab: [(im, lab, np.ones((5, 5), bool), "cells")], "region mask shape (5, 5)"),
+        (lambda im, lab: [], "no training data"),
+    ],
+)
 def test_bad_input_raises_clear_input_error(make, message) -> None:
     image, labels = discs()
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -67,8 +74,9 @@ def test_bad_base_or_crop_size(tiny_base: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not found"):
         finetune_request_from_arrays([(image, labels, None, "a")], base=tmp_path / "missing.safetensors")
     with pytest.raises(ConfigError, match="multiple of the model stride 32"):
-        finetune_request_from_arrays([(image, labels, None, "a")], base=tiny_base,
-                                     settings=FinetuneSettings(crop_size=48))
+        finetune_request_from_arrays(
+            [(image, labels, None, "a")], base=tiny_base, settings=FinetuneSettings(crop_size=48)
+        )
     with pytest.raises(ConfigError, match="validation fraction"):
         finetune_request_from_arrays([(image, labels, None, "a")], base=tiny_base, val_fraction=1.5)
     with pytest.raises(ConfigError, match="unknown fine-tune setting"):
@@ -80,8 +88,12 @@ def test_few_objects_in_a_large_image_are_focused_and_recorded(tiny_base: Path, 
     region = np.zeros(labels.shape, bool)
     region[180:260, 280:360] = True
     pair = TrainingPair(image, labels, region, "big", ("img", "lab", "done"))
-    req = finetune_request_from_arrays([pair], base=tiny_base, output=tmp_path / "o.safetensors",
-                                       settings=FinetuneSettings(crop_size=64, margin=16, val_fraction=0.25))
+    req = finetune_request_from_arrays(
+        [pair],
+        base=tiny_base,
+        output=tmp_path / "o.safetensors",
+        settings=FinetuneSettings(crop_size=64, margin=16, val_fraction=0.25),
+    )
     (train,), (val,) = req.train_images, req.val_images
     assert train.shape[1] == 112 and train.shape[0] + val.shape[0] == 112  # 80 + 2 * 16, split on rows
     assert train.region.mean() > 0.4 and (train.labels > 0).any()
@@ -107,9 +119,12 @@ def test_run_writes_loadable_checkpoint_with_provenance(tiny_base: Path, tmp_pat
     from napari_ctxseg.core.checkpoint import load_checkpoint
 
     image, labels = discs()
-    req = finetune_request_from_arrays([TrainingPair(image, labels, None, "a", ("nuclei", "nuclei_labels"))],
-                                       base=tiny_base, output=tmp_path / "ft.safetensors",
-                                       settings=FinetuneSettings(**FAST))
+    req = finetune_request_from_arrays(
+        [TrainingPair(image, labels, None, "a", ("nuclei", "nuclei_labels"))],
+        base=tiny_base,
+        output=tmp_path / "ft.safetensors",
+        settings=FinetuneSettings(**FAST),
+    )
     gen = run_finetune(req, threads=1)
     steps = []
     while True:
@@ -139,8 +154,12 @@ def test_cancel_and_time_budget_keep_the_best_weights(tiny_base: Path, tmp_path:
 
     image, labels = discs()
     settings = FinetuneSettings(**{**FAST, "steps": 1000})
-    req = finetune_request_from_arrays([(image, labels, None, "a")], base=tiny_base,
-                                       output=tmp_path / "cancel.safetensors", settings=settings)
+    req = finetune_request_from_arrays(
+        [(image, labels, None, "a")],
+        base=tiny_base,
+        output=tmp_path / "cancel.safetensors",
+        settings=settings,
+    )
     _, result = _drain(run_finetune(req, should_stop=lambda: True))
     assert result.path is None and result.stopped == "cancelled" and not req.output.exists()
 

@@ -159,8 +159,18 @@ def test_auto_diameter_measures_the_context_labels_without_a_probe_pass(tiny_che
 
     image, labels = blobs((96, 96), seed=1)
     events = []
-    r = run_to_end(segment_steps(SegmentRequest(image, checkpoint=str(tiny_checkpoint), device="cpu",
-                                                context_image=image, context_labels=labels)), events.append)
+    r = run_to_end(
+        segment_steps(
+            SegmentRequest(
+                image,
+                checkpoint=str(tiny_checkpoint),
+                device="cpu",
+                context_image=image,
+                context_labels=labels,
+            )
+        ),
+        events.append,
+    )
     stages = [e.stage for e in events]
     assert "size" not in stages  # the annotated objects tell the size: nothing extra runs
     measured = median_diameter(labels)
@@ -185,7 +195,7 @@ def test_auto_diameter_probe_pass_then_rescaled_run(tiny_checkpoint, monkeypatch
     events = []
     r = run_to_end(segment_steps(SegmentRequest(image, **kw)), events.append)
     stages = [e.stage for e in events]
-    assert stages[0] == "size" and "denoise" in stages[stages.count("size"):]
+    assert stages[0] == "size" and "denoise" in stages[stages.count("size") :]
     assert r.scale == pytest.approx(seg.auto_scale(10.0)) == pytest.approx(2.0)
     assert r.metadata["measured_diameter"] == 10.0
     assert r.labels.shape == image.shape and r.flows_model_scale.shape[-2:] == (192, 192)

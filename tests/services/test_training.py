@@ -132,7 +132,7 @@ def test_target_diameter_brings_every_image_to_one_object_size() -> None:
 
 
 def test_area_sampling_draws_images_by_rescaled_area() -> None:
-    """"area" draws each image by its area after the target-diameter rescaling (every object about equally
+    """ "area" draws each image by its area after the target-diameter rescaling (every object about equally
     likely); the default draws by the square root of the pixel count."""
     yy, xx = np.mgrid[:64, :64]
     small = np.zeros((64, 64), np.int32)  # ~10 px discs: rescaled 2x, 4x the area of the other image
@@ -211,8 +211,9 @@ def test_time_budget_stops_early_as_a_complete_run_with_a_decayed_rate(tmp_path,
     # progress is the larger of the step and time fractions: half the budget is half the cosine
     assert _lr_at(5, cfg, elapsed_s=0.5) == pytest.approx(cfg.lr * 0.55, rel=1e-3)
     assert _lr_at(5, cfg, elapsed_s=5.0) == pytest.approx(cfg.lr * 0.1)
-    req = TrainRequest(output=tmp_path / "t.safetensors", train_images=_images(), preset="tiny",
-                       config=cfg, device="cpu")
+    req = TrainRequest(
+        output=tmp_path / "t.safetensors", train_images=_images(), preset="tiny", config=cfg, device="cpu"
+    )
     progress, path = _run(req)
     assert 5 <= len(progress) <= 20
     assert progress[-1].total == progress[-1].step and progress[-1].eta_s == 0.0

@@ -68,9 +68,14 @@ def test_widget_shows_library_scores_and_adds_class_layers(make_napari_viewer: A
     np.testing.assert_allclose(classes.features["iou"], [1, 1 / 3, 0])
     assert classes.features["matched_gt"].tolist() == [1, 0, 0]
     assert classes.features["best_gt"].tolist() == [1, 2, 0]
-    np.testing.assert_allclose(classes.colormap.map(np.array([5, 9])),
-                               [np.r_[int(c[1:3], 16), int(c[3:5], 16), int(c[5:7], 16), 255] / 255
-                                for c in (CLASS_COLORS["TP"], CLASS_COLORS["FP"])], atol=1e-6)
+    np.testing.assert_allclose(
+        classes.colormap.map(np.array([5, 9])),
+        [
+            np.r_[int(c[1:3], 16), int(c[3:5], 16), int(c[5:7], 16), 255] / 255
+            for c in (CLASS_COLORS["TP"], CLASS_COLORS["FP"])
+        ],
+        atol=1e-6,
+    )
     np.testing.assert_allclose(classes.scale, (2.0, 2.0))
     np.testing.assert_array_equal(p.data, literal_pair()[0])  # the user's layers are untouched
     np.testing.assert_array_equal(g.data, literal_pair()[1])

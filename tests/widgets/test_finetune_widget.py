@@ -21,8 +21,11 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from napari_ctxseg.services.models import PRESETS
 
     torch.manual_seed(0)
-    return save_checkpoint(tmp_path_factory.mktemp("base") / "tiny.safetensors",
-                           build_model(PRESETS["tiny"]).eval(), sigma_data=1.0)
+    return save_checkpoint(
+        tmp_path_factory.mktemp("base") / "tiny.safetensors",
+        build_model(PRESETS["tiny"]).eval(),
+        sigma_data=1.0,
+    )
 
 
 def discs(shape: tuple[int, int] = (96, 96)) -> tuple[np.ndarray, np.ndarray]:
@@ -114,8 +117,10 @@ def test_cancel_mid_run_keeps_the_best_weights_and_event_loop_stays_responsive(w
     _, info = load_checkpoint(result.path)
     assert info.provenance["complete"] is False and info.provenance["steps_done"] == result.steps_done
     median, worst = statistics.median(lags) * 1e3, max(lags) * 1e3
-    print(f"\nevent-loop lag during training (50 ms timer, {len(lags)} ticks): median {median:.1f} ms, "
-          f"max {worst:.1f} ms")
+    print(
+        f"\nevent-loop lag during training (50 ms timer, {len(lags)} ticks): median {median:.1f} ms, "
+        f"max {worst:.1f} ms"
+    )
     assert median < 100  # the GUI thread is not blocked by training
 
 
@@ -133,14 +138,21 @@ def test_time_budget_stops_training_in_bfloat16(widget, qtbot) -> None:
     assert read_info(widget.result.path).provenance["train_config"]["precision"] == "bf16"
 
 
-@pytest.mark.parametrize(("setup", "message"), [
-    (lambda v: v.layers["cells_labels"].__setattr__("data", np.zeros((80, 96), np.int32)),
-     "cells / cells_labels: labels shape (80, 96) does not match image shape (96, 96)"),
-    (lambda v: v.layers["cells_labels"].__setattr__("data", np.zeros((96, 96), np.int32)),
-     "the labels contain no annotated objects"),
-    (lambda v: v.add_labels(np.zeros((96, 96), np.int32), name="region"), "the region mask is all zero"),
-    (lambda v: v.layers.remove("cells_labels"), "choose an image layer and a labels layer"),
-])
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (
+            lambda v: v.layers["cells_labels"].__setattr__("data", np.zeros((80, 96), np.int32)),
+            "cells / cells_labels: labels shape (80, 96) does not match image shape (96, 96)",
+        ),
+        (
+            lambda v: v.layers["cells_labels"].__setattr__("data", np.zeros((96, 96), np.int32)),
+            "the labels contain no annotated objects",
+        ),
+        (lambda v: v.add_labels(np.zeros((96, 96), np.int32), name="region"), "the region mask is all zero"),
+        (lambda v: v.layers.remove("cells_labels"), "choose an image layer and a labels layer"),
+    ],
+)
 def test_bad_input_shows_a_clear_error_and_runs_nothing(widget, setup, message) -> None:
     setup(widget.viewer)
     widget._refresh_layers()

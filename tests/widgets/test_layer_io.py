@@ -49,8 +49,9 @@ def planes_result(n_planes: int = 2, **snap: Any) -> _results.PlanesResult:
 
 
 def test_snapshot_is_a_copy_with_placement() -> None:
-    layer = Image(np.ones((2, 16, 20, 3), np.uint8), name="rgb", rgb=True, scale=(3, 2, 2),
-                  translate=(0, 5, 6))
+    layer = Image(
+        np.ones((2, 16, 20, 3), np.uint8), name="rgb", rgb=True, scale=(3, 2, 2), translate=(0, 5, 6)
+    )
     snap = snapshot_layer(layer)
     layer.data[...] = 0
     assert snap.data.max() == 1 and snap.rgb and snap.name == "rgb"
@@ -119,8 +120,13 @@ def test_context_from_a_field_of_view_output_is_pasted_in_place() -> None:
     image = Image(np.zeros((40, 50)), name="img", scale=(2, 2), translate=(1, 1))
     crop = np.zeros((10, 20), np.uint32)
     crop[2:6, 2:6] = 1
-    fov = Labels(crop, name="out", scale=(2, 2), translate=(1 + 2 * 5, 1 + 2 * 8),
-                 metadata={"ctxseg": {"field_of_view": (5, 8, 15, 28)}})
+    fov = Labels(
+        crop,
+        name="out",
+        scale=(2, 2),
+        translate=(1 + 2 * 5, 1 + 2 * 8),
+        metadata={"ctxseg": {"field_of_view": (5, 8, 15, 28)}},
+    )
     ctx = context_from_layers(image, fov)
     assert ctx.labels.shape == (40, 50) and ctx.labels[7:11, 10:14].all() and ctx.labels.sum() == 16
     assert ctx.region.sum() == 200 and ctx.region[5:15, 8:28].all()
@@ -177,8 +183,9 @@ def list_result(gen: Any) -> Any:
             return stop.value
 
 
-def test_runtime_errors_surface_as_ctxseg_errors(tiny_checkpoint: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_runtime_errors_surface_as_ctxseg_errors(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import napari_ctxseg.services.segment as seg
 
     def oom(*_: Any, **__: Any) -> Any:
@@ -226,9 +233,11 @@ def test_stitched_planes_give_one_label_and_one_row_per_object() -> None:
 def test_result_layer_data() -> None:
     res = planes_result(2, scale=(5, 2, 2), translate=(0, 3, 4))
     out = _results.result_layer_data(res, flow=True, disagreement=True)
-    assert [(kw["name"], kind) for _, kw, kind in out] == [("stack ctxseg labels", "labels"),
-                                                           ("stack ctxseg flow", "image"),
-                                                           ("stack ctxseg disagreement", "image")]
+    assert [(kw["name"], kind) for _, kw, kind in out] == [
+        ("stack ctxseg labels", "labels"),
+        ("stack ctxseg flow", "image"),
+        ("stack ctxseg disagreement", "image"),
+    ]
     (labels, kw, _), (flow, fkw, _), (dis, _, _) = out
     assert labels.shape == (2, 40, 40) and flow.shape == (2, 40, 40, 3) and dis.shape == (2, 40, 40)
     assert kw["scale"] == fkw["scale"] == (5.0, 2.0, 2.0) and kw["translate"] == (0.0, 3.0, 4.0)

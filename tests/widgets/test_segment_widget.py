@@ -78,8 +78,9 @@ def test_run_adds_labels_with_features_and_provenance(qtbot: Any, segment_widget
     assert widget.run_button.text == "Run" and widget._settings.enabled
 
 
-def test_snapshot_protects_against_layer_changes_mid_run(qtbot: Any, segment_widget: Any,
-                                                         slow_segment: dict[str, int]) -> None:
+def test_snapshot_protects_against_layer_changes_mid_run(
+    qtbot: Any, segment_widget: Any, slow_segment: dict[str, int]
+) -> None:
     viewer, widget, layer = segment_widget(translate=(5.0, 5.0))
     other = viewer.add_image(np.zeros((64, 64), np.float32), name="other", translate=(100.0, 100.0))
     widget.image.value = layer
@@ -94,8 +95,9 @@ def test_snapshot_protects_against_layer_changes_mid_run(qtbot: Any, segment_wid
     np.testing.assert_allclose(out.translate, (5.0, 5.0))
 
 
-def test_cancel_mid_run_leaves_no_layer(qtbot: Any, segment_widget: Any,
-                                        slow_segment: dict[str, int]) -> None:
+def test_cancel_mid_run_leaves_no_layer(
+    qtbot: Any, segment_widget: Any, slow_segment: dict[str, int]
+) -> None:
     viewer, widget, _ = segment_widget()
     widget.steps.value = 6
     widget.run_button.native.click()
@@ -127,8 +129,9 @@ def test_context_with_region_on_the_current_image(qtbot: Any, segment_widget: An
     ctx = np.zeros((128, 128), np.uint16)
     ctx[20:30, 20:30], ctx[50:62, 40:50] = 1, 2
     labels = viewer.add_labels(ctx, name="partial")
-    region = viewer.add_shapes([np.array([[10, 10], [10, 70], [70, 70], [70, 10]])], shape_type="rectangle",
-                               name="done here")
+    region = viewer.add_shapes(
+        [np.array([[10, 10], [10, 70], [70, 70], [70, 10]])], shape_type="rectangle", name="done here"
+    )
     widget.ctx_image.value, widget.ctx_labels.value, widget.ctx_region.value = layer, labels, region
     run_and_wait(qtbot, widget)
     assert widget.error.value == ""
@@ -145,8 +148,9 @@ def test_pickle_checkpoint_is_refused_with_a_hint(qtbot: Any, segment_widget: An
     assert len(viewer.layers) == 1
 
 
-def test_closing_the_viewer_during_a_run_does_not_crash(qtbot: Any, segment_widget: Any,
-                                                        slow_segment: dict[str, int]) -> None:
+def test_closing_the_viewer_during_a_run_does_not_crash(
+    qtbot: Any, segment_widget: Any, slow_segment: dict[str, int]
+) -> None:
     viewer, widget, _ = segment_widget()
     widget.steps.value = 6
     widget.run_button.native.click()
@@ -185,8 +189,9 @@ def test_stack_gives_a_3d_labels_layer(qtbot: Any, segment_widget: Any) -> None:
     assert stitched.features["area"].sum() == per_plane_area == (stitched.data > 0).sum()
 
 
-def test_rethreshold_updates_labels_without_the_network(qtbot: Any, segment_widget: Any,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rethreshold_updates_labels_without_the_network(
+    qtbot: Any, segment_widget: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     viewer, widget, _ = segment_widget()
     run_and_wait(qtbot, widget)
     labels = viewer.layers["cells ctxseg labels"]
@@ -247,8 +252,9 @@ def test_sample_data_opens_through_the_manifest(make_napari_viewer: Any) -> None
     assert isinstance(viewer.layers["context labels"], Labels)
 
 
-def test_auto_size_is_reported_after_the_run(qtbot: Any, segment_widget: Any, monkeypatch: pytest.MonkeyPatch
-                                             ) -> None:
+def test_auto_size_is_reported_after_the_run(
+    qtbot: Any, segment_widget: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import napari_ctxseg.services.segment as seg
 
     monkeypatch.setattr(seg, "median_diameter", lambda labels: 10.0)  # small objects, whatever was found

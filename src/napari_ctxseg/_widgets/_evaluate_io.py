@@ -60,27 +60,53 @@ def evaluate_labels(pred: np.ndarray, gt: np.ndarray, threshold: float = 0.5) ->
     original.update(pred, gt)
     dice = float(original.compute(threshold)["instance_dice"])  # type: ignore[index]
     reverse = per_object_iou(gt, pred, threshold)  # every ground-truth object's best IoU
-    return Evaluation(float(threshold), scores.tp, scores.fp, scores.fn, scores.ap, scores.f1, dice, matches,
-                      reverse.pred_labels, reverse.best_iou)
+    return Evaluation(
+        float(threshold),
+        scores.tp,
+        scores.fp,
+        scores.fn,
+        scores.ap,
+        scores.f1,
+        dice,
+        matches,
+        reverse.pred_labels,
+        reverse.best_iou,
+    )
 
 
-def _class_layer(labels: np.ndarray, ids: np.ndarray, iou: np.ndarray, classes: np.ndarray, keep: np.ndarray,
-                 kwargs: dict[str, Any], extra: dict[str, np.ndarray] | None = None
-                 ) -> tuple[np.ndarray, dict[str, Any], str]:
+def _class_layer(
+    labels: np.ndarray,
+    ids: np.ndarray,
+    iou: np.ndarray,
+    classes: np.ndarray,
+    keep: np.ndarray,
+    kwargs: dict[str, Any],
+    extra: dict[str, np.ndarray] | None = None,
+) -> tuple[np.ndarray, dict[str, Any], str]:
     from napari.utils.colormaps import DirectLabelColormap
 
     data = np.where(np.isin(labels, ids[keep]), labels, 0)
     colors: dict[Any, Any] = {None: "transparent", 0: "transparent"}
     colors.update({int(i): CLASS_COLORS[c] for i, c in zip(ids[keep], classes[keep])})
-    features = {"index": ids[keep], "iou": iou[keep], "class": classes[keep],
-                **{k: v[keep] for k, v in (extra or {}).items()}}
+    features = {
+        "index": ids[keep],
+        "iou": iou[keep],
+        "class": classes[keep],
+        **{k: v[keep] for k, v in (extra or {}).items()},
+    }
     kwargs = {**kwargs, "features": features, "colormap": DirectLabelColormap(color_dict=colors)}
     return data, kwargs, "labels"
 
 
-def evaluation_layer_data(ev: Evaluation, pred: np.ndarray, gt: np.ndarray, *, names: tuple[str, str],
-                          pred_place: dict[str, Any], gt_place: dict[str, Any]
-                          ) -> list[tuple[np.ndarray, dict[str, Any], str]]:
+def evaluation_layer_data(
+    ev: Evaluation,
+    pred: np.ndarray,
+    gt: np.ndarray,
+    *,
+    names: tuple[str, str],
+    pred_place: dict[str, Any],
+    gt_place: dict[str, Any],
+) -> list[tuple[np.ndarray, dict[str, Any], str]]:
     """Two new labels layers: predicted objects coloured TP/FP, and the missed ground-truth objects (FN).
 
     Each keeps its objects' own label values; ``features`` hold ``index``, ``iou`` (best IoU with the other
@@ -90,13 +116,36 @@ def evaluation_layer_data(ev: Evaluation, pred: np.ndarray, gt: np.ndarray, *, n
     m = ev.matches
     pred_cls = np.where(m.is_tp, "TP", "FP")
     gt_cls = np.where(np.isin(ev.gt_ids, m.fn_labels), "FN", "TP")
-    meta = {"ctxseg_evaluation": {"threshold": ev.threshold, "tp": ev.tp, "fp": ev.fp, "fn": ev.fn,
-                                  "ap": ev.ap, "f1": ev.f1, "instance_dice": ev.dice,
-                                  "prediction": names[0], "ground_truth": names[1]}}
+    meta = {
+        "ctxseg_evaluation": {
+            "threshold": ev.threshold,
+            "tp": ev.tp,
+            "fp": ev.fp,
+            "fn": ev.fn,
+            "ap": ev.ap,
+            "f1": ev.f1,
+            "instance_dice": ev.dice,
+            "prediction": names[0],
+            "ground_truth": names[1],
+        }
+    }
     extra = {"best_gt": m.best_gt, "matched_gt": m.matched_gt}
     return [
-        _class_layer(np.asarray(pred), m.pred_labels, m.best_iou, pred_cls, np.ones(len(pred_cls), bool),
-                     {"name": f"{names[0]} TP/FP", "metadata": meta, **pred_place}, extra),
-        _class_layer(np.asarray(gt), ev.gt_ids, ev.gt_iou, gt_cls, gt_cls == "FN",
-                     {"name": f"{names[1]} FN", "metadata": meta, **gt_place}),
+        _class_layer(
+            np.asarray(pred),
+            m.pred_labels,
+            m.best_iou,
+            pred_cls,
+            np.ones(len(pred_cls), bool),
+            {"name": f"{names[0]} TP/FP", "metadata": meta, **pred_place},
+            extra,
+        ),
+        _class_layer(
+            np.asarray(gt),
+            ev.gt_ids,
+            ev.gt_iou,
+            gt_cls,
+            gt_cls == "FN",
+            {"name": f"{names[1]} FN", "metadata": meta, **gt_place},
+        ),
     ]

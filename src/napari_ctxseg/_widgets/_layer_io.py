@@ -90,8 +90,10 @@ def crop_to_view(snap: LayerSnapshot, corner_pixels: np.ndarray) -> tuple[LayerS
     y0, x0 = np.clip(corners[0], 0, (h - 1, w - 1))
     y1, x1 = np.clip(corners[1] + 1, (y0 + 1, x0 + 1), (h, w))
     if min(y1 - y0, x1 - x0) < 8:
-        raise InputError(f"the visible field of view is only {y1 - y0} x {x1 - x0} pixels; zoom out to show "
-                         f"at least 8 x 8 pixels of {snap.name!r}")
+        raise InputError(
+            f"the visible field of view is only {y1 - y0} x {x1 - x0} pixels; zoom out to show "
+            f"at least 8 x 8 pixels of {snap.name!r}"
+        )
     lead = len(snap.leading_shape)
     data = snap.data[(slice(None),) * lead + (slice(y0, y1), slice(x0, x1))].copy()
     translate = np.array(snap.translate)
@@ -104,12 +106,13 @@ def current_plane(data: np.ndarray, rgb: bool, index: tuple[int, ...]) -> np.nda
     """The 2D plane (``(H, W)`` or ``(H, W, C)``) of a stack at leading ``index`` (clipped to the stack)."""
     data = np.asarray(data)
     lead = data.shape[: data.ndim - (3 if rgb else 2)]
-    idx = tuple(int(np.clip(i, 0, n - 1)) for i, n in zip(index[-len(lead):] if lead else (), lead))
+    idx = tuple(int(np.clip(i, 0, n - 1)) for i, n in zip(index[-len(lead) :] if lead else (), lead))
     return np.asarray(data[idx])
 
 
-def embed_labels(labels: np.ndarray, offset: tuple[int, int], shape: tuple[int, int]
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def embed_labels(
+    labels: np.ndarray, offset: tuple[int, int], shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Paste a labels crop at ``offset`` into zeros of ``shape``; returns ``(labels, footprint region)``."""
     y0, x0 = offset
     h, w = labels.shape
@@ -117,8 +120,8 @@ def embed_labels(labels: np.ndarray, offset: tuple[int, int], shape: tuple[int, 
         raise InputError(f"labels of shape {labels.shape} at offset {offset} do not fit the image {shape}")
     full = np.zeros(shape, labels.dtype)
     region = np.zeros(shape, bool)
-    full[y0:y0 + h, x0:x0 + w] = labels
-    region[y0:y0 + h, x0:x0 + w] = True
+    full[y0 : y0 + h, x0 : x0 + w] = labels
+    region[y0 : y0 + h, x0 : x0 + w] = True
     return full, region
 
 
@@ -131,8 +134,13 @@ class ContextData:
     region: np.ndarray | None = None
 
 
-def make_context(image: np.ndarray, labels: np.ndarray, region: np.ndarray | None = None, *,
-                 names: tuple[str, str] = ("context image", "context labels")) -> ContextData:
+def make_context(
+    image: np.ndarray,
+    labels: np.ndarray,
+    region: np.ndarray | None = None,
+    *,
+    names: tuple[str, str] = ("context image", "context labels"),
+) -> ContextData:
     """Check and copy a context; every message says which layer has which shape.
 
     Raises
@@ -164,11 +172,19 @@ class RunSettings:
         """A :class:`SegmentRequest` for one 2D plane."""
         c = context
         return SegmentRequest(
-            image=image, checkpoint=self.checkpoint, device=self.device, steps=self.steps,
-            solver=self.solver, num_samples=self.num_samples, seed=self.seed,  # type: ignore[arg-type]
-            diameter=self.diameter or "auto", context_image=None if c is None else c.image,
-            context_labels=None if c is None else c.labels, context_region=None if c is None else c.region,
-            flow=self.flow)
+            image=image,
+            checkpoint=self.checkpoint,
+            device=self.device,
+            steps=self.steps,
+            solver=self.solver,
+            num_samples=self.num_samples,
+            seed=self.seed,  # type: ignore[arg-type]
+            diameter=self.diameter or "auto",
+            context_image=None if c is None else c.image,
+            context_labels=None if c is None else c.labels,
+            context_region=None if c is None else c.region,
+            flow=self.flow,
+        )
 
 
 def layer_plane(layer: Any, point: tuple[float, ...]) -> np.ndarray:
@@ -194,8 +210,9 @@ def shapes_mask(shapes: Any, image: Any, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(Shapes(polys, shape_type=list(shapes.shape_type)).to_masks(shape)).any(axis=0)
 
 
-def context_from_layers(image: Any, labels: Any, region: Any = None, *, point: tuple[float, ...] = ()
-                        ) -> ContextData:
+def context_from_layers(
+    image: Any, labels: Any, region: Any = None, *, point: tuple[float, ...] = ()
+) -> ContextData:
     """A :class:`ContextData` from layers at the viewer's ``point`` (planes of stacks are taken there).
 
     ``labels`` may be a labels layer made by a field-of-view run of this plugin on the same grid: it is
@@ -209,7 +226,8 @@ def context_from_layers(image: Any, labels: Any, region: Any = None, *, point: t
     fov = (getattr(labels, "metadata", None) or {}).get("ctxseg", {}).get("field_of_view")
     if fov is not None and lab.shape != shape:
         offset = (np.asarray(labels.translate[-2:]) - np.asarray(image.translate[-2:])) / np.asarray(
-            image.scale[-2:])
+            image.scale[-2:]
+        )
         lab, footprint = embed_labels(lab, tuple(round(float(v)) for v in offset), shape)
     mask = None
     if region is not None:
@@ -218,8 +236,10 @@ def context_from_layers(image: Any, labels: Any, region: Any = None, *, point: t
         else:
             mask = layer_plane(region, point) > 0
             if mask.shape != shape:
-                raise InputError(f"region layer {region.name!r} has shape {mask.shape} but context image "
-                                 f"{image.name!r} has {shape}")
+                raise InputError(
+                    f"region layer {region.name!r} has shape {mask.shape} but context image "
+                    f"{image.name!r} has {shape}"
+                )
     if footprint is not None:
         mask = footprint if mask is None else mask & footprint
     return make_context(img, lab, mask, names=(str(image.name), str(labels.name)))

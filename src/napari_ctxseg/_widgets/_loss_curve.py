@@ -79,8 +79,9 @@ class LossCurve(QWidget):
 
         return to_xy, log, (s0, s1), (min(values), max(values))
 
-    def _polyline(self, painter: QPainter, points: list[tuple[int, float]], to_xy, color: QColor,
-                  width: float) -> None:
+    def _polyline(
+        self, painter: QPainter, points: list[tuple[int, float]], to_xy, color: QColor, width: float
+    ) -> None:
         stride = max(1, len(points) // max(1, 2 * self.width()))  # at most ~2 points per pixel
         pts = points[::stride] + (points[-1:] if stride > 1 else [])
         poly = QPolygonF([to_xy(s, v) for s, v in pts])

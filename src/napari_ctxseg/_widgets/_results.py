@@ -64,9 +64,13 @@ class PlanesResult:
     stitch_threshold: float = 0.0
 
 
-def segment_planes(snap: LayerSnapshot, settings: RunSettings, context: ContextData | None = None, *,
-                   field_of_view: tuple[int, ...] | None = None
-                   ) -> Generator[PlanesProgress, None, PlanesResult]:
+def segment_planes(
+    snap: LayerSnapshot,
+    settings: RunSettings,
+    context: ContextData | None = None,
+    *,
+    field_of_view: tuple[int, ...] | None = None,
+) -> Generator[PlanesProgress, None, PlanesResult]:
     """Segment every plane of ``snap`` with one loaded model, yielding progress per sampler step and plane.
 
     Closing the generator between yields stops the work. ``RuntimeError`` (e.g. out of memory) is re-raised
@@ -80,21 +84,26 @@ def segment_planes(snap: LayerSnapshot, settings: RunSettings, context: ContextD
         planes = snap.planes()
         if len(planes) > 1 and not settings.diameter:  # auto: one scale for all planes, from the middle one
             mid = len(planes) // 2
-            measured = yield from _relay(resolve_diameter(settings.request(snap.data[planes[mid]], context),
-                                                          loaded=loaded), 0, len(planes))
+            measured = yield from _relay(
+                resolve_diameter(settings.request(snap.data[planes[mid]], context), loaded=loaded),
+                0,
+                len(planes),
+            )
             settings = replace(settings, diameter=measured or MODEL_DIAMETER)
         results = []
         for i, idx in enumerate(planes):
-            res = yield from _relay(segment_steps(settings.request(snap.data[idx], context), loaded=loaded),
-                                    i, len(planes))
+            res = yield from _relay(
+                segment_steps(settings.request(snap.data[idx], context), loaded=loaded), i, len(planes)
+            )
             results.append(res)
     except RuntimeError as exc:
         raise CtxSegError(f"{type(exc).__name__}: {exc}") from exc
     return PlanesResult(snap, results, settings.flow, field_of_view, settings.stitch_threshold)
 
 
-def _relay(gen: Generator[SegmentProgress, None, SegmentResult], plane: int, planes: int
-           ) -> Generator[PlanesProgress, None, SegmentResult]:
+def _relay(
+    gen: Generator[SegmentProgress, None, SegmentResult], plane: int, planes: int
+) -> Generator[PlanesProgress, None, SegmentResult]:
     from ..services.progress import relay
 
     return (yield from relay(gen, lambda step: PlanesProgress(plane, planes, step)))
@@ -107,8 +116,11 @@ def rethreshold_steps(res: PlanesResult, flow: FlowParams) -> Generator[int, Non
     out = []
     for i, r in enumerate(res.results):
         labels, samples = labels_from_flows(r.flows_model_scale, flow, out_shape=r.labels.shape)
-        out.append(replace(r, labels=labels, sample_labels=samples,
-                           metadata={**r.metadata, "flow_params": asdict(flow)}))
+        out.append(
+            replace(
+                r, labels=labels, sample_labels=samples, metadata={**r.metadata, "flow_params": asdict(flow)}
+            )
+        )
         yield i + 1
     return replace(res, results=out, flow=flow)
 
@@ -192,8 +204,13 @@ def provenance(res: PlanesResult) -> dict[str, Any]:
     from .. import __version__
 
     meta = dict(res.results[0].metadata)
-    meta.update(napari_ctxseg_version=__version__, source_layer=res.source.name,
-                planes=len(res.results), field_of_view=res.field_of_view, flow_params=asdict(res.flow))
+    meta.update(
+        napari_ctxseg_version=__version__,
+        source_layer=res.source.name,
+        planes=len(res.results),
+        field_of_view=res.field_of_view,
+        flow_params=asdict(res.flow),
+    )
     return meta
 
 
@@ -208,8 +225,9 @@ def flow_rgb(flows: np.ndarray) -> np.ndarray:
     return (hsv2rgb(np.stack([hue, np.ones_like(hue), val], axis=-1)) * 255).astype(np.uint8)
 
 
-def result_layer_data(res: PlanesResult, *, flow: bool = False, disagreement: bool = False
-                      ) -> list[LayerDataTuple]:
+def result_layer_data(
+    res: PlanesResult, *, flow: bool = False, disagreement: bool = False
+) -> list[LayerDataTuple]:
     """Layer data tuples for the new labels layer and the optional flow and disagreement images.
 
     Every layer takes the source's scale and translate (for a field of view: of the crop) and is named
@@ -220,8 +238,17 @@ def result_layer_data(res: PlanesResult, *, flow: bool = False, disagreement: bo
     place = {"scale": src.scale, "translate": src.translate}
     labels = plane_labels(res)
     out: list[LayerDataTuple] = [
-        (labels, {"name": f"{src.name} ctxseg labels", "features": stack_features(res, labels),
-                             "metadata": {"ctxseg": provenance(res)}, **place}, "labels")]
+        (
+            labels,
+            {
+                "name": f"{src.name} ctxseg labels",
+                "features": stack_features(res, labels),
+                "metadata": {"ctxseg": provenance(res)},
+                **place,
+            },
+            "labels",
+        )
+    ]
     shape = (*src.leading_shape, *src.plane_shape)
     if flow:
         rgb = np.stack([flow_rgb(r.flows) for r in res.results]).reshape((*shape, 3))
@@ -229,14 +256,24 @@ def result_layer_data(res: PlanesResult, *, flow: bool = False, disagreement: bo
         out.append((rgb, meta, "image"))
     if disagreement:
         dis = np.stack([r.disagreement for r in res.results]).reshape(shape)
-        out.append((dis, {"name": f"{src.name} ctxseg disagreement", "colormap": "magma", "visible": False,
-                          **place}, "image"))
+        out.append(
+            (
+                dis,
+                {"name": f"{src.name} ctxseg disagreement", "colormap": "magma", "visible": False, **place},
+                "image",
+            )
+        )
     return out
 
 
-def segment_job(snap: LayerSnapshot, settings: RunSettings, context: ContextData | None,
-                field_of_view: tuple[int, ...] | None, flow: bool, disagreement: bool
-                ) -> Generator[PlanesProgress, None, tuple[PlanesResult, list[LayerDataTuple]]]:
+def segment_job(
+    snap: LayerSnapshot,
+    settings: RunSettings,
+    context: ContextData | None,
+    field_of_view: tuple[int, ...] | None,
+    flow: bool,
+    disagreement: bool,
+) -> Generator[PlanesProgress, None, tuple[PlanesResult, list[LayerDataTuple]]]:
     """Worker body of a run: segment every plane, then build the layer data (off the GUI thread)."""
     res = yield from segment_planes(snap, settings, context, field_of_view=field_of_view)
     return res, result_layer_data(res, flow=flow, disagreement=disagreement)

@@ -24,8 +24,12 @@ __all__ = ["EvaluateWidget", "format_scores"]
 
 def format_scores(ev: Evaluation) -> str:
     """The scores as a small HTML table (what the widget shows)."""
-    rows = [(f"AP@{ev.threshold:.2f}", f"{ev.ap:.3f}"), (f"F1@{ev.threshold:.2f}", f"{ev.f1:.3f}"),
-            ("instance Dice", f"{ev.dice:.3f}"), ("TP / FP / FN", f"{ev.tp} / {ev.fp} / {ev.fn}")]
+    rows = [
+        (f"AP@{ev.threshold:.2f}", f"{ev.ap:.3f}"),
+        (f"F1@{ev.threshold:.2f}", f"{ev.f1:.3f}"),
+        ("instance Dice", f"{ev.dice:.3f}"),
+        ("TP / FP / FN", f"{ev.tp} / {ev.fp} / {ev.fn}"),
+    ]
     cells = "".join(f"<tr><td>{k}</td><td align='right'>&nbsp;&nbsp;{v}</td></tr>" for k, v in rows)
     return f"<table>{cells}</table>"
 
@@ -48,15 +52,29 @@ class EvaluateWidget(Container):
 
         self.prediction = ComboBox(label="prediction", choices=labels_layers)
         self.ground_truth = ComboBox(label="ground truth", choices=labels_layers)
-        self.threshold = FloatSpinBox(label="IoU threshold", value=0.5, min=0.05, max=0.95, step=0.05,
-                                      tooltip="Objects match one-to-one when their IoU is at least this")
+        self.threshold = FloatSpinBox(
+            label="IoU threshold",
+            value=0.5,
+            min=0.05,
+            max=0.95,
+            step=0.05,
+            tooltip="Objects match one-to-one when their IoU is at least this",
+        )
         self.evaluate_button = PushButton(text="Evaluate")
         self.scores = Label(value="")
         self.error = Label(value="")
         self.error.native.setStyleSheet("color: #e04040")
         self.error.native.setWordWrap(True)
-        self.extend([self.prediction, self.ground_truth, self.threshold, self.evaluate_button, self.scores,
-                     self.error])
+        self.extend(
+            [
+                self.prediction,
+                self.ground_truth,
+                self.threshold,
+                self.evaluate_button,
+                self.scores,
+                self.error,
+            ]
+        )
         self.evaluation: Evaluation | None = None
         self.evaluate_button.changed.connect(self._on_evaluate)
         tidy(self)
@@ -78,7 +96,11 @@ class EvaluateWidget(Container):
         self.scores.value = format_scores(ev)
         place = {"scale": tuple(pred.scale), "translate": tuple(pred.translate)}
         gt_place = {"scale": tuple(gt.scale), "translate": tuple(gt.translate)}
-        layers = [self._viewer.add_labels(data, **kwargs) for data, kwargs, _ in evaluation_layer_data(
-            ev, pred.data, gt.data, names=(pred.name, gt.name), pred_place=place, gt_place=gt_place)]
+        layers = [
+            self._viewer.add_labels(data, **kwargs)
+            for data, kwargs, _ in evaluation_layer_data(
+                ev, pred.data, gt.data, names=(pred.name, gt.name), pred_place=place, gt_place=gt_place
+            )
+        ]
         self._viewer.layers.selection.active = layers[0]
         show_features_table(self._viewer)

@@ -74,7 +74,8 @@ class _LayerCombo(QComboBox):
 
     def refresh(self, *_: Any) -> None:
         names = ([self.none] if self.none else []) + [
-            layer.name for layer in self.viewer.layers if type(layer).__name__ in self.kinds]
+            layer.name for layer in self.viewer.layers if type(layer).__name__ in self.kinds
+        ]
         current = self.currentText()
         self.blockSignals(True)
         self.clear()
@@ -161,10 +162,15 @@ class FinetuneWidget(QWidget):
         row = QWidget()
         h = QHBoxLayout(row)
         h.setContentsMargins(0, 0, 0, 0)
-        combos = (_LayerCombo(self.viewer, ("Image",)), _LayerCombo(self.viewer, ("Labels",)),
-                  _LayerCombo(self.viewer, ("Labels", "Shapes"), none=_NONE))
-        combos[2].setToolTip("Labels or shapes layer marking where the annotation is complete (non-zero); "
-                             "elsewhere nothing is taught")
+        combos = (
+            _LayerCombo(self.viewer, ("Image",)),
+            _LayerCombo(self.viewer, ("Labels",)),
+            _LayerCombo(self.viewer, ("Labels", "Shapes"), none=_NONE),
+        )
+        combos[2].setToolTip(
+            "Labels or shapes layer marking where the annotation is complete (non-zero); "
+            "elsewhere nothing is taught"
+        )
         remove = QPushButton("x")
         remove.setFixedWidth(24)
         entry = (*combos, row)
@@ -229,36 +235,71 @@ class FinetuneWidget(QWidget):
         form = QFormLayout(box)
         d = FinetuneSettings()
         self.steps = self._spin(QSpinBox(), 1, 1_000_000, d.steps)
-        self.budget = self._spin(QDoubleSpinBox(), 0.0, 10_000.0, d.time_budget_min, decimals=2,
-                                 tip="stop after this many minutes (0: no limit); the best weights are saved")
+        self.budget = self._spin(
+            QDoubleSpinBox(),
+            0.0,
+            10_000.0,
+            d.time_budget_min,
+            decimals=2,
+            tip="stop after this many minutes (0: no limit); the best weights are saved",
+        )
         self.lr = self._spin(QDoubleSpinBox(), 1e-6, 1.0, d.lr, decimals=6, step=1e-4)
         self.batch_size = self._spin(QSpinBox(), 1, 256, d.batch_size)
         self.crop_size = self._spin(QSpinBox(), 32, 1024, d.crop_size, step=32, tip="a multiple of 32")
         self.augment = QCheckBox("flips, rescaling, intensity")
         self.augment.setChecked(d.augment)
-        self.val_fraction = self._spin(QDoubleSpinBox(), 0.0, 0.9, d.val_fraction, decimals=2, step=0.05,
-                                       tip="held out: whole pairs/frames, or a strip of a single image")
+        self.val_fraction = self._spin(
+            QDoubleSpinBox(),
+            0.0,
+            0.9,
+            d.val_fraction,
+            decimals=2,
+            step=0.05,
+            tip="held out: whole pairs/frames, or a strip of a single image",
+        )
         self.seed = self._spin(QSpinBox(), 0, 2**31 - 1, d.seed)
         self.device = QComboBox()
         self.device.addItems(["auto", "cpu", "cuda", "mps"])
-        self.threads = self._spin(QSpinBox(), 0, 256, max(1, (os.cpu_count() or 2) - 1),
-                                  tip="CPU threads for training (0: torch default); leave a core to napari")
+        self.threads = self._spin(
+            QSpinBox(),
+            0,
+            256,
+            max(1, (os.cpu_count() or 2) - 1),
+            tip="CPU threads for training (0: torch default); leave a core to napari",
+        )
         self.bf16 = QCheckBox("bfloat16")
         self.bf16.setChecked(d.precision == "bf16")
-        self.bf16.setToolTip("train in bfloat16 arithmetic (weights stay float32): faster on CPUs with "
-                             "AVX-512 BF16 or AMX and on recent GPUs, slower on older CPUs")
-        for label, w in (("Steps", self.steps), ("Time budget (min)", self.budget),
-                         ("Learning rate", self.lr),
-                         ("Batch size", self.batch_size), ("Crop size", self.crop_size),
-                         ("Augmentation", self.augment), ("Validation fraction", self.val_fraction),
-                         ("Seed", self.seed), ("Device", self.device), ("CPU threads", self.threads),
-                         ("Precision", self.bf16)):
+        self.bf16.setToolTip(
+            "train in bfloat16 arithmetic (weights stay float32): faster on CPUs with "
+            "AVX-512 BF16 or AMX and on recent GPUs, slower on older CPUs"
+        )
+        for label, w in (
+            ("Steps", self.steps),
+            ("Time budget (min)", self.budget),
+            ("Learning rate", self.lr),
+            ("Batch size", self.batch_size),
+            ("Crop size", self.crop_size),
+            ("Augmentation", self.augment),
+            ("Validation fraction", self.val_fraction),
+            ("Seed", self.seed),
+            ("Device", self.device),
+            ("CPU threads", self.threads),
+            ("Precision", self.bf16),
+        ):
             form.addRow(label, w)
         return box
 
     @staticmethod
-    def _spin(w: Any, lo: float, hi: float, value: float, *, decimals: int | None = None,
-              step: float | None = None, tip: str = "") -> Any:
+    def _spin(
+        w: Any,
+        lo: float,
+        hi: float,
+        value: float,
+        *,
+        decimals: int | None = None,
+        step: float | None = None,
+        tip: str = "",
+    ) -> Any:
         if decimals is not None:
             w.setDecimals(decimals)
         w.setRange(lo, hi)
@@ -272,12 +313,19 @@ class FinetuneWidget(QWidget):
     def settings(self) -> FinetuneSettings:
         """The settings in the form."""
         return FinetuneSettings(
-            steps=self.steps.value(), time_budget_min=self.budget.value(), lr=self.lr.value(),
-            batch_size=self.batch_size.value(), crop_size=self.crop_size.value(),
-            augment=self.augment.isChecked(), val_fraction=self.val_fraction.value(), seed=self.seed.value(),
-            device=self.device.currentText(), threads=self.threads.value(),
+            steps=self.steps.value(),
+            time_budget_min=self.budget.value(),
+            lr=self.lr.value(),
+            batch_size=self.batch_size.value(),
+            crop_size=self.crop_size.value(),
+            augment=self.augment.isChecked(),
+            val_fraction=self.val_fraction.value(),
+            seed=self.seed.value(),
+            device=self.device.currentText(),
+            threads=self.threads.value(),
             precision="bf16" if self.bf16.isChecked() else "fp32",
-            annotation="partial" if self.partial.isChecked() else "complete")
+            annotation="partial" if self.partial.isChecked() else "complete",
+        )
 
     def pairs(self) -> list[TrainingPair]:
         """Snapshots of the selected layers as training pairs (shapes regions are rasterised)."""
@@ -285,8 +333,10 @@ class FinetuneWidget(QWidget):
         for image_combo, labels_combo, region_combo, _ in self.pair_rows:
             image, labels, region = image_combo.layer(), labels_combo.layer(), region_combo.layer()
             if image is None or labels is None:
-                raise InputError("choose an image layer and a labels layer for every pair (add them to the "
-                                 "viewer first; remove unused pairs)")
+                raise InputError(
+                    "choose an image layer and a labels layer for every pair (add them to the "
+                    "viewer first; remove unused pairs)"
+                )
             lab = _layer_array(labels)
             mask = None
             if region is not None:
@@ -332,10 +382,21 @@ class FinetuneWidget(QWidget):
             return
 
         def work():
-            req = finetune_request_from_arrays(pairs, base=base, output=output, settings=settings,
-                                               provenance={"source": "napari fine-tune widget"})
-            return (yield from run_finetune(req, time_budget_s=settings.time_budget_min * 60 or None,
-                                            should_stop=self._stop.is_set, threads=settings.threads))
+            req = finetune_request_from_arrays(
+                pairs,
+                base=base,
+                output=output,
+                settings=settings,
+                provenance={"source": "napari fine-tune widget"},
+            )
+            return (
+                yield from run_finetune(
+                    req,
+                    time_budget_s=settings.time_budget_min * 60 or None,
+                    should_stop=self._stop.is_set,
+                    threads=settings.threads,
+                )
+            )
 
         self._stop.clear()
         self._output_path, self._t_start = output, time.time()
@@ -367,8 +428,10 @@ class FinetuneWidget(QWidget):
             frac = max(frac, min(1.0, p.elapsed_s / self._budget_s))
         self.progress.setValue(int(1000 * frac))
         val = f" | val {p.val_loss:.4f}" if p.val_loss is not None else ""
-        self.status.setText(f"step {p.step}/{p.total} | loss {p.loss:.4f}{val} | {p.samples_per_s:.1f} "
-                            f"samples/s | ETA {_fmt_time(p.eta_s)}")
+        self.status.setText(
+            f"step {p.step}/{p.total} | loss {p.loss:.4f}{val} | {p.samples_per_s:.1f} "
+            f"samples/s | ETA {_fmt_time(p.eta_s)}"
+        )
         self.curve.add(p.step, p.loss, p.val_loss)
 
     def _on_done(self, result: FinetuneResult) -> None:
@@ -382,8 +445,10 @@ class FinetuneWidget(QWidget):
         if self.base.findText(str(result.path)) < 0:
             self.base.addItem(str(result.path))
         how = {"done": "finished", "time budget": "time budget reached", "cancelled": "cancelled"}
-        msg = (f"{how[result.stopped]} after {result.steps_done} steps; saved {result.path} (now offered in "
-               f"the Segment widget)")
+        msg = (
+            f"{how[result.stopped]} after {result.steps_done} steps; saved {result.path} (now offered in "
+            f"the Segment widget)"
+        )
         self.status.setText(msg)
         self.progress.setValue(1000)
         show_info(f"ctxseg fine-tune {msg}")

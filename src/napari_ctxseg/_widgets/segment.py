@@ -40,16 +40,20 @@ if TYPE_CHECKING:
 
 __all__ = ["SegmentWidget"]
 
-STACK_TIP = ("Image to segment: 2D grey, RGB, or a stack / time series (more than two non-RGB axes), which "
-             "is segmented slice by slice over its leading axes (progress per slice; overlapping objects "
-             "of consecutive slices are stitched into one label, see 'stitch IoU'). The layer is copied "
-             "when the run starts, so switching layers mid-run is safe.")
+STACK_TIP = (
+    "Image to segment: 2D grey, RGB, or a stack / time series (more than two non-RGB axes), which "
+    "is segmented slice by slice over its leading axes (progress per slice; overlapping objects "
+    "of consecutive slices are stitched into one label, see 'stitch IoU'). The layer is copied "
+    "when the run starts, so switching layers mid-run is safe."
+)
 
 
 def _layers(viewer: Any, kind: type | tuple[type, ...]) -> Any:
     """A magicgui choices callback listing the viewer's layers of ``kind`` by name."""
+
     def choices(_widget: Any) -> list[tuple[str, Any]]:
         return [(layer.name, layer) for layer in viewer.layers if isinstance(layer, kind)]
+
     return choices
 
 
@@ -73,34 +77,66 @@ class SegmentWidget(Container):
             return ComboBox(label=label, choices=_layers(viewer, kind), nullable=nullable, tooltip=tip)
 
         self.image = combo("image", Image, tip=STACK_TIP)
-        self.checkpoint = ComboBox(label="model", choices=self._checkpoints,
-                                   tooltip="The bundled default model or a recently used checkpoint")
-        self.browse = FileEdit(label="checkpoint file", filter="*.safetensors",
-                               tooltip="A .safetensors checkpoint (Flax pickles: `ctxseg convert` first)")
-        self.diameter = FloatSpinBox(label="diameter (px)", value=0.0, min=0.0, max=1000.0, step=1.0,
-                                     tooltip="Typical object diameter in pixels; 0 = auto (measured from "
-                                     "the context labels, or from a quick first pass); 20 = the "
-                                     "model's training scale")
-        self.steps = SpinBox(label="sampler steps", value=1, min=1, max=200,
-                             tooltip="Denoising steps; 1 = one-step prediction (the bundled model's best). "
-                             "A checkpoint may declare the steps and solvers it was validated with; "
-                             "settings outside them are flagged below")
+        self.checkpoint = ComboBox(
+            label="model",
+            choices=self._checkpoints,
+            tooltip="The bundled default model or a recently used checkpoint",
+        )
+        self.browse = FileEdit(
+            label="checkpoint file",
+            filter="*.safetensors",
+            tooltip="A .safetensors checkpoint (Flax pickles: `ctxseg convert` first)",
+        )
+        self.diameter = FloatSpinBox(
+            label="diameter (px)",
+            value=0.0,
+            min=0.0,
+            max=1000.0,
+            step=1.0,
+            tooltip="Typical object diameter in pixels; 0 = auto (measured from "
+            "the context labels, or from a quick first pass); 20 = the "
+            "model's training scale",
+        )
+        self.steps = SpinBox(
+            label="sampler steps",
+            value=1,
+            min=1,
+            max=200,
+            tooltip="Denoising steps; 1 = one-step prediction (the bundled model's best). "
+            "A checkpoint may declare the steps and solvers it was validated with; "
+            "settings outside them are flagged below",
+        )
         self.solver = ComboBox(label="solver", choices=list(SOLVERS), value="edf")
         self.sampler_note = Label(value="")
         self.sampler_note.native.setStyleSheet("color: #e0a040")
         self.sampler_note.native.setWordWrap(True)
-        self.samples = SpinBox(label="samples", value=1, min=1, max=64,
-                               tooltip="Diffusion samples; their disagreement is measured per object")
+        self.samples = SpinBox(
+            label="samples",
+            value=1,
+            min=1,
+            max=64,
+            tooltip="Diffusion samples; their disagreement is measured per object",
+        )
         self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
         self.device = ComboBox(label="device", choices=list(DEVICE_CHOICES), value="auto")
-        self.stitch = FloatSpinBox(label="stitch IoU", value=RunSettings.stitch_threshold, min=0.0, max=1.0,
-                                   step=0.05, tooltip="Stacks: objects of consecutive slices that overlap "
-                                   "at least this much (IoU) share one label and one row of measurements; "
-                                   "0 = every slice's objects get their own labels")
+        self.stitch = FloatSpinBox(
+            label="stitch IoU",
+            value=RunSettings.stitch_threshold,
+            min=0.0,
+            max=1.0,
+            step=0.05,
+            tooltip="Stacks: objects of consecutive slices that overlap "
+            "at least this much (IoU) share one label and one row of measurements; "
+            "0 = every slice's objects get their own labels",
+        )
         self.ctx_image = combo("context image", Image, True, "An annotated example (may be the image itself)")
         self.ctx_labels = combo("context labels", Labels, True, "The labels of the context image")
-        self.ctx_region = combo("complete in", (Shapes, Labels), True,
-                                "Where the context annotation is complete (shapes or non-zero labels)")
+        self.ctx_region = combo(
+            "complete in",
+            (Shapes, Labels),
+            True,
+            "Where the context annotation is complete (shapes or non-zero labels)",
+        )
         self.fov = CheckBox(label="visible field of view only", value=False)
         self.out_flow = CheckBox(label="flow image", value=False)
         self.out_disagreement = CheckBox(label="sample disagreement image", value=False)
@@ -110,27 +146,65 @@ class SegmentWidget(Container):
         self.error = Label(value="")
         self.error.native.setStyleSheet("color: #e04040")
         self.error.native.setWordWrap(True)
-        self.min_flow = FloatSpinBox(label="min flow", value=FlowParams.flow_threshold, min=0.0, max=1.0,
-                                     step=0.05, tooltip="Shorter predicted flows are background")
+        self.min_flow = FloatSpinBox(
+            label="min flow",
+            value=FlowParams.flow_threshold,
+            min=0.0,
+            max=1.0,
+            step=0.05,
+            tooltip="Shorter predicted flows are background",
+        )
         self.min_size = SpinBox(label="min size (px)", value=FlowParams.min_size, min=0, max=10**5)
         self.min_seeds = SpinBox(label="min seed counts", value=FlowParams.min_seed_cnts, min=0, max=10**5)
-        self.max_flow_err = FloatSpinBox(label="max flow error", value=0.0, min=0.0, max=10.0, step=0.05,
-                                         tooltip="Drop objects whose flow disagrees with their shape; 0: off")
+        self.max_flow_err = FloatSpinBox(
+            label="max flow error",
+            value=0.0,
+            min=0.0,
+            max=10.0,
+            step=0.05,
+            tooltip="Drop objects whose flow disagrees with their shape; 0: off",
+        )
         self.apply_button = PushButton(text="Apply to last result")
         self.corrected = combo("corrected labels", Labels)
         self.add_context_button = PushButton(text="Add labels to context")
-        self._settings = Container(widgets=[
-            self.image, self.checkpoint, self.browse, self.diameter, self.steps, self.solver,
-            self.sampler_note, self.samples, self.seed, self.device, self.stitch,
-            Label(value="<b>Context</b> (optional)"), self.ctx_image, self.ctx_labels, self.ctx_region,
-            self.fov, self.out_flow, self.out_disagreement])
-        self._rethreshold = Container(widgets=[
-            Label(value="<b>Re-threshold</b> (cached flows, no network)"), self.min_flow, self.min_size,
-            self.min_seeds,
-            self.max_flow_err, self.apply_button, Label(value="<b>Interactive loop</b>"), self.corrected,
-            self.add_context_button])
-        self.extend([self._settings, self.run_button, self.progress, self.status, self.error,
-                     self._rethreshold])
+        self._settings = Container(
+            widgets=[
+                self.image,
+                self.checkpoint,
+                self.browse,
+                self.diameter,
+                self.steps,
+                self.solver,
+                self.sampler_note,
+                self.samples,
+                self.seed,
+                self.device,
+                self.stitch,
+                Label(value="<b>Context</b> (optional)"),
+                self.ctx_image,
+                self.ctx_labels,
+                self.ctx_region,
+                self.fov,
+                self.out_flow,
+                self.out_disagreement,
+            ]
+        )
+        self._rethreshold = Container(
+            widgets=[
+                Label(value="<b>Re-threshold</b> (cached flows, no network)"),
+                self.min_flow,
+                self.min_size,
+                self.min_seeds,
+                self.max_flow_err,
+                self.apply_button,
+                Label(value="<b>Interactive loop</b>"),
+                self.corrected,
+                self.add_context_button,
+            ]
+        )
+        self.extend(
+            [self._settings, self.run_button, self.progress, self.status, self.error, self._rethreshold]
+        )
         self.run_button.changed.connect(self._on_run)
         self.apply_button.changed.connect(self._on_apply)
         self.add_context_button.changed.connect(self._on_add_context)
@@ -168,11 +242,24 @@ class SegmentWidget(Container):
         self.sampler_note.visible = bool(advice)
 
     def _run_settings(self) -> RunSettings:
-        flow = replace(FlowParams(), min_size=self.min_size.value, min_seed_cnts=self.min_seeds.value,
-                       max_flow_err=self.max_flow_err.value, flow_threshold=self.min_flow.value)
-        return RunSettings(checkpoint=self.checkpoint.value, device=self.device.value, steps=self.steps.value,
-                           solver=self.solver.value, num_samples=self.samples.value, seed=self.seed.value,
-                           diameter=self.diameter.value, flow=flow, stitch_threshold=self.stitch.value)
+        flow = replace(
+            FlowParams(),
+            min_size=self.min_size.value,
+            min_seed_cnts=self.min_seeds.value,
+            max_flow_err=self.max_flow_err.value,
+            flow_threshold=self.min_flow.value,
+        )
+        return RunSettings(
+            checkpoint=self.checkpoint.value,
+            device=self.device.value,
+            steps=self.steps.value,
+            solver=self.solver.value,
+            num_samples=self.samples.value,
+            seed=self.seed.value,
+            diameter=self.diameter.value,
+            flow=flow,
+            stitch_threshold=self.stitch.value,
+        )
 
     def _set_busy(self, busy: bool) -> None:
         self._settings.enabled = self._rethreshold.enabled = not busy
@@ -283,8 +370,10 @@ class SegmentWidget(Container):
             size = f"; objects ~{meta['measured_diameter']:.0f} px"
             if scale != 1.0:
                 size += f", upscaled {scale:.1f}x" if scale > 1.0 else f", downscaled {1 / scale:.1f}x"
-        self.status.value = (f"{len(labels.features)} objects in {len(res.results)} plane(s) on "
-                             f"{meta['device']} with {meta['checkpoint']}{size}")
+        self.status.value = (
+            f"{len(labels.features)} objects in {len(res.results)} plane(s) on "
+            f"{meta['device']} with {meta['checkpoint']}{size}"
+        )
         self._viewer.layers.selection.active = labels
         show_features_table(self._viewer)
 
@@ -299,8 +388,13 @@ class SegmentWidget(Container):
         if layer not in self._viewer.layers:
             self._show_error(f"the labels layer {layer.name!r} of the last run was removed; run again")
             return
-        flow = replace(res.flow, min_size=self.min_size.value, min_seed_cnts=self.min_seeds.value,
-                       max_flow_err=self.max_flow_err.value, flow_threshold=self.min_flow.value)
+        flow = replace(
+            res.flow,
+            min_size=self.min_size.value,
+            min_seed_cnts=self.min_seeds.value,
+            max_flow_err=self.max_flow_err.value,
+            flow_threshold=self.min_flow.value,
+        )
         self._start(rethreshold_job, (res, flow), self._on_rethresholded)
 
     def _on_rethresholded(self, out: tuple[PlanesResult, Any, dict[str, Any]]) -> None:
@@ -322,4 +416,3 @@ class SegmentWidget(Container):
             return
         self.ctx_image.value, self.ctx_labels.value, self.ctx_region.value = image, labels, None
         self.status.value = f"context: {labels.name!r} on {image.name!r} (used by the next run)"
-

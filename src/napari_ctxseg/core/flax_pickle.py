@@ -161,8 +161,9 @@ def _make_skeleton_class(type_constructor: Any = None, name: Any = "dynamic", *a
 def _reconstruct_array(fun: Any, args: Any, state: Any, aval: Any = None) -> np.ndarray:
     """``jax._src.array._reconstruct_array``: rebuild the numpy array (jax arrays pickle their numpy copy)."""
     if fun is not _NP_RECONSTRUCT:
-        raise CheckpointError(f"a jax array in the pickle uses the reconstructor {fun!r}; expected numpy's "
-                              f"_reconstruct")
+        raise CheckpointError(
+            f"a jax array in the pickle uses the reconstructor {fun!r}; expected numpy's _reconstruct"
+        )
     try:
         arr = fun(*args)
         arr.__setstate__(state)
@@ -189,8 +190,10 @@ class RestrictedUnpickler(pickle.Unpickler):
             return _ALLOWED_GLOBALS[(module, name)]
         top = module.split(".", 1)[0]
         if top not in STUB_PREFIXES:
-            raise CheckpointError(f"refusing to load global {module}.{name} from a pickle (only numpy arrays "
-                                  f"and inert stand-ins for jax/flax/ctxseg objects are allowed)")
+            raise CheckpointError(
+                f"refusing to load global {module}.{name} from a pickle (only numpy arrays "
+                f"and inert stand-ins for jax/flax/ctxseg objects are allowed)"
+            )
         if (module, name) == ("jax._src.array", "_reconstruct_array"):
             return _reconstruct_array
         if top == "cloudpickle" and name in ("subimport", "dynamic_subimport"):
@@ -203,8 +206,9 @@ class RestrictedUnpickler(pickle.Unpickler):
         return self._stubs[key]
 
     def persistent_load(self, pid: Any) -> Any:
-        raise CheckpointError(f"refusing persistent id {pid!r} in a pickle (pickle.dump and cloudpickle "
-                              f"never write one)")
+        raise CheckpointError(
+            f"refusing persistent id {pid!r} in a pickle (pickle.dump and cloudpickle never write one)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -280,8 +284,19 @@ class _Walker:
             self.walk(args[0], path, stack)  # mapping types reduced as Cls(dict), e.g. FrozenDict
 
 
-_OTHER_VARIABLES = frozenset({"RngKey", "RngCount", "RngState", "BatchStat", "Cache", "Intermediate",
-                              "OptState", "OptArray", "Perturbation"})
+_OTHER_VARIABLES = frozenset(
+    {
+        "RngKey",
+        "RngCount",
+        "RngState",
+        "BatchStat",
+        "Cache",
+        "Intermediate",
+        "OptState",
+        "OptArray",
+        "Perturbation",
+    }
+)
 _NON_PARAM = re.compile(r"(^|\.)(label_emb\.freqs|rngs(\.[^.]+)*)$")
 
 
@@ -298,12 +313,15 @@ def _root(obj: Any, path: Path) -> tuple[Any, str]:
         if "Optimizer" in _short(obj):
             raise CheckpointError(
                 f"{path} holds a {type(obj)._stub_name} without a model (flax >= 0.11 nnx.Optimizer keeps no "
-                f"reference to it); save nnx.state(model) or the model instead")
+                f"reference to it); save nnx.state(model) or the model instead"
+            )
         return obj, "module"
     if isinstance(obj, dict):
         return obj, "pure-dict"
-    raise CheckpointError(f"{path} holds a {type(obj).__name__}; expected an nnx.State, a model, an "
-                          f"optimizer or a dict of parameters")
+    raise CheckpointError(
+        f"{path} holds a {type(obj).__name__}; expected an nnx.State, a model, an "
+        f"optimizer or a dict of parameters"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -336,21 +354,29 @@ def _sniff(path: Path) -> str:
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         return "npz"
     if head.startswith(b"\x93NUMPY"):
-        raise CheckpointError(f"{path} is a single .npy array; expected a .npz of all parameters "
-                              f"(np.savez(path, **flat_params))")
+        raise CheckpointError(
+            f"{path} is a single .npy array; expected a .npz of all parameters "
+            f"(np.savez(path, **flat_params))"
+        )
     if len(head) > 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 30):
-        raise CheckpointError(f"{path} looks like a safetensors file; napari-ctxseg checkpoints need no "
-                              f"conversion (load them directly)")
+        raise CheckpointError(
+            f"{path} looks like a safetensors file; napari-ctxseg checkpoints need no "
+            f"conversion (load them directly)"
+        )
     return "pickle"
 
 
 def _as_float32(key: str, value: Any) -> np.ndarray:
     if not isinstance(value, np.ndarray):
-        raise CheckpointError(f"parameter {key!r} is not an array (got {value!r}); the file may hold "
-                              f"parameters in a form this reader does not know")
+        raise CheckpointError(
+            f"parameter {key!r} is not an array (got {value!r}); the file may hold "
+            f"parameters in a form this reader does not know"
+        )
     if value.dtype.kind not in "fiu":
-        raise CheckpointError(f"parameter {key!r} has dtype {value.dtype} (shape {value.shape}); expected a "
-                              f"floating-point array (bfloat16 is not supported: save as float32)")
+        raise CheckpointError(
+            f"parameter {key!r} has dtype {value.dtype} (shape {value.shape}); expected a "
+            f"floating-point array (bfloat16 is not supported: save as float32)"
+        )
     return np.asarray(value, dtype=np.float32)
 
 
@@ -359,8 +385,10 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as f:
             raw = {k: f[k] for k in f.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise CheckpointError(f"{path} is not a readable .npz of parameters (object arrays are refused; "
-                              f"corrupt or truncated?): {exc}") from exc
+        raise CheckpointError(
+            f"{path} is not a readable .npz of parameters (object arrays are refused; "
+            f"corrupt or truncated?): {exc}"
+        ) from exc
     params = {}
     for key, value in raw.items():
         key = key.replace("/", ".")
@@ -376,8 +404,10 @@ def _read_pickle(path: Path) -> FlaxParams:
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     except Exception as exc:  # EOFError, UnpicklingError, TypeError, ... from truncated or foreign files
-        raise CheckpointError(f"{path} could not be unpickled (truncated, corrupt, or not a Flax "
-                              f"checkpoint): {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(
+            f"{path} could not be unpickled (truncated, corrupt, or not a Flax "
+            f"checkpoint): {type(exc).__name__}: {exc}"
+        ) from exc
     root, fmt = _root(obj, path)
     part = ""
     if isinstance(root, dict) and "ema_model" in root:  # nnx.state(EMAOptimizer) and the like
@@ -394,8 +424,10 @@ def _read_pickle(path: Path) -> FlaxParams:
         fmt = "pure-dict" if fmt == "flax-state" else fmt
     fmt += part
     if not items:
-        raise CheckpointError(f"{path} holds no nnx.Param parameters (found a {fmt} object); expected an "
-                              f"nnx.State, an nnx Module, an nnx.Optimizer or the original EMAOptimizer")
+        raise CheckpointError(
+            f"{path} holds no nnx.Param parameters (found a {fmt} object); expected an "
+            f"nnx.State, an nnx Module, an nnx.Optimizer or the original EMAOptimizer"
+        )
     return FlaxParams({k: _as_float32(k, v) for k, v in sorted(items.items())}, fmt)
 
 
@@ -439,7 +471,8 @@ def read_flax_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Fla
         raise CheckpointError(
             f"{path} is a pickle. Unpickling can run arbitrary code from the file, so it is refused unless "
             f"you trust where the file comes from: pass trust=True (CLI: --trust) to convert it with the "
-            f"restricted unpickler, or export the parameters to a flattened .npz in a trusted environment.")
+            f"restricted unpickler, or export the parameters to a flattened .npz in a trusted environment."
+        )
     message = _UNPICKLE_WARNING.format(path=path)
     warnings.warn(message, UserWarning, stacklevel=2)
     logger.info(message)
@@ -505,37 +538,47 @@ def _factor(widths: tuple[int, ...], preferred: tuple[int, ...]) -> tuple[int, t
     return dim, tuple(w // dim for w in widths)
 
 
-def _mha_head_dim(params: Mapping[str, np.ndarray],
-                  prefixes: tuple[str, ...]) -> tuple[tuple[int, ...], int | None]:
+def _mha_head_dim(
+    params: Mapping[str, np.ndarray], prefixes: tuple[str, ...]
+) -> tuple[tuple[int, ...], int | None]:
     """Levels whose U-Net blocks hold multi-head attention, and its head width (from (in, heads, hd))."""
     levels, head_dims = set(), set()
-    pattern = re.compile(r"(?:" + "|".join(map(re.escape, prefixes))
-                         + r")\.layers\.(\d+)\.blocks\.\d+\.att\.query\.kernel$")
+    pattern = re.compile(
+        r"(?:" + "|".join(map(re.escape, prefixes)) + r")\.layers\.(\d+)\.blocks\.\d+\.att\.query\.kernel$"
+    )
     for key, value in params.items():
         if m := pattern.match(key):
             levels.add(int(m.group(1)))
             head_dims.add(int(np.shape(value)[-1]))
     if len(head_dims) > 1:
-        raise CheckpointError(f"the U-Net attention layers use different head widths {sorted(head_dims)}; "
-                              f"this port supports one head width for all levels")
+        raise CheckpointError(
+            f"the U-Net attention layers use different head widths {sorted(head_dims)}; "
+            f"this port supports one head width for all levels"
+        )
     return tuple(sorted(levels)), (head_dims.pop() if head_dims else None)
 
 
 def _infer_p(kind: str, params: Mapping[str, np.ndarray]) -> dict[str, Any]:
     n = _indices(params, "y_encoder.layers", "levels")
     if n == 0 or _indices(params, "x_encoder.layers", "levels") != n:
-        raise CheckpointError(f"the flow encoder has {n} levels and the image encoder "
-                              f"{_indices(params, 'x_encoder.layers', 'levels')}; expected the same "
-                              f"number >= 1")
+        raise CheckpointError(
+            f"the flow encoder has {n} levels and the image encoder "
+            f"{_indices(params, 'x_encoder.layers', 'levels')}; expected the same "
+            f"number >= 1"
+        )
     model_dim = _shape(params, "label_emb.noise_proj_1.kernel", kind)[1]
     widths = tuple(_shape(params, f"y_encoder.layers.{k}.down.kernel", kind)[3] for k in range(n))
     if any(w % model_dim for w in widths):
         raise CheckpointError(f"level widths {widths} are not multiples of the embedding width {model_dim}")
     patch = _shape(params, "x_encoder.layers.0.down.kernel", kind)
     fields: dict[str, Any] = dict(
-        model_dim=model_dim, patch_size=patch[0], depths=_depths(params, "y_encoder", n),
-        dim_multi=tuple(w // model_dim for w in widths), encoder_depths=_depths(params, "x_encoder", n),
-        in_channels=patch[2])
+        model_dim=model_dim,
+        patch_size=patch[0],
+        depths=_depths(params, "y_encoder", n),
+        dim_multi=tuple(w // model_dim for w in widths),
+        encoder_depths=_depths(params, "x_encoder", n),
+        in_channels=patch[2],
+    )
     att_levels, head_dim = _mha_head_dim(params, ("y_encoder", "decoder"))
     fields["att_levels"] = att_levels
     if head_dim is not None:
@@ -546,27 +589,35 @@ def _infer_p(kind: str, params: Mapping[str, np.ndarray]) -> dict[str, Any]:
 def _infer_d(kind: str, params: Mapping[str, np.ndarray]) -> dict[str, Any]:
     n = _indices(params, "encoder.layers", "levels")
     if n == 0 or _indices(params, "decoder.layers", "levels") != n:
-        raise CheckpointError(f"the encoder has {n} levels and the decoder "
-                              f"{_indices(params, 'decoder.layers', 'levels')}; expected the same "
-                              f"number >= 1")
+        raise CheckpointError(
+            f"the encoder has {n} levels and the decoder "
+            f"{_indices(params, 'decoder.layers', 'levels')}; expected the same "
+            f"number >= 1"
+        )
     patch = _shape(params, "encoder.layers.0.down.kernel", kind)
     enc = tuple(_shape(params, f"encoder.layers.{k}.down.kernel", kind)[3] for k in range(n))
     dec = tuple(_shape(params, f"decoder.layers.{k}.norm.scale", kind)[0] for k in range(n))
     encoder_dim, encoder_multi = _factor(enc, (1, 2, 4, 8))
     decoder_dim, decoder_multi = _factor(dec, (4, 4, 4, 8))
     fields: dict[str, Any] = dict(
-        patch_size=patch[0], in_channels=patch[2], encoder_dim=encoder_dim,
-        encoder_dim_multi=encoder_multi, encoder_depths=_depths(params, "encoder", n),
-        decoder_dim=decoder_dim, decoder_dim_multi=decoder_multi,
+        patch_size=patch[0],
+        in_channels=patch[2],
+        encoder_dim=encoder_dim,
+        encoder_dim_multi=encoder_multi,
+        encoder_depths=_depths(params, "encoder", n),
+        decoder_dim=decoder_dim,
+        decoder_dim_multi=decoder_multi,
         decoder_depths=_depths(params, "decoder", n),
-        out_channels=_shape(params, "decoder.layers.0.up.kernel", kind)[3])
+        out_channels=_shape(params, "decoder.layers.0.up.kernel", kind)[3],
+    )
     if kind == "ctxseg-d":
         fields["ref_encoder_dim"] = _shape(params, "ref_encoder.layers.0.down.kernel", kind)[3]
     return fields
 
 
-def infer_config(kind: str, params: Mapping[str, np.ndarray],
-                 overrides: Mapping[str, Any] | None = None) -> ModelConfig:
+def infer_config(
+    kind: str, params: Mapping[str, np.ndarray], overrides: Mapping[str, Any] | None = None
+) -> ModelConfig:
     """Derive a model config from the shapes of original (Flax) parameters.
 
     Read from shapes: widths (``model_dim`` from the label embedding, ``dim_multi`` from the level widths;
@@ -609,23 +660,26 @@ def infer_config(kind: str, params: Mapping[str, np.ndarray],
         raise CheckpointError(
             f"these parameters do not fit a {kind} model: top-level groups {sorted(found)}, expected "
             f"{sorted(_TOP_LEVEL[kind])} (missing {sorted(_TOP_LEVEL[kind] - found)}, unexpected "
-            f"{sorted(found - _TOP_LEVEL[kind])}){hint}")
+            f"{sorted(found - _TOP_LEVEL[kind])}){hint}"
+        )
     fields = _infer_p(kind, params) if kind.endswith("-p") else _infer_d(kind, params)
     overrides = dict(overrides or {})
     names = {f for f in MODEL_KINDS[kind].__dataclass_fields__}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise ConfigError(f"unknown {kind} config fields {unknown} in overrides; expected some of "
-                          f"{sorted(names)}")
+        raise ConfigError(
+            f"unknown {kind} config fields {unknown} in overrides; expected some of {sorted(names)}"
+        )
     fields.update(overrides)
     try:
         return config_from_dict({"kind": kind, **fields})
     except ConfigError as exc:
         hint = ""
         if "ctx_head_dim" in str(exc):
-            hint = (f" The context-attention head width cannot be read from the weights: pass the width the "
-                    f"model was built with (ctx_head_dim override, CLI --ctx-head-dim N; the original models "
-                    f"use 128, the reduced parity fixtures 8). Got ctx_head_dim="
-                    f"{fields.get('ctx_head_dim', 128)}.")
+            hint = (
+                f" The context-attention head width cannot be read from the weights: pass the width the "
+                f"model was built with (ctx_head_dim override, CLI --ctx-head-dim N; the original models "
+                f"use 128, the reduced parity fixtures 8). Got ctx_head_dim="
+                f"{fields.get('ctx_head_dim', 128)}."
+            )
         raise CheckpointError(f"the parameters give an invalid {kind} config: {exc}.{hint}") from exc
-

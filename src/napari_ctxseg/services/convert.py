@@ -30,9 +30,16 @@ __all__ = ["convert_flax_checkpoint"]
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
-def convert_flax_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, kind: str, trust: bool = False,
-                            overrides: Mapping[str, Any] | None = None, sigma_data: float = 1.0,
-                            half: bool = False) -> CheckpointInfo:
+def convert_flax_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    kind: str,
+    trust: bool = False,
+    overrides: Mapping[str, Any] | None = None,
+    sigma_data: float = 1.0,
+    half: bool = False,
+) -> CheckpointInfo:
     """Convert an original Flax checkpoint of ctxseg into a verified napari-ctxseg checkpoint.
 
     Parameters
@@ -100,8 +107,9 @@ def convert_flax_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, k
     if half:
         too_big = [k for k, v in state.items() if v.is_floating_point() and v.abs().max().item() > _FP16_MAX]
         if too_big:
-            raise CheckpointError(f"weights {too_big[:3]} exceed the float16 range (max {_FP16_MAX}); "
-                                  f"convert without --half")
+            raise CheckpointError(
+                f"weights {too_big[:3]} exceed the float16 range (max {_FP16_MAX}); convert without --half"
+            )
     provenance = {
         "converted_from": src.name,
         "source_sha256": file_sha256(src),
@@ -115,8 +123,13 @@ def convert_flax_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, k
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        save_checkpoint(tmp, model, sigma_data=float(sigma_data), provenance=provenance,
-                        dtype=torch.float16 if half else None)
+        save_checkpoint(
+            tmp,
+            model,
+            sigma_data=float(sigma_data),
+            provenance=provenance,
+            dtype=torch.float16 if half else None,
+        )
         info = _verify(tmp, kind, state, half)
         os.replace(tmp, dst)
     finally:
@@ -132,6 +145,8 @@ def _verify(path: Path, kind: str, state: Mapping[str, torch.Tensor], half: bool
         if half and expected.is_floating_point():
             expected = expected.half().float()
         if not torch.equal(got[key], expected):
-            raise CheckpointError(f"verification failed: tensor {key!r} read back from {path} differs from "
-                                  f"the converted weights (disk full or a faulty file system?)")
+            raise CheckpointError(
+                f"verification failed: tensor {key!r} read back from {path} differs from "
+                f"the converted weights (disk full or a faulty file system?)"
+            )
     return info

@@ -30,8 +30,16 @@ from ..core.training_data import AugmentConfig
 from .finetune_data import TrainingPair, array_digest, check_pairs, prepare, split_validation
 from .training import TrainRequest, run_training
 
-__all__ = ["FinetuneResult", "FinetuneSettings", "TrainingPair", "check_base", "check_pairs",
-           "default_output_path", "finetune_request_from_arrays", "run_finetune"]
+__all__ = [
+    "FinetuneResult",
+    "FinetuneSettings",
+    "TrainingPair",
+    "check_base",
+    "check_pairs",
+    "default_output_path",
+    "finetune_request_from_arrays",
+    "run_finetune",
+]
 
 
 def default_output_path(now: datetime | None = None) -> Path:
@@ -110,12 +118,19 @@ class FinetuneSettings:
 
         Short runs get a short warm-up and an EMA whose horizon (~steps/10) lets the weights move.
         """
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, crop_size=self.crop_size, lr=self.lr,
-                           warmup=min(100, max(1, self.steps // 10)),
-                           ema_decay=min(0.999, max(0.9, 1 - 10 / self.steps)),
-                           augment=AugmentConfig() if self.augment else AugmentConfig.none(),
-                           val_every=max(1, min(50, self.steps // 20)), val_batches=2, seed=self.seed,
-                           precision=self.precision)
+        return TrainConfig(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            crop_size=self.crop_size,
+            lr=self.lr,
+            warmup=min(100, max(1, self.steps // 10)),
+            ema_decay=min(0.999, max(0.9, 1 - 10 / self.steps)),
+            augment=AugmentConfig() if self.augment else AugmentConfig.none(),
+            val_every=max(1, min(50, self.steps // 20)),
+            val_batches=2,
+            seed=self.seed,
+            precision=self.precision,
+        )
 
 
 def check_base(base: str | os.PathLike | None, crop_size: int) -> tuple[Path, str]:
@@ -139,16 +154,22 @@ def check_base(base: str | os.PathLike | None, crop_size: int) -> tuple[Path, st
         raise ConfigError(f"{path.name} is a {info.kind} model; fine-tuning needs a ctxseg-p or seg-p model")
     stride = info.config.stride
     if crop_size % stride:
-        raise ConfigError(f"crop size {crop_size} is not a multiple of the model stride {stride}; "
-                          f"use e.g. {max(stride, crop_size // stride * stride)}")
+        raise ConfigError(
+            f"crop size {crop_size} is not a multiple of the model stride {stride}; "
+            f"use e.g. {max(stride, crop_size // stride * stride)}"
+        )
     return path, info.kind
 
 
-def finetune_request_from_arrays(pairs: Sequence[TrainingPair | tuple], *,
-                                 base: str | os.PathLike = "default",
-                                 output: str | os.PathLike | None = None,
-                                 settings: FinetuneSettings | None = None,
-                                 provenance: dict | None = None, **overrides: Any) -> TrainRequest:
+def finetune_request_from_arrays(
+    pairs: Sequence[TrainingPair | tuple],
+    *,
+    base: str | os.PathLike = "default",
+    output: str | os.PathLike | None = None,
+    settings: FinetuneSettings | None = None,
+    provenance: dict | None = None,
+    **overrides: Any,
+) -> TrainRequest:
     """Build a fine-tuning :class:`TrainRequest` from in-memory (image, labels, region, name) pairs.
 
     Parameters
@@ -196,21 +217,48 @@ def finetune_request_from_arrays(pairs: Sequence[TrainingPair | tuple], *,
     base_path, kind = check_base(base, settings.crop_size)
     prepared, records = [], []
     for f in frames:
-        im, box = prepare(f, partial=settings.annotation == "partial", ring=settings.ring,
-                          margin=settings.margin, min_size=settings.crop_size)
+        im, box = prepare(
+            f,
+            partial=settings.annotation == "partial",
+            ring=settings.ring,
+            margin=settings.margin,
+            min_size=settings.crop_size,
+        )
         prepared.append(im)
-        records.append({"name": f.name, "layers": list(f.layers), "shape": list(f.labels.shape),
-                        "box": box, "objects": int(np.unique(im.labels[im.labels > 0]).size),
-                        "image_sha256": array_digest(f.image), "labels_sha256": array_digest(f.labels),
-                        "region_sha256": array_digest(f.region)})
+        records.append(
+            {
+                "name": f.name,
+                "layers": list(f.layers),
+                "shape": list(f.labels.shape),
+                "box": box,
+                "objects": int(np.unique(im.labels[im.labels > 0]).size),
+                "image_sha256": array_digest(f.image),
+                "labels_sha256": array_digest(f.labels),
+                "region_sha256": array_digest(f.region),
+            }
+        )
     train, val, held_out = split_validation(prepared, settings.val_fraction, settings.seed)
-    prov = {**(provenance or {}), "finetune": {
-        "base": str(base), "base_path": str(base_path), "base_kind": kind, "pairs": records,
-        "layers": sorted({n for r in records for n in r["layers"]}), "validation": held_out,
-        "settings": asdict(settings)}}
-    return TrainRequest(output=Path(output) if output else default_output_path(), train_images=train,
-                        val_images=val, base=str(base_path), config=settings.train_config(),
-                        device=settings.device, provenance=prov)
+    prov = {
+        **(provenance or {}),
+        "finetune": {
+            "base": str(base),
+            "base_path": str(base_path),
+            "base_kind": kind,
+            "pairs": records,
+            "layers": sorted({n for r in records for n in r["layers"]}),
+            "validation": held_out,
+            "settings": asdict(settings),
+        },
+    }
+    return TrainRequest(
+        output=Path(output) if output else default_output_path(),
+        train_images=train,
+        val_images=val,
+        base=str(base_path),
+        config=settings.train_config(),
+        device=settings.device,
+        provenance=prov,
+    )
 
 
 @dataclass(frozen=True)
@@ -223,9 +271,13 @@ class FinetuneResult:
     best_val_loss: float | None = None
 
 
-def run_finetune(req: TrainRequest, *, time_budget_s: float | None = None,
-                 should_stop: Callable[[], bool] | None = None, threads: int = 0
-                 ) -> Generator[TrainProgress, None, FinetuneResult]:
+def run_finetune(
+    req: TrainRequest,
+    *,
+    time_budget_s: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    threads: int = 0,
+) -> Generator[TrainProgress, None, FinetuneResult]:
     """Run a fine-tune, yielding progress after every step; stops on time or when asked.
 
     Parameters
@@ -267,9 +319,11 @@ def run_finetune(req: TrainRequest, *, time_budget_s: float | None = None,
             except StopIteration as stop:
                 path: Path | None = stop.value
                 ended: Literal["done", "time budget"] = (
-                    "time budget" if last is not None and last.step < req.config.steps else "done")
-                return FinetuneResult(path, last.step if last else 0, ended,
-                                      last.best_val_loss if last else None)
+                    "time budget" if last is not None and last.step < req.config.steps else "done"
+                )
+                return FinetuneResult(
+                    path, last.step if last else 0, ended, last.best_val_loss if last else None
+                )
             last = progress
             yield progress
     finally:
@@ -278,6 +332,6 @@ def run_finetune(req: TrainRequest, *, time_budget_s: float | None = None,
             torch.set_num_threads(threads_before)
     out = Path(req.output)
     written = out.is_file() and out.stat().st_mtime >= wall0 - 1
-    return FinetuneResult(out if written else None, last.step if last else 0, "cancelled",
-                          last.best_val_loss if last else None)
-
+    return FinetuneResult(
+        out if written else None, last.step if last else 0, "cancelled", last.best_val_loss if last else None
+    )

@@ -49,19 +49,26 @@ def _frames(p: TrainingPair) -> list[TrainingPair]:
     if region is not None:
         region = np.asarray(region) != 0
         if region.shape != labels.shape and region.shape != labels.shape[-2:]:
-            raise InputError(f"{p.name}: region mask shape {region.shape} does not match labels shape "
-                             f"{labels.shape}")
+            raise InputError(
+                f"{p.name}: region mask shape {region.shape} does not match labels shape {labels.shape}"
+            )
         if not region.any():
-            raise InputError(f"{p.name}: the region mask is all zero; mark where the annotation is complete "
-                             f"(non-zero pixels) or use no region")
+            raise InputError(
+                f"{p.name}: the region mask is all zero; mark where the annotation is complete "
+                f"(non-zero pixels) or use no region"
+            )
     if labels.ndim == 2:
         if image.shape[:2] != labels.shape or image.ndim not in (2, 3):
-            raise InputError(f"{p.name}: labels shape {labels.shape} does not match image shape "
-                             f"{image.shape}; expected an image (H, W) or (H, W, C) over the same pixels")
+            raise InputError(
+                f"{p.name}: labels shape {labels.shape} does not match image shape "
+                f"{image.shape}; expected an image (H, W) or (H, W, C) over the same pixels"
+            )
         return [TrainingPair(image, labels, region, p.name, p.layers)]
     if labels.ndim != 3 or image.shape[:3] != labels.shape or image.ndim not in (3, 4):
-        raise InputError(f"{p.name}: labels shape {labels.shape} does not match image shape {image.shape}; "
-                         f"expected labels (H, W) or a stack (Z, H, W) with an image of the same shape")
+        raise InputError(
+            f"{p.name}: labels shape {labels.shape} does not match image shape {image.shape}; "
+            f"expected labels (H, W) or a stack (Z, H, W) with an image of the same shape"
+        )
     out = []
     for z in range(labels.shape[0]):
         reg = None if region is None else (region if region.ndim == 2 else region[z])
@@ -90,12 +97,16 @@ def check_pairs(pairs: list[TrainingPair] | list[tuple]) -> list[TrainingPair]:
             raise InputError(f"{p.name}: labels must be integers (a labels layer), got dtype {labels.dtype}")
         frames = _frames(p)
         if not labels.any() and p.region is None:
-            raise InputError(f"{p.name}: the labels contain no annotated objects (all zero); paint at least "
-                             f"one object, or mark a region of confirmed background")
+            raise InputError(
+                f"{p.name}: the labels contain no annotated objects (all zero); paint at least "
+                f"one object, or mark a region of confirmed background"
+            )
         out.extend(frames)
     if not any(f.labels.any() and (f.region is None or (f.labels[f.region] > 0).any()) for f in out):
-        raise InputError("no annotated objects inside the marked regions: paint at least one object where "
-                         "the annotation is complete")
+        raise InputError(
+            "no annotated objects inside the marked regions: paint at least one object where "
+            "the annotation is complete"
+        )
     return out
 
 
@@ -122,13 +133,15 @@ def focus(im: AnnotatedImage, margin: int, min_size: int) -> tuple[AnnotatedImag
     if im.region is None:
         return im, [0, h, 0, w]
     ys, xs = _box(im.region, margin, min_size)
-    cropped = AnnotatedImage(im.image[:, ys, xs], im.labels[ys, xs], im.flow[:, ys, xs], im.region[ys, xs],
-                             im.name)
+    cropped = AnnotatedImage(
+        im.image[:, ys, xs], im.labels[ys, xs], im.flow[:, ys, xs], im.region[ys, xs], im.name
+    )
     return cropped, [ys.start, ys.stop, xs.start, xs.stop]
 
 
-def prepare(p: TrainingPair, *, partial: bool, ring: int, margin: int, min_size: int
-            ) -> tuple[AnnotatedImage, list[int]]:
+def prepare(
+    p: TrainingPair, *, partial: bool, ring: int, margin: int, min_size: int
+) -> tuple[AnnotatedImage, list[int]]:
     """Annotate a 2D pair (flows once) and crop it to where the annotation is.
 
     With ``partial`` and no region, the region is the objects grown by ``ring`` pixels: only the painted
@@ -145,8 +158,9 @@ def prepare(p: TrainingPair, *, partial: bool, ring: int, margin: int, min_size:
 
 def _sub(im: AnnotatedImage, ys: slice, xs: slice, suffix: str) -> AnnotatedImage:
     region = None if im.region is None else im.region[ys, xs]
-    return AnnotatedImage(im.image[:, ys, xs], im.labels[ys, xs], im.flow[:, ys, xs], region,
-                          im.name + suffix)
+    return AnnotatedImage(
+        im.image[:, ys, xs], im.labels[ys, xs], im.flow[:, ys, xs], region, im.name + suffix
+    )
 
 
 def _has_objects(im: AnnotatedImage) -> bool:
@@ -157,8 +171,9 @@ def _annotated(im: AnnotatedImage) -> bool:
     return im.region is None or bool(im.region.any())
 
 
-def split_validation(images: list[AnnotatedImage], fraction: float, seed: int
-                     ) -> tuple[list[AnnotatedImage], list[AnnotatedImage], str]:
+def split_validation(
+    images: list[AnnotatedImage], fraction: float, seed: int
+) -> tuple[list[AnnotatedImage], list[AnnotatedImage], str]:
     """Hold out a ``fraction`` of the data for validation; returns ``(train, val, description)``.
 
     Several images: whole images (frames, pairs) are held out, chosen with ``seed``, keeping at least one
@@ -184,8 +199,10 @@ def split_validation(images: list[AnnotatedImage], fraction: float, seed: int
     cut = round(n * min(fraction, 0.5))
     if cut < 8:
         return images, [], f"none: the annotated area is too small ({n} px) to hold out a strip"
-    for val_sl, train_sl, where in ((slice(n - cut, n), slice(0, n - cut), "end"),
-                                    (slice(0, cut), slice(cut, n), "start")):
+    for val_sl, train_sl, where in (
+        (slice(n - cut, n), slice(0, n - cut), "end"),
+        (slice(0, cut), slice(cut, n), "start"),
+    ):
         full = slice(None)
         val = _sub(im, *((val_sl, full) if axis == 0 else (full, val_sl)), " (validation strip)")
         train = _sub(im, *((train_sl, full) if axis == 0 else (full, train_sl)), "")

@@ -226,8 +226,15 @@ def run_training(req: TrainRequest) -> Generator[TrainProgress, None, Path]:
 
     def write(last: TrainProgress | None, *, final: bool, history: list | None = None) -> Path:
         return _write(
-            req, trainer.best_model(), sigma_data, provenance, last, t0,
-            final=final, history=history, sampling=sampling,
+            req,
+            trainer.best_model(),
+            sigma_data,
+            provenance,
+            last,
+            t0,
+            final=final,
+            history=history,
+            sampling=sampling,
         )
 
     gen = trainer.run()
