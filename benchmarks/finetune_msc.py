@@ -64,6 +64,7 @@ def finetune(args: argparse.Namespace, train: list) -> tuple[Path, int, float]:
         device="cpu",
         threads=args.threads,
     )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     req = finetune_request_from_arrays(pairs, base=args.checkpoint, output=args.out, settings=settings)
     gen = run_finetune(req, time_budget_s=args.budget_min * 60, threads=args.threads)
     t0 = time.perf_counter()
@@ -90,7 +91,8 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--min-size", type=int, default=200)
-    ap.add_argument("--out", type=Path, default=Path("finetuned_msc.safetensors"))
+    # runs/ is git-ignored: the fine-tuned weights are a by-product, not something to commit
+    ap.add_argument("--out", type=Path, default=Path("runs/finetuned_msc.safetensors"))
     ap.add_argument("--finetuned", type=Path, help="score this fine-tuned checkpoint instead of training one")
     args = ap.parse_args()
     frames = load_frames(args.data)
