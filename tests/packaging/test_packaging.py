@@ -37,21 +37,23 @@ def test_manifest_is_valid_and_found_by_the_editable_install() -> None:
     assert r.returncode == 0 and "valid" in r.stdout, r.stdout + r.stderr
 
 
+def _console_script(name: str, package: str) -> str:
+    """Path of a test tool's console script beside this interpreter (skip the test without it)."""
+    path = Path(sys.executable).with_name(name)
+    if not path.exists():
+        pytest.skip(f"{package} not installed")
+    return str(path)
+
+
 def test_layering_contracts_hold() -> None:
-    lint = Path(sys.executable).with_name("lint-imports")
-    if not lint.exists():
-        pytest.skip("import-linter not installed")
-    r = _run(str(lint), cwd=ROOT)
+    r = _run(_console_script("lint-imports", "import-linter"), cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "0 broken" in r.stdout
 
 
 @pytest.mark.parametrize("check", [("check",), ("format", "--check")], ids=["lint", "format"])
 def test_code_is_ruff_clean(check: tuple[str, ...]) -> None:
-    ruff = Path(sys.executable).with_name("ruff")
-    if not ruff.exists():
-        pytest.skip("ruff not installed")
-    r = _run(str(ruff), *check, "src", "tests", "benchmarks", "scripts", cwd=ROOT)
+    r = _run(_console_script("ruff", "ruff"), *check, "src", "tests", "benchmarks", "scripts", cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 

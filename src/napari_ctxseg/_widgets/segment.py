@@ -158,7 +158,7 @@ class SegmentWidget(Container):
         self.min_seeds = SpinBox(label="min seed counts", value=FlowParams.min_seed_cnts, min=0, max=10**5)
         self.max_flow_err = FloatSpinBox(
             label="max flow error",
-            value=0.0,
+            value=FlowParams.max_flow_err,
             min=0.0,
             max=10.0,
             step=0.05,
