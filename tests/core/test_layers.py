@@ -28,3 +28,17 @@ def test_layer_norm_affine_variants_match_formula_and_get_gradients(scale: bool,
     y.square().sum().backward()
     for p in ln.parameters():  # (PyTorch 2.11's fused CUDA backward fails with only one of them)
         assert p.grad is not None and p.grad.shape == p.shape and p.grad.abs().sum() > 0
+
+
+def test_module_seq_is_a_module_list_to_torch() -> None:
+    from torch import nn
+
+    from napari_ctxseg.core.layers import ModuleSeq
+
+    typed = ModuleSeq(nn.Linear(2, 2) for _ in range(3))
+    plain = nn.ModuleList(nn.Linear(2, 2) for _ in range(3))
+    assert list(typed.state_dict()) == list(plain.state_dict())
+    typed.load_state_dict(plain.state_dict())
+    assert all(isinstance(m, nn.Linear) for m in typed)
+    assert torch.equal(typed[1].weight, plain[1].weight)
+    assert isinstance(typed[1:], ModuleSeq) and len(typed[1:]) == 2

@@ -118,6 +118,23 @@ def test_bad_context_and_settings(tiny_checkpoint) -> None:
         segment(image, checkpoint="/nonexistent.safetensors", device="cpu")
 
 
+def test_direct_models_are_refused_for_segmentation_even_when_asked_for(tmp_path) -> None:
+    from napari_ctxseg.core.checkpoint import save_checkpoint
+    from napari_ctxseg.core.config import SegDConfig
+    from napari_ctxseg.core.models import build_model
+    from napari_ctxseg.services.models import load_model
+
+    path = save_checkpoint(
+        tmp_path / "segd.safetensors",
+        build_model(SegDConfig(encoder_dim=8, encoder_depths=(1, 1, 1, 1), decoder_dim=8)).eval(),
+        sigma_data=0.5,
+    )
+    with pytest.raises(CheckpointError, match="holds a seg-d model; segmentation needs a ctxseg-p or seg-p"):
+        load_model(path, device="cpu", kinds=("seg-d",))
+    with pytest.raises(CheckpointError, match="holds a seg-d model; expected one of"):
+        segment(blobs()[0], checkpoint=str(path), device="cpu")
+
+
 def test_flow_threshold_keeps_weak_background_flows_out_of_the_labels() -> None:
     from napari_ctxseg.core.flows import mask_to_flow
 

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import nn
 
+from .config import AttentionKind
 from .errors import ConfigError
 from .layers import resize_nearest, to_channels_first, to_channels_last
 
 __all__ = ["ATTENTION_KINDS", "CtxAtt", "linear_attention", "sigmoid_attention", "softmax_attention"]
-
-AttentionKind = Literal["sigmoid", "softmax", "linear"]
 
 
 _CHUNK_ELEMENTS = 1 << 24  # attention-matrix entries per chunk (64 MB in float32)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 from .errors import ConfigError
 
 __all__ = [
     "MODEL_KINDS",
+    "AttentionKind",
     "CtxSegDConfig",
     "CtxSegPConfig",
     "ModelConfig",
@@ -24,7 +25,9 @@ __all__ = [
 ]
 
 ModelKind = Literal["seg-p", "ctxseg-p", "seg-d", "ctxseg-d"]
-_ATT = ("sigmoid", "softmax", "linear")
+#: The context attention's normalisation (see :mod:`.attention`).
+AttentionKind = Literal["sigmoid", "softmax", "linear"]
+_ATT: tuple[str, ...] = get_args(AttentionKind)
 
 
 def _positive(name: str, value: int) -> None:
@@ -57,6 +60,11 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    @property
+    def stride(self) -> int:
+        """Total down-sampling factor: input sizes must be multiples of it (each model class defines it)."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -132,7 +140,7 @@ class CtxSegPConfig(SegPConfig):
 
     kind: ClassVar[str] = "ctxseg-p"
     ctx_head_dim: int = 128
-    ctx_att_kinds: tuple[str, ...] = field(default=("linear", "sigmoid", "sigmoid", "sigmoid"))
+    ctx_att_kinds: tuple[AttentionKind, ...] = field(default=("linear", "sigmoid", "sigmoid", "sigmoid"))
 
     def __post_init__(self) -> None:
         if isinstance(self.ctx_att_kinds, list):
@@ -202,7 +210,7 @@ class CtxSegDConfig(SegDConfig):
     kind: ClassVar[str] = "ctxseg-d"
     ref_encoder_dim: int = 64
     ctx_head_dim: int = 128
-    ctx_att_kinds: tuple[str, ...] = ("linear", "linear", "sigmoid", "sigmoid")
+    ctx_att_kinds: tuple[AttentionKind, ...] = ("linear", "linear", "sigmoid", "sigmoid")
 
     def __post_init__(self) -> None:
         if isinstance(self.ctx_att_kinds, list):

@@ -17,6 +17,7 @@ from .layers import (
     DropPath,
     LayerNorm,
     LayerNorm2d,
+    ModuleSeq,
     SameConv2d,
     gelu,
     to_channels_first,
@@ -54,7 +55,7 @@ class _EncoderLevel(nn.Module):
         # level 0 normalises after the patchify conv, later levels before the down conv
         self.norm = LayerNorm2d(dim if first else in_dim)
         self.first = first
-        self.blocks = nn.ModuleList(ConvBlock(dim) for _ in range(depth))
+        self.blocks = ModuleSeq(ConvBlock(dim) for _ in range(depth))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(self.down(x)) if self.first else self.down(self.norm(x))
@@ -88,7 +89,7 @@ class ConvNeXt(nn.Module):
     ) -> None:
         super().__init__()
         dims = [model_dim * m for m in dim_multi]
-        self.layers = nn.ModuleList(
+        self.layers = ModuleSeq(
             _EncoderLevel(
                 in_dim if k == 0 else dims[k - 1],
                 dims[k],
@@ -114,7 +115,7 @@ class _DecoderLevel(nn.Module):
         super().__init__()
         self.up = nn.ConvTranspose2d(dim, out_dim, stride, stride=stride)
         self.norm = LayerNorm2d(dim)
-        self.blocks = nn.ModuleList(ConvBlock(dim, drop_rate=drop_rate) for _ in range(depth))
+        self.blocks = ModuleSeq(ConvBlock(dim, drop_rate=drop_rate) for _ in range(depth))
         self.skip_proj = nn.Linear(skip_dim, dim) if skip_dim is not None else None
 
     def project_skip(self, skip: torch.Tensor) -> torch.Tensor:
@@ -155,7 +156,7 @@ class ConvDecoder(nn.Module):
         super().__init__()
         dims = [model_dim * m for m in dim_multi]
         skip_dim = model_dim if skip_dim is None else skip_dim
-        self.layers = nn.ModuleList(
+        self.layers = ModuleSeq(
             _DecoderLevel(
                 dims[k],
                 out_dim if k == 0 else dims[k - 1],

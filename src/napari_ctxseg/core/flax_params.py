@@ -160,7 +160,7 @@ def flax_to_state_dict(
             parts.append(f"{len(unused)} not used by the model (e.g. {unused[:3]})")
         raise CheckpointError(
             f"Flax parameters do not fit a {type(model).__name__} with config "
-            f"{model.config}: " + "; ".join(parts)  # type: ignore[attr-defined]
+            f"{model.config}: " + "; ".join(parts)
         )
     return state
 

@@ -52,7 +52,8 @@ logger = logging.getLogger(__name__)
 #: Module prefixes whose globals become inert stubs (never imported, never run).
 STUB_PREFIXES = ("jax", "jaxlib", "flax", "ctxseg", "cloudpickle", "optax", "contextlib", "einops", "chex")
 
-_NP_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1, np.float32))[0]  # numpy.(_)core.multiarray._reconstruct
+# numpy.(_)core.multiarray._reconstruct
+_NP_RECONSTRUCT: Any = np.ndarray.__reduce__(np.zeros(1, np.float32))[0]
 _NP_SCALAR = np.float32(0).__reduce__()[0]  # numpy.(_)core.multiarray.scalar
 _NP_FROMBUFFER = np.zeros(1, np.float32).__reduce_ex__(5)[0]  # numpy.(_)core.numeric._frombuffer (protocol 5)
 _MAX_DEPTH = 200

@@ -447,7 +447,7 @@ def flow_to_mask(
         raise InputError(f"expand_repeats must be a non-negative integer, got {expand_repeats!r}")
     t, batched = _as_flow_tensor(flow, device)
     b, _, *spatial = t.shape
-    step = t * np.float32(step_size)
+    step = t * float(step_size)  # a Python scalar keeps t's float32
     final = _follow(step, int(niter), mode == "fast")
     cells = final.to(torch.int64)  # truncation (positions are >= 0)
     n_pix = int(np.prod(spatial))

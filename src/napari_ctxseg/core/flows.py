@@ -160,7 +160,9 @@ class _Objects:
         return np.minimum.reduceat(cand, self.start)  # first minimum in row-major order
 
 
-def _pack_shelves(h: np.ndarray, w: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, ...]:
+def _pack_shelves(
+    h: np.ndarray, w: np.ndarray, order: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
     """Place the boxes ``order`` on shelves of a canvas, with a zero row/column around and between boxes.
 
     Returns per box (top, left) and the row just below its shelf (arrays over all boxes, filled for
@@ -171,7 +173,8 @@ def _pack_shelves(h: np.ndarray, w: np.ndarray, order: np.ndarray) -> tuple[np.n
     top = np.zeros(h.size, np.int64)
     left = np.zeros(h.size, np.int64)
     shelf_end = np.zeros(h.size, np.int64)
-    row, col, shelf_h, members = 1, 1, 0, []
+    row, col, shelf_h = 1, 1, 0
+    members: list[int] = []
     for i in order.tolist():
         if col + w[i] + 1 > width:
             row += shelf_h + 1

@@ -16,6 +16,8 @@ Semantic traps handled here (see ``shared/parity/README.md``, items 1-7):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
+from typing import Generic, TypeVar, overload
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,7 @@ __all__ = [
     "DropPath",
     "LayerNorm",
     "LayerNorm2d",
+    "ModuleSeq",
     "MultiHeadSelfAttention",
     "SameConv2d",
     "gelu",
@@ -35,6 +38,30 @@ __all__ = [
 ]
 
 LN_EPS = 1e-6
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+class ModuleSeq(nn.ModuleList, Generic[ModuleT]):
+    """An ``nn.ModuleList`` whose items share one type, so that type checkers know what iteration gives.
+
+    Registration and state-dict keys are those of ``nn.ModuleList`` (``name.0.``, ``name.1.``, ...).
+    """
+
+    def __init__(self, modules: Iterable[ModuleT] = ()) -> None:
+        super().__init__(modules)
+
+    def __iter__(self) -> Iterator[ModuleT]:
+        return super().__iter__()  # type: ignore[return-value]
+
+    @overload
+    def __getitem__(self, idx: slice) -> ModuleSeq[ModuleT]: ...
+
+    @overload
+    def __getitem__(self, idx: int) -> ModuleT: ...
+
+    def __getitem__(self, idx: int | slice) -> ModuleT | ModuleSeq[ModuleT]:
+        return super().__getitem__(idx)  # type: ignore[return-value]
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +109,10 @@ class LayerNorm(nn.Module):
         # Only one affine parameter: apply it outside the fused kernel. PyTorch 2.11's CUDA backward of
         # layer_norm with a weight but no bias (or the reverse) returns an empty gradient and fails.
         y = F.layer_norm(x, (self.dim,), None, None, LN_EPS)
-        return y * self.weight if self.bias is None else y + self.bias
+        if self.weight is not None:
+            return y * self.weight
+        assert self.bias is not None  # exactly one of weight and bias is set here
+        return y + self.bias
 
 
 class LayerNorm2d(LayerNorm):

@@ -214,7 +214,8 @@ class LabelMetrics:
         if not self.pred_areas:
             return None
         fields = (self.gt_areas, self.pred_areas, self.gt_scores, self.pred_scores, self.ious)
-        macro = self._summary(*(np.concatenate(f) for f in fields), iou_threshold)
+        gt_areas, pred_areas, gt_scores, pred_scores, ious = (np.concatenate(f) for f in fields)
+        macro = self._summary(gt_areas, pred_areas, gt_scores, pred_scores, ious, iou_threshold)
         if not micros:
             return macro
         return macro, [self._summary(*per_pair, iou_threshold) for per_pair in zip(*fields)]

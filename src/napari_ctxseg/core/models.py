@@ -12,6 +12,7 @@ passed to every denoiser call, so a model is safe to share between threads.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from .attention import CtxAtt
 from .config import CtxSegDConfig, CtxSegPConfig, ModelConfig, SegDConfig, SegPConfig
 from .convnext import ConvDecoder, ConvNeXt
 from .errors import ConfigError, InputError
-from .layers import resize_nearest
+from .layers import ModuleSeq, resize_nearest
 from .unet import LabelEmbedding, UNetDown, UNetUp
 
 __all__ = [
@@ -103,7 +104,7 @@ class SegP(nn.Module):
         c = config
         self.label_emb = LabelEmbedding(c.model_dim, endpoint=True)
         self.x_encoder = ConvNeXt(c.in_channels, c.patch_size, c.encoder_depths, c.model_dim, c.dim_multi)
-        unet = dict(
+        unet: dict[str, Any] = dict(
             patch_size=c.patch_size,
             model_dim=c.model_dim,
             emb_dim=c.model_dim,
@@ -164,8 +165,8 @@ class CtxSegP(SegP):
         super().__init__(config)
         c = config
         self.ref_emb = nn.Parameter(torch.zeros(1, c.model_dim))
-        self.atts = nn.ModuleList(
-            nn.ModuleList(
+        self.atts = ModuleSeq(
+            ModuleSeq(
                 CtxAtt((c.model_dim * m) // c.ctx_head_dim, c.model_dim * m, kind=c.ctx_att_kinds[k])
                 for _ in range(c.depths[k] + 1)
             )
@@ -313,7 +314,7 @@ class CtxSegD(SegD):
         super().__init__(config)
         c = config
         self.ref_encoder = ConvNeXt(2, c.patch_size, c.encoder_depths, c.ref_encoder_dim, c.encoder_dim_multi)
-        self.atts = nn.ModuleList()
+        self.atts: ModuleSeq[CtxAtt] = ModuleSeq()
         for k in range(len(c.encoder_depths)):
             q_dim = c.decoder_dim * c.decoder_dim_multi[k]
             kv_dim = (c.encoder_dim + c.ref_encoder_dim) * c.encoder_dim_multi[k]
@@ -330,9 +331,10 @@ class CtxSegD(SegD):
     def _decode(self, image: torch.Tensor, context: DContext | None, paired: bool) -> torch.Tensor:
         _check_image(image, self.config.in_channels, self.config.stride)
         skips = self.encoder(image)
-        x: torch.Tensor | float = 0.0
+        x: torch.Tensor | None = None
         for k in reversed(range(len(skips))):
-            x = x + self.decoder.layers[k].project_skip(skips[k])
+            skip = self.decoder.layers[k].project_skip(skips[k])
+            x = skip if x is None else x + skip
             if context is not None:
                 kv = context.kv[k]
                 if paired:
@@ -340,7 +342,8 @@ class CtxSegD(SegD):
                 else:
                     x = self.atts[k].batch_process(x, kv, kv, context.mask)
             x = self.decoder.level_forward(k, x)
-        return x  # type: ignore[return-value]
+        assert x is not None  # the model has at least one level
+        return x
 
     def forward(
         self,
@@ -375,4 +378,4 @@ def build_model(config: ModelConfig) -> nn.Module:
         cls = _CLASSES[type(config)]
     except KeyError:
         raise ConfigError(f"no model for config type {type(config).__name__}") from None
-    return cls(config)  # type: ignore[call-arg]
+    return cls(config)

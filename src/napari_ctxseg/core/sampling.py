@@ -117,7 +117,7 @@ class DMGradient:
         if (inpaint is None) != (inpaint_mask is None):
             raise InputError("inpaint and inpaint_mask must be given together (got only one of them)")
         denoised = self.denoiser(x, sigma, **kwargs)
-        if inpaint_mask is not None:
+        if inpaint is not None and inpaint_mask is not None:
             denoised = torch.where(inpaint_mask.to(torch.bool), inpaint.to(denoised.dtype), denoised)
         s = _sigma_like(sigma, x)
         w1 = 1 / s
@@ -439,6 +439,7 @@ def sample_steps(
         if churn_fn is not None:
             raise ConfigError("solver='one_step' does not support churn; use churn='none'")
         _, denoised = evaluate(x, sig[0])
+        assert denoised is not None  # one_step always evaluates a DMGradient (set above)
         yield SamplerStep(1, 1, 0.0, denoised, denoised, 1)
         return
 

@@ -168,7 +168,7 @@ class TrainProgress:
 class TrainResult:
     """What :func:`train` returns: the EMA model, and the state to resume from."""
 
-    model: nn.Module
+    model: SegP
     steps_done: int
     history: list[dict[str, float]]
     best_val_loss: float | None
@@ -245,9 +245,7 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 @torch.no_grad()
-def _validation_loss(
-    model: nn.Module, batches: Sequence[Batch], cfg: TrainConfig, device: torch.device
-) -> float:
+def _validation_loss(model: SegP, batches: Sequence[Batch], cfg: TrainConfig, device: torch.device) -> float:
     """Loss on fixed validation batches at fixed noise (comparable across steps)."""
     model.eval()
     g = torch.Generator().manual_seed(cfg.seed + 12345)
@@ -319,7 +317,8 @@ class Trainer:
         self.ema = copy.deepcopy(model).eval()
         for p in self.ema.parameters():
             p.requires_grad_(False)
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for name, p in model.named_parameters():
             (no_decay if p.ndim <= 1 or name.endswith("ref_emb") else decay).append(p)
         self.opt = torch.optim.AdamW(
@@ -344,7 +343,7 @@ class Trainer:
                 resume, self.model, self.ema, self.opt, self.gen, train_sampler
             )
 
-    def best_model(self) -> nn.Module:
+    def best_model(self) -> SegP:
         """A copy of the best weights so far: best validation EMA if validated, else the current EMA."""
         out = copy.deepcopy(self.ema).cpu().eval()
         if self.best_state is not None:
@@ -463,8 +462,8 @@ def train(
 def _save_state(
     path: str | os.PathLike,
     step: int,
-    model: nn.Module,
-    ema: nn.Module,
+    model: SegP,
+    ema: SegP,
     opt: torch.optim.Optimizer,
     gen: torch.Generator,
     sampler: CropSampler,
@@ -486,7 +485,7 @@ def _save_state(
         "history": json.dumps(history[-2000:]),
         "best_val": json.dumps(best_val),
         "sampler_rng": json.dumps(sampler.rng.bit_generator.state),
-        "config": json.dumps(model.config.to_dict()),  # type: ignore[attr-defined]
+        "config": json.dumps(model.config.to_dict()),
         "train_config": json.dumps(cfg.to_dict()),
     }
     path = Path(path)
@@ -503,8 +502,8 @@ def _save_state(
 
 def _load_state(
     path: str | os.PathLike,
-    model: nn.Module,
-    ema: nn.Module,
+    model: SegP,
+    ema: SegP,
     opt: torch.optim.Optimizer,
     gen: torch.Generator,
     sampler: CropSampler,
@@ -517,7 +516,7 @@ def _load_state(
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
         raise CheckpointError(f"cannot read training state {path}: {exc}") from exc
-    if json.loads(meta.get("config", "null")) != model.config.to_dict():  # type: ignore[attr-defined]
+    if json.loads(meta.get("config", "null")) != model.config.to_dict():
         raise CheckpointError(f"training state {path} is for another model configuration")
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})

@@ -84,7 +84,7 @@ class AnnotatedImage:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.labels.shape  # type: ignore[return-value]
+        return self.labels.shape
 
 
 def annotate(
@@ -203,15 +203,15 @@ class Batch:
             return None if t is None else fn(t)
 
         return Batch(
-            mv(self.image),
-            mv(self.flow),
-            mv(self.weight),
+            fn(self.image),
+            fn(self.flow),
+            fn(self.weight),
             mv(self.ref_image),
             mv(self.ref_flow),
             mv(self.ref_mask),
             mv(self.context_weight),
             self.names,
-        )  # type: ignore[arg-type]
+        )
 
 
 def _renormalise(flow: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:

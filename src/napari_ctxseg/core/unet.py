@@ -12,6 +12,7 @@ from .layers import (
     DropPath,
     LayerNorm,
     LayerNorm2d,
+    ModuleSeq,
     MultiHeadSelfAttention,
     SameConv2d,
     gelu,
@@ -31,6 +32,8 @@ class LabelEmbedding(nn.Module):
     t = c_noise * freqs; features = [cos t, sin t] (cos first). ``freqs`` is a non-persistent buffer:
     it follows from the configuration and is not stored in checkpoints.
     """
+
+    freqs: torch.Tensor
 
     def __init__(self, emb_dim: int, endpoint: bool = True, max_positions: int = 10000) -> None:
         super().__init__()
@@ -102,7 +105,7 @@ class _DownLevel(nn.Module):
         self.down = SameConv2d(in_dim, dim, stride, stride=stride)
         self.norm = LayerNorm2d(dim if first else in_dim)
         self.first = first
-        self.blocks = nn.ModuleList(DMConvBlock(dim, emb_dim, num_heads, drop_rate) for _ in range(depth))
+        self.blocks = ModuleSeq(DMConvBlock(dim, emb_dim, num_heads, drop_rate) for _ in range(depth))
         self.merge = nn.Linear(cond_dim, dim) if cond_dim else None
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,7 +143,7 @@ class UNetDown(nn.Module):
     ) -> None:
         super().__init__()
         dims = [model_dim * m for m in dim_multi]
-        self.layers = nn.ModuleList(
+        self.layers = ModuleSeq(
             _DownLevel(
                 in_dim if k == 0 else dims[k - 1],
                 dims[k],
@@ -185,7 +188,7 @@ class _UpLevel(nn.Module):
         super().__init__()
         self.up = nn.ConvTranspose2d(dim, out_dim, stride, stride=stride)
         self.norm = LayerNorm2d(dim)
-        self.blocks = nn.ModuleList(DMConvBlock(dim, emb_dim, num_heads, drop_rate) for _ in range(depth))
+        self.blocks = ModuleSeq(DMConvBlock(dim, emb_dim, num_heads, drop_rate) for _ in range(depth))
         self.merge = nn.Linear(cond_dim, dim) if cond_dim else None
 
 
@@ -212,7 +215,7 @@ class UNetUp(nn.Module):
     ) -> None:
         super().__init__()
         dims = [model_dim * m for m in dim_multi]
-        self.layers = nn.ModuleList(
+        self.layers = ModuleSeq(
             _UpLevel(
                 dims[k],
                 out_dim if k == 0 else dims[k - 1],
@@ -231,8 +234,7 @@ class UNetUp(nn.Module):
     ) -> torch.Tensor:
         skips = list(skips)
         x: torch.Tensor | float = 0.0
-        for k in reversed(range(len(self.layers))):
-            level = self.layers[k]
+        for k, level in reversed(list(enumerate(self.layers))):
             if conds is not None and level.merge is not None:
                 x = x + to_channels_first(level.merge(to_channels_last(conds[k])))
             for block in level.blocks:

@@ -133,7 +133,7 @@ def evaluate_folder(
         t0 = time.perf_counter()
         pred = run_to_end(segment_steps(SegmentRequest(image=image, **options))).labels
         seconds["ctxseg"] += time.perf_counter() - t0
-        row = {"name": name, "modality": mod}
+        row: dict[str, Any] = {"name": name, "modality": mod}
         preds = {"ctxseg": pred}
         if baseline:
             t0 = time.perf_counter()

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..core.errors import ConfigError
 from ..core.training import PRECISIONS, TrainConfig, TrainProgress
-from ..core.training_data import AugmentConfig
+from ..core.training_data import AnnotatedImage, AugmentConfig
 from .finetune_data import TrainingPair, array_digest, check_pairs, prepare, split_validation
 from .training import TrainRequest, run_training
 
@@ -215,7 +215,8 @@ def finetune_request_from_arrays(
         raise ConfigError(f"unknown fine-tune setting: {exc}") from exc
     frames = check_pairs(list(pairs))
     base_path, kind = check_base(base, settings.crop_size)
-    prepared, records = [], []
+    prepared: list[AnnotatedImage] = []
+    records: list[dict[str, Any]] = []
     for f in frames:
         im, box = prepare(
             f,

@@ -39,7 +39,7 @@ def array_digest(a: np.ndarray | None) -> str | None:
         return None
     a = np.ascontiguousarray(a)
     h = hashlib.sha256(f"{a.shape}{a.dtype.str}".encode())
-    h.update(memoryview(a).cast("B"))
+    h.update(a.data.cast("B"))
     return h.hexdigest()[:16]
 
 
@@ -70,9 +70,10 @@ def _frames(p: TrainingPair) -> list[TrainingPair]:
             f"expected labels (H, W) or a stack (Z, H, W) with an image of the same shape"
         )
     out = []
+    per_slice_region = region is not None and region.ndim == 3
     for z in range(labels.shape[0]):
-        reg = None if region is None else (region if region.ndim == 2 else region[z])
-        if labels[z].any() or (reg is not None and reg.any() and region.ndim == 3):
+        reg = None if region is None else (region[z] if per_slice_region else region)
+        if labels[z].any() or (per_slice_region and reg is not None and reg.any()):
             out.append(TrainingPair(image[z], labels[z], reg, f"{p.name}[{z}]", p.layers))
     return out
 
@@ -163,6 +164,12 @@ def _sub(im: AnnotatedImage, ys: slice, xs: slice, suffix: str) -> AnnotatedImag
     )
 
 
+def _strip(im: AnnotatedImage, axis: int, sl: slice, suffix: str) -> AnnotatedImage:
+    """The rows (``axis`` 0) or columns (1) ``sl`` of ``im``."""
+    full = slice(None)
+    return _sub(im, sl, full, suffix) if axis == 0 else _sub(im, full, sl, suffix)
+
+
 def _has_objects(im: AnnotatedImage) -> bool:
     return bool((im.labels > 0).any() if im.region is None else (im.labels[im.region] > 0).any())
 
@@ -203,10 +210,9 @@ def split_validation(
         (slice(n - cut, n), slice(0, n - cut), "end"),
         (slice(0, cut), slice(cut, n), "start"),
     ):
-        full = slice(None)
-        val = _sub(im, *((val_sl, full) if axis == 0 else (full, val_sl)), " (validation strip)")
-        train = _sub(im, *((train_sl, full) if axis == 0 else (full, train_sl)), "")
-        if _has_objects(train) and _annotated(val):
+        val_im = _strip(im, axis, val_sl, " (validation strip)")
+        train_im = _strip(im, axis, train_sl, "")
+        if _has_objects(train_im) and _annotated(val_im):
             axis_name = "rows" if axis == 0 else "columns"
-            return [train], [val], f"strip of {cut} {axis_name} at the {where} of {im.name} held out"
+            return [train_im], [val_im], f"strip of {cut} {axis_name} at the {where} of {im.name} held out"
     return images, [], "none: no strip leaves annotated objects on both sides"

@@ -9,11 +9,11 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..core.checkpoint import CheckpointInfo, load_checkpoint, read_info, sampling_advice
 from ..core.config import CtxSegPConfig, ModelConfig
 from ..core.errors import CheckpointError, ConfigError
+from ..core.models import SegP
 from .devices import resolve_device
 
 __all__ = [
@@ -89,9 +89,9 @@ def sampler_warning(checkpoint: str | os.PathLike | None, steps: int, solver: st
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model in eval mode on its device, with what its checkpoint says."""
+    """A diffusion model (SegP or CtxSegP) in eval mode on its device, with what its checkpoint says."""
 
-    model: nn.Module
+    model: SegP
     info: CheckpointInfo
     device: torch.device
 
@@ -123,7 +123,8 @@ def load_model(
     device
         ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"`` or a torch device.
     kinds
-        Model kinds the caller can use (segmentation needs a diffusion model: ``ctxseg-p``/``seg-p``).
+        Model kinds the caller can use, among the diffusion models ``ctxseg-p`` and ``seg-p`` (what
+        segmentation needs).
 
     Raises
     ------
@@ -141,6 +142,10 @@ def load_model(
         model, info = load_checkpoint(path, device=dev, expected_kinds=kinds)
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
+    if not isinstance(model, SegP):
+        raise CheckpointError(
+            f"{path} holds a {info.kind} model; segmentation needs a ctxseg-p or seg-p model"
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     loaded = LoadedModel(model, info, dev)

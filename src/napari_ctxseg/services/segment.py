@@ -31,7 +31,7 @@ from ..core.edm import EDMDenoiser
 from ..core.errors import ConfigError, InputError
 from ..core.flow_following import flow_to_mask
 from ..core.flows import mask_to_flow
-from ..core.models import CtxSegP, ImageFeatures, PContext
+from ..core.models import CtxSegP, ImageFeatures, PContext, SegP
 from ..core.postprocess import (
     median_diameter,
     relabel_sequential,
@@ -282,16 +282,19 @@ def _prepare_context(
     return contexts
 
 
-def _features(model: torch.nn.Module, image: torch.Tensor, contexts: list[PContext]) -> ImageFeatures:
+def _features(model: SegP, image: torch.Tensor, contexts: list[PContext]) -> ImageFeatures:
     """Image features with the context features averaged over all references (as the original's set_image)."""
     if len(contexts) <= 1:
         return model.prepare(image, contexts[0] if contexts else None)
     per_ref = [model.prepare(image, c) for c in contexts]
+    feats = [f.ref_features for f in per_ref if f.ref_features is not None]  # all: each has a context
     n = sum(c.num_refs for c in contexts)
-    mean = [
-        sum(f.ref_features[k] * c.num_refs for f, c in zip(per_ref, contexts)) / n
-        for k in range(len(per_ref[0].ref_features))
-    ]
+    mean = []
+    for k in range(len(feats[0])):
+        total = feats[0][k] * contexts[0].num_refs
+        for f, c in zip(feats[1:], contexts[1:]):
+            total = total + f[k] * c.num_refs
+        mean.append(total / n)
     return ImageFeatures(per_ref[0].x_skips, mean)
 
 
@@ -300,7 +303,7 @@ class _TiledDenoiser:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: SegP,
         sigma_data: float,
         tiles: list[Tile],
         features: list[ImageFeatures],
@@ -356,13 +359,6 @@ def labels_from_flows(
     Labels are computed at the flows' resolution, cleaned (small objects removed, border objects
     optionally removed, relabelled 1..n) and resized to ``out_shape`` with nearest neighbours.
     """
-    kw = dict(
-        niter=params.niter,
-        step_size=params.step_size,
-        min_seed_cnts=params.min_seed_cnts,
-        expand_min_cnts=params.expand_min_cnts,
-        max_flow_err=params.max_flow_err,
-    )
     stack = np.concatenate([flows.mean(axis=0, keepdims=True), flows]) if len(flows) > 1 else flows
     stack = np.ascontiguousarray(stack, dtype=np.float32)
     if params.flow_threshold > 0:
@@ -373,7 +369,15 @@ def labels_from_flows(
         # so centres (and small gaps enclosed by touching objects) are followed and labelled
         foreground = np.stack([binary_fill_holes(m) for m in strong])
         stack = stack * foreground[:, None]
-    raw = np.asarray(flow_to_mask(stack, **kw)).reshape(len(stack), *flows.shape[-2:])
+    raw = flow_to_mask(
+        stack,
+        niter=params.niter,
+        step_size=params.step_size,
+        min_seed_cnts=params.min_seed_cnts,
+        expand_min_cnts=params.expand_min_cnts,
+        max_flow_err=params.max_flow_err,
+    )
+    raw = np.asarray(raw).reshape(len(stack), *flows.shape[-2:])
     out = []
     for k, lab in enumerate(raw):
         lab = lab.astype(np.int64)
@@ -432,20 +436,24 @@ def segment_steps(
     xp, (h, w) = pad_to_multiple(x, stride, min_size=stride)
     tile = max(stride, req.tile_size // stride * stride)
     overlap = min(req.tile_overlap // stride * stride, tile // 2)
-    tiles = plan_tiles(tuple(xp.shape[-2:]), tile, overlap)
+    padded = (xp.shape[-2], xp.shape[-1])
+    tiles = plan_tiles(padded, tile, overlap)
     one_step = req.steps == 1
     calls = num_model_calls("one_step" if one_step else req.solver, req.steps)
     total = len(tiles) if one_step else len(tiles) + calls
+    final: torch.Tensor | None = None
     with torch.inference_mode():
         contexts = (
-            _prepare_context(model, req, scale, stride, device) if req.context_image is not None else []
+            _prepare_context(model, req, scale, stride, device)
+            if req.context_image is not None and isinstance(model, CtxSegP)  # checked above
+            else []
         )
         gen = torch.Generator(device=device).manual_seed(int(req.seed))
         shape = (2, *xp.shape[-2:])
         if one_step:
             # stream the tiles: encode, denoise once at sigma_max, blend; memory is bounded by the tile
             z = torch.randn((req.num_samples, *shape), generator=gen, device=gen.device) * req.sigma_max
-            blended = _StreamingBlend(z.shape, tuple(xp.shape[-2:]), overlap)
+            blended = _StreamingBlend(z.shape, padded, overlap)
             for i, t in enumerate(tiles):
                 f = _features(model, xp[(..., *t.slices)].to(device), contexts)
                 den = EDMDenoiser(lambda xi, c, f=f: model.predict(xi, c, f), sigma_data=loaded.sigma_data)
@@ -457,9 +465,7 @@ def segment_steps(
             for i, t in enumerate(tiles):
                 features.append(_features(model, xp[(..., *t.slices)].to(device), contexts))
                 yield SegmentProgress("encode", i + 1, total, f"encoding tile {i + 1}/{len(tiles)}")
-            denoiser = _TiledDenoiser(
-                model, loaded.sigma_data, tiles, features, tuple(xp.shape[-2:]), overlap
-            )
+            denoiser = _TiledDenoiser(model, loaded.sigma_data, tiles, features, padded, overlap)
             steps = sample_steps(
                 denoiser,
                 shape,
@@ -478,6 +484,7 @@ def segment_steps(
                 yield SegmentProgress(
                     "denoise", len(tiles) + st.model_calls, total, f"sampler step {st.step}/{st.num_steps}"
                 )
+    assert final is not None  # every sampler yields at least one step
     flows_s = final[..., :h, :w].float().cpu()  # (N, 2, h, w) at model scale
     if req.follow_flows:
         yield SegmentProgress("labels", total, total, "following flows")

@@ -103,15 +103,12 @@ def segment_stack_steps(
     for i, index in enumerate(planes):
         # one plane at a time: dask/zarr arrays (lazy napari layers) are read plane by plane
         plane = np.asarray(image[index] if index else image)
-        result = yield from relay(
-            segment_steps(replace(base, image=plane), loaded=loaded),
-            lambda p, i=i: SegmentProgress(
-                p.stage,
-                i * p.total + p.done,
-                len(planes) * p.total,
-                f"plane {i + 1}/{len(planes)}: {p.message}",
-            ),
-        )
+
+        def restate(p: SegmentProgress, i: int = i) -> SegmentProgress:
+            message = f"plane {i + 1}/{len(planes)}: {p.message}"
+            return SegmentProgress(p.stage, i * p.total + p.done, len(planes) * p.total, message)
+
+        result = yield from relay(segment_steps(replace(base, image=plane), loaded=loaded), restate)
         labels.append(result.labels)
     out = np.stack(labels).reshape((*lead, *labels[0].shape)) if labels else np.zeros(0, np.uint32)
     return stitch_planes(out, len(lead), stitch_threshold) if lead else out
