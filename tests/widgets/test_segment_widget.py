@@ -220,8 +220,9 @@ def test_rethreshold_updates_labels_without_the_network(
 
 def test_field_of_view_and_add_labels_to_context(qtbot: Any, segment_widget: Any) -> None:
     viewer, widget, _ = segment_widget(show=True, scale=(0.5, 0.5), translate=(3.0, 7.0))
-    viewer.camera.center = (3.0 + 20.0, 7.0 + 24.0)
-    viewer.camera.zoom *= 3
+    camera = getattr(viewer, "scene", viewer).camera  # napari < 0.9: viewer.camera
+    camera.center = (3.0 + 20.0, 7.0 + 24.0)
+    camera.zoom *= 3
     qtbot.wait(200)  # a draw updates the layer's visible corner pixels
     widget.fov.value = True
     run_and_wait(qtbot, widget)

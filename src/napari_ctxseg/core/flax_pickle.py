@@ -383,7 +383,8 @@ def _as_float32(key: str, value: Any) -> np.ndarray:
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as f:
+        # our own handle: np.load leaves the file it opened open when the zip turns out corrupt
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
             raw = {k: f[k] for k in f.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
         raise CheckpointError(
