@@ -29,8 +29,11 @@ def show_features_table(viewer: Any) -> None:
 
 
 def tidy(*containers: Any, chars: int = 14) -> None:
-    """Let drop-downs shrink below their longest choice (long layer names would widen the dock and squeeze
-    the row labels), and once napari's style applies, give the row labels of ``containers`` one width."""
+    """Let drop-downs shrink, and give the row labels of ``containers`` one width.
+
+    Drop-downs may shrink below their longest choice (long layer names would widen the dock and squeeze
+    the row labels); the widths are set once napari's style applies.
+    """
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QComboBox
 

@@ -51,8 +51,10 @@ class LossCurve(QWidget):
         self.update()
 
     def add(self, step: int, loss: float, val_loss: float | None = None) -> None:
-        """Append a training loss (and a validation loss, if computed at this step); non-finite values are
-        skipped."""
+        """Append a training loss (and a validation loss, if computed at this step).
+
+        Non-finite values are skipped.
+        """
         if math.isfinite(loss):
             prev = self.smooth[-1][1] if self.smooth else loss
             self.train.append((step, loss))

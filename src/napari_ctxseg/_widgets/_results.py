@@ -126,9 +126,12 @@ def rethreshold_steps(res: PlanesResult, flow: FlowParams) -> Generator[int, Non
 
 
 def plane_labels(res: PlanesResult) -> np.ndarray:
-    """Labels ``(*leading, H, W)`` uint32, unique over the stack; with ``res.stitch_threshold`` > 0 objects
-    of consecutive planes (along the last leading axis) that overlap share a label
-    (:func:`~napari_ctxseg.services.stack.stitch_planes`; 0 offsets every plane's labels)."""
+    """Labels ``(*leading, H, W)`` uint32, unique over the stack.
+
+    With ``res.stitch_threshold`` > 0 objects of consecutive planes (along the last leading axis) that
+    overlap share a label (:func:`~napari_ctxseg.services.stack.stitch_planes`; 0 offsets every plane's
+    labels).
+    """
     from ..services.stack import stitch_planes
 
     lead = res.source.leading_shape
@@ -139,8 +142,10 @@ def plane_labels(res: PlanesResult) -> np.ndarray:
 
 
 def stack_features(res: PlanesResult, labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Per-object measurements (``index`` = the label in :func:`plane_labels`; pass its result as
-    ``labels`` when it is at hand, so the stack is not stitched twice).
+    """Per-object measurements (``index`` = the label in :func:`plane_labels`).
+
+    Pass the result of :func:`plane_labels` as ``labels`` when it is at hand, so the stack is not
+    stitched twice.
 
     Every plane is measured in 2D; an object stitched through several planes gets one row: ``area`` sums
     its pixels over the planes, ``intensity_max`` and the bounding box take the extremes, the plane

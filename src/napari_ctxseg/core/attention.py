@@ -136,6 +136,10 @@ class CtxAtt(nn.Module):
         v: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``q`` (B, C, H, W) attends to ``k``/``v`` (B, C', h, w; default ``q``); returns (B, C, H, W).
+
+        ``mask`` (B, h, w) marks the keys that may be attended to (True).
+        """
         b, _, h, w = q.shape
         k = q if k is None else k
         v = q if v is None else v

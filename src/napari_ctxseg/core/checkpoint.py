@@ -64,6 +64,7 @@ class CheckpointInfo:
 
     @property
     def kind(self) -> str:
+        """The model kind (``ctxseg-p``, ``seg-p``, ``ctxseg-d`` or ``seg-d``)."""
         return self.config.kind
 
 

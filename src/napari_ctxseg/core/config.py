@@ -192,6 +192,7 @@ class SegDConfig(ModelConfig):
 
     @property
     def stride(self) -> int:
+        """Total down-sampling factor: input sizes must be multiples of it (or are padded)."""
         return self.patch_size * 2 ** (len(self.encoder_depths) - 1)
 
 

@@ -43,6 +43,7 @@ class ConvBlock(nn.Module):
         self.dropout = DropPath(drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
         h = to_channels_last(self.conv(x))
         h = self.proj_in(self.grn(gelu(self.proj_out(self.norm(h)))))
         return x + self.dropout(to_channels_first(h))
@@ -101,6 +102,7 @@ class ConvNeXt(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, C_in, H, W) -> one (B, C_k, H / s_k, W / s_k) map per level k."""
         skips = []
         for level in self.layers:
             x = level(x)
@@ -176,6 +178,7 @@ class ConvDecoder(nn.Module):
         return level.up(level.norm(x))
 
     def forward(self, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Skips of the levels (shallowest first) -> (B, out_dim, H, W) at the image's resolution."""
         x: torch.Tensor | float = 0.0
         for k in reversed(range(len(self.layers))):
             x = self.level_forward(k, x + self.layers[k].project_skip(skips[k]))

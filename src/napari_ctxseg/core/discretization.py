@@ -48,12 +48,12 @@ def check_sigma_range(sigma_min: float, sigma_max: float, num_steps: int) -> Non
 
 
 def edm_sigmas(sigma_min: float, sigma_max: float, num_steps: int, *, rho: float = 7.0) -> Tensor:
-    """EDM noise levels, uniform in :math:`\\sigma^{1/\\rho}`.
+    r"""EDM noise levels, uniform in :math:`\sigma^{1/\rho}`.
 
     Notes
     -----
-    :math:`\\sigma_i = (\\sigma_{max}^{1/\\rho} + \\tfrac{i}{N-1}(\\sigma_{min}^{1/\\rho} -
-    \\sigma_{max}^{1/\\rho}))^\\rho`, :math:`i = 0..N-1` [1]_; ``(N,)`` float64, without the final 0.
+    :math:`\sigma_i = (\sigma_{max}^{1/\rho} + \tfrac{i}{N-1}(\sigma_{min}^{1/\rho} -
+    \sigma_{max}^{1/\rho}))^\rho`, :math:`i = 0..N-1` [1]_; ``(N,)`` float64, without the final 0.
     """
     check_sigma_range(sigma_min, sigma_max, num_steps)
     ramp = torch.linspace(sigma_max ** (1 / rho), sigma_min ** (1 / rho), num_steps, dtype=torch.float64)
@@ -61,13 +61,13 @@ def edm_sigmas(sigma_min: float, sigma_max: float, num_steps: int, *, rho: float
 
 
 def vp_sigmas(sigma_min: float, sigma_max: float, num_steps: int, *, epsilon_s: float = 1e-3) -> Tensor:
-    """Variance-preserving (VP) noise levels at uniform times from 1 to ``epsilon_s``.
+    r"""Variance-preserving (VP) noise levels at uniform times from 1 to ``epsilon_s``.
 
     Notes
     -----
-    :math:`\\sigma(t) = \\sqrt{e^{\\beta_d t^2/2 + \\beta_{min} t} - 1}` with :math:`\\beta_d, \\beta_{min}`
-    chosen so that :math:`\\sigma(1) = \\sigma_{max}` and :math:`\\sigma(\\epsilon_s) = \\sigma_{min}` [1]_;
-    :math:`t_i` = linspace(1, :math:`\\epsilon_s`, N). ``(N,)`` float64.
+    :math:`\sigma(t) = \sqrt{e^{\beta_d t^2/2 + \beta_{min} t} - 1}` with :math:`\beta_d, \beta_{min}`
+    chosen so that :math:`\sigma(1) = \sigma_{max}` and :math:`\sigma(\epsilon_s) = \sigma_{min}` [1]_;
+    :math:`t_i` = linspace(1, :math:`\epsilon_s`, N). ``(N,)`` float64.
     """
     check_sigma_range(sigma_min, sigma_max, num_steps)
     log_max = math.log(sigma_max**2 + 1)
@@ -78,11 +78,11 @@ def vp_sigmas(sigma_min: float, sigma_max: float, num_steps: int, *, epsilon_s: 
 
 
 def ve_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> Tensor:
-    """Variance-exploding (VE) noise levels: a geometric sequence from ``sigma_max`` to ``sigma_min``.
+    r"""Variance-exploding (VE) noise levels: a geometric sequence from ``sigma_max`` to ``sigma_min``.
 
     Notes
     -----
-    :math:`\\sigma_i = \\sigma_{max} (\\sigma_{min}/\\sigma_{max})^{i/(N-1)}` [1]_. ``(N,)`` float64.
+    :math:`\sigma_i = \sigma_{max} (\sigma_{min}/\sigma_{max})^{i/(N-1)}` [1]_. ``(N,)`` float64.
     """
     check_sigma_range(sigma_min, sigma_max, num_steps)
     frac = torch.linspace(0, 1, num_steps, dtype=torch.float64)
@@ -123,15 +123,15 @@ def iddpm_sigmas(
     C_2: float = 0.008,
     M: int = 1000,
 ) -> Tensor:
-    """iDDPM noise levels spread over the whole admissible range (as NVlabs/edm does).
+    r"""iDDPM noise levels spread over the whole admissible range (as NVlabs/edm does).
 
     Notes
     -----
     :math:`u_M = 0`,
-    :math:`u_{j-1} = \\sqrt{(u_j^2 + 1) / \\max(\\bar\\alpha_{j-1}/\\bar\\alpha_j, C_1) - 1}`,
-    :math:`\\bar\\alpha_j = \\sin^2(\\tfrac{\\pi}{2} \\tfrac{j}{M (C_2 + 1)})`. Of the :math:`L` levels in
+    :math:`u_{j-1} = \sqrt{(u_j^2 + 1) / \max(\bar\alpha_{j-1}/\bar\alpha_j, C_1) - 1}`,
+    :math:`\bar\alpha_j = \sin^2(\tfrac{\pi}{2} \tfrac{j}{M (C_2 + 1)})`. Of the :math:`L` levels in
     ``[sigma_min, sigma_max]`` (descending), step :math:`i` takes index
-    :math:`\\lfloor \\tfrac{L-1}{N-1} i + \\tfrac12 \\rfloor` [1]_, so the schedule runs from the largest
+    :math:`\lfloor \tfrac{L-1}{N-1} i + \tfrac12 \rfloor` [1]_, so the schedule runs from the largest
     level below ``sigma_max`` to the smallest above ``sigma_min``. The original ctxseg code stops far
     above ``sigma_min``; that behaviour is :func:`iddpm_original_sigmas`. ``(N,)`` float64.
     """
@@ -151,12 +151,12 @@ def iddpm_original_sigmas(
     C_2: float = 0.008,
     M: int = 1000,
 ) -> Tensor:
-    """iDDPM noise levels exactly as the original ctxseg computes them (a known defect, kept for parity).
+    r"""iDDPM noise levels exactly as the original ctxseg computes them (a known defect, kept for parity).
 
     Notes
     -----
     Same admissible levels as :func:`iddpm_sigmas`, but indexed with
-    :math:`\\lfloor \\tfrac{L-1}{N-1} t_i \\rfloor` for :math:`t_i` = linspace(0, 1, N) instead of
+    :math:`\lfloor \tfrac{L-1}{N-1} t_i \rfloor` for :math:`t_i` = linspace(0, 1, N) instead of
     :math:`i = 0..N-1`: only the first :math:`1/(N-1)` of the range is used, so with ``sigma_max = 80``,
     ``sigma_min = 0.002`` the schedule ends at 2.99 for N = 6 and at 9.54 for N = 18. ``(N,)`` float64.
     """

@@ -48,9 +48,9 @@ ModelFn = Callable[..., Tensor]
 class Schedule(Protocol):
     """A training noise schedule: ``(x, *, generator, sigma_data) -> (sigma, loss_weight)``."""
 
-    def __call__(
-        self, x: Tensor, *, generator: torch.Generator, sigma_data: float
-    ) -> tuple[Tensor, Tensor]: ...
+    def __call__(self, x: Tensor, *, generator: torch.Generator, sigma_data: float) -> tuple[Tensor, Tensor]:
+        """Draw ``(sigma, loss_weight)``, each (B,), for the batch ``x``."""
+        ...
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ class Schedule(Protocol):
 
 
 def edm_scalings(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Preconditioning coefficients of the original ctxseg ``edm_precond``.
+    r"""Preconditioning coefficients of the original ctxseg ``edm_precond``.
 
     Parameters
     ----------
@@ -76,18 +76,18 @@ def edm_scalings(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tens
 
     Notes
     -----
-    With :math:`\\sigma_d` = ``sigma_data``:
+    With :math:`\sigma_d` = ``sigma_data``:
 
     .. math::
 
-        c_{skip} = \\frac{\\sigma_d^2}{\\sigma^2 + \\sigma_d^2}, \\quad
-        c_{out} = \\sqrt{\\frac{\\sigma \\sigma_d}{\\sigma^2 + \\sigma_d^2}}, \\quad
-        c_{in} = \\frac{1}{\\sqrt{\\sigma^2 + \\sigma_d^2}}, \\quad
-        c_{noise} = \\tfrac{1}{4} \\ln \\sigma .
+        c_{skip} = \frac{\sigma_d^2}{\sigma^2 + \sigma_d^2}, \quad
+        c_{out} = \sqrt{\frac{\sigma \sigma_d}{\sigma^2 + \sigma_d^2}}, \quad
+        c_{in} = \frac{1}{\sqrt{\sigma^2 + \sigma_d^2}}, \quad
+        c_{noise} = \tfrac{1}{4} \ln \sigma .
 
     ``c_out`` is the **original ctxseg's**, the square root of the whole ratio. EDM [1]_ uses
-    :math:`\\sigma \\sigma_d / \\sqrt{\\sigma^2 + \\sigma_d^2}` instead; the ratio of the two is
-    :math:`\\sqrt{\\sigma \\sigma_d}`, so they agree only where :math:`\\sigma \\sigma_d = 1`.
+    :math:`\sigma \sigma_d / \sqrt{\sigma^2 + \sigma_d^2}` instead; the ratio of the two is
+    :math:`\sqrt{\sigma \sigma_d}`, so they agree only where :math:`\sigma \sigma_d = 1`.
     Checkpoints of ctxseg were trained with this ``c_out``, so it is kept.
     """
     sigma_sq = sigma * sigma
@@ -164,6 +164,7 @@ class EDMDenoiser:
     def __call__(
         self, x: Tensor, sigma: float | Tensor, *, x_cond: Tensor | None = None, **kwargs: Any
     ) -> Tensor:
+        """``D(x, sigma)`` for ``x`` (B, C, H, W) and ``sigma`` a float or (B,); extra keywords go to F."""
         sigma_b = _per_sample_sigma(sigma, x)
         c_skip, c_out, c_in, c_noise = edm_scalings(sigma_b, self.sigma_data)
         shape = (-1,) + (1,) * (x.ndim - 1)
@@ -203,7 +204,7 @@ def edm_schedule(
     p_mean: float = -1.2,
     p_std: float = 1.2,
 ) -> tuple[Tensor, Tensor]:
-    """EDM training noise levels: log-normal sigma with the EDM loss weight.
+    r"""EDM training noise levels: log-normal sigma with the EDM loss weight.
 
     Parameters
     ----------
@@ -216,7 +217,7 @@ def edm_schedule(
     sigma_min, sigma_max : float
         Clipping range of sigma.
     p_mean, p_std : float
-        Mean and standard deviation of :math:`\\ln \\sigma`.
+        Mean and standard deviation of :math:`\ln \sigma`.
 
     Returns
     -------
@@ -225,8 +226,8 @@ def edm_schedule(
 
     Notes
     -----
-    :math:`\\ln \\sigma \\sim \\mathcal{N}(P_{mean}, P_{std}^2)`, clipped to ``[sigma_min, sigma_max]``;
-    :math:`\\lambda(\\sigma) = 1/\\sigma^2 + 1/\\sigma_d^2` (EDM [1]_, Table 1).
+    :math:`\ln \sigma \sim \mathcal{N}(P_{mean}, P_{std}^2)`, clipped to ``[sigma_min, sigma_max]``;
+    :math:`\lambda(\sigma) = 1/\sigma^2 + 1/\sigma_d^2` (EDM [1]_, Table 1).
     """
     log_sigma = _randn_like_batch(x, generator) * p_std + p_mean
     sigma = torch.exp(log_sigma).clamp(sigma_min, sigma_max)
@@ -258,7 +259,7 @@ def edm_hat_schedule(
     p_mean: float = -1.2,
     p_std: float = 1.2,
 ) -> tuple[Tensor, Tensor]:
-    """EDM noise levels with loss weights raised at low SNR (the original's ``edm_hat_schedule``).
+    r"""EDM noise levels with loss weights raised at low SNR (the original's ``edm_hat_schedule``).
 
     Parameters are those of :func:`edm_schedule`.
 
@@ -269,14 +270,14 @@ def edm_hat_schedule(
 
     Notes
     -----
-    sigma is drawn as in :func:`edm_schedule`. With :math:`s = 1/\\sigma^2` (the SNR), the effective weight
-    of a noise level is :math:`p(s) (\\sigma_d^2 s + 1)` with
-    :math:`p(s) = \\exp(-(-\\ln s - 2 P_{mean})^2 / (8 P_{std}^2)) / s`, tabulated on 10000
-    geometric bins from :math:`1/\\sigma_{max}^2` to :math:`1/\\sigma_{min}^2`. Below the SNR of the maximal
+    sigma is drawn as in :func:`edm_schedule`. With :math:`s = 1/\sigma^2` (the SNR), the effective weight
+    of a noise level is :math:`p(s) (\sigma_d^2 s + 1)` with
+    :math:`p(s) = \exp(-(-\ln s - 2 P_{mean})^2 / (8 P_{std}^2)) / s`, tabulated on 10000
+    geometric bins from :math:`1/\sigma_{max}^2` to :math:`1/\sigma_{min}^2`. Below the SNR of the maximal
     effective weight, the weight is multiplied by (max / effective), flattening the low-SNR side:
-    :math:`\\lambda = (\\sigma_d^2 s + 1) \\cdot \\mathrm{corr}[\\mathrm{digitize}(s)]`, the bin index clamped
+    :math:`\lambda = (\sigma_d^2 s + 1) \cdot \mathrm{corr}[\mathrm{digitize}(s)]`, the bin index clamped
     to the last bin as JAX's gather does. The table is computed in float64 (the original: float32).
-    Note this weight is :math:`\\sigma_d^2` times the EDM weight of :func:`edm_schedule`, as in the original.
+    Note this weight is :math:`\sigma_d^2` times the EDM weight of :func:`edm_schedule`, as in the original.
     """
     sigma = torch.exp(_randn_like_batch(x, generator) * p_std + p_mean).clamp(sigma_min, sigma_max)
     bins, corrections = _edm_hat_table(float(sigma_data), float(sigma_min), float(sigma_max), p_mean, p_std)
@@ -294,7 +295,7 @@ def ncsn2_schedule(
     sigma_min: float = 0.01,
     sigma_max: float = 80.0,
 ) -> tuple[Tensor, Tensor]:
-    """NCSNv2-style log-uniform noise levels with low-discrepancy sampling and ELBO weight.
+    r"""NCSNv2-style log-uniform noise levels with low-discrepancy sampling and ELBO weight.
 
     Parameters
     ----------
@@ -314,9 +315,9 @@ def ncsn2_schedule(
 
     Notes
     -----
-    :math:`t_b = (u + b / B) \\bmod 1` with one :math:`u \\sim U[0, 1)` (low-discrepancy sampling [3]_);
-    :math:`\\gamma = 2 \\ln\\sigma_{min} + t (2 \\ln\\sigma_{max} - 2 \\ln\\sigma_{min})`,
-    :math:`\\sigma = e^{\\gamma/2}`, :math:`\\lambda = 1/\\sigma^2` [2]_.
+    :math:`t_b = (u + b / B) \bmod 1` with one :math:`u \sim U[0, 1)` (low-discrepancy sampling [3]_);
+    :math:`\gamma = 2 \ln\sigma_{min} + t (2 \ln\sigma_{max} - 2 \ln\sigma_{min})`,
+    :math:`\sigma = e^{\gamma/2}`, :math:`\lambda = 1/\sigma^2` [2]_.
     """
     del sigma_data
     batch = x.shape[0]
@@ -357,7 +358,7 @@ def edm_loss(
     schedule: Literal["edm", "edmhat", "ncsn2"] | Schedule = "edm",
     **model_kwargs: Any,
 ) -> Tensor:
-    """Weighted denoising loss of one batch.
+    r"""Weighted denoising loss of one batch.
 
     Parameters
     ----------
@@ -382,8 +383,8 @@ def edm_loss(
 
     Notes
     -----
-    :math:`(\\sigma, \\lambda) \\sim` schedule, :math:`n \\sim \\mathcal{N}(0, I)`,
-    :math:`L = \\mathrm{mean}\\left(\\tfrac12 \\lambda (D(x + \\sigma n, \\sigma) - x)^2\\right)`,
+    :math:`(\sigma, \lambda) \sim` schedule, :math:`n \sim \mathcal{N}(0, I)`,
+    :math:`L = \mathrm{mean}\left(\tfrac12 \lambda (D(x + \sigma n, \sigma) - x)^2\right)`,
     the mean over all elements.
     """
     schedule_fn = get_schedule(schedule)

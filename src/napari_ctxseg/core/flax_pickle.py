@@ -187,6 +187,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._stubs: dict[tuple[str, str], type] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        """The allowed numpy/builtin global, or a stub for jax/flax names; anything else is refused."""
         if (module, name) in _ALLOWED_GLOBALS:
             return _ALLOWED_GLOBALS[(module, name)]
         top = module.split(".", 1)[0]
@@ -207,6 +208,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         return self._stubs[key]
 
     def persistent_load(self, pid: Any) -> Any:
+        """Refuse persistent ids (never written by pickle.dump or cloudpickle)."""
         raise CheckpointError(
             f"refusing persistent id {pid!r} in a pickle (pickle.dump and cloudpickle never write one)"
         )

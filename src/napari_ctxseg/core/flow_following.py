@@ -100,8 +100,9 @@ class _Follower:
         return values.reshape(-1, d, n)
 
     def velocity(self, p: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``clip(bilinear(step, p - 0.5), -1, 1)``: the move of one iteration from ``p``; and the index of
-        the cell read (its top-left corner in the padded table).
+        """``clip(bilinear(step, p - 0.5), -1, 1)``, the move of one iteration from ``p``, and the cell read.
+
+        The cell is returned as the index of its top-left corner in the padded table.
 
         Every operation works on ``(d, N)`` or ``(N,)`` tensors: broadcasting over the corners would
         make tensors large enough for torch to split them over threads, which costs more than it saves
@@ -125,8 +126,10 @@ class _Follower:
 
 
 def _floor_int(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``floor(x)`` as int64 for ``x >= -1`` (truncation, minus 1 below 0; avoids ``torch.floor``, whose
-    CPU kernel goes multi-threaded even for small tensors)."""
+    """``floor(x)`` as int64 for ``x >= -1``: truncation, minus 1 below 0.
+
+    This avoids ``torch.floor``, whose CPU kernel goes multi-threaded even for small tensors.
+    """
     trunc = x.to(dtype)
     return trunc - (x < trunc).to(dtype)
 
@@ -208,8 +211,10 @@ class _Walkers:
 
 
 def _run(walkers: _Walkers, follower: _Follower, final: torch.Tensor, until: int) -> _Walkers | None:
-    """Advance ``walkers``, writing the final position of the settled ones into ``final``, until none
-    is left (returns None) or fewer than ``until`` are (returns those)."""
+    """Advance ``walkers`` until none is left (returns None) or fewer than ``until`` are (returns those).
+
+    The final positions of the walkers that settle are written into ``final``.
+    """
     step = 0
     while True:
         walkers.advance(follower)

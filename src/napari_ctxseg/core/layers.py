@@ -104,6 +104,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> (..., C), normalised over C."""
         if (self.weight is None) == (self.bias is None):
             return F.layer_norm(x, (self.dim,), self.weight, self.bias, LN_EPS)
         # Only one affine parameter: apply it outside the fused kernel. PyTorch 2.11's CUDA backward of
@@ -119,6 +120,7 @@ class LayerNorm2d(LayerNorm):
     """:class:`LayerNorm` over the channel axis of an NCHW tensor."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W), normalised over C."""
         return to_channels_first(super().forward(to_channels_last(x)))
 
 
@@ -138,6 +140,7 @@ class GRN(nn.Module):
         self.beta = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C)."""
         mu2 = x.square().mean(dim=(1, 2), keepdim=True).clamp_min(1e-6)
         gx = mu2.sqrt()
         nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
@@ -175,6 +178,7 @@ class SameConv2d(nn.Conv2d):
         self._symmetric = symmetric
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, C_out, ceil(H / stride), ceil(W / stride))."""
         if not self._symmetric:
             pads = []
             for n, k, s in zip(x.shape[:1:-1], self.kernel_size[::-1], self.stride[::-1]):
@@ -197,6 +201,7 @@ class DropPath(nn.Module):
         self.rate = float(rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero whole samples of ``x`` (batch first) with probability ``rate``; rescale the rest."""
         if not self.training or self.rate == 0.0:
             return x
         keep = 1.0 - self.rate
@@ -222,6 +227,7 @@ class MultiHeadSelfAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, C) -> (B, N, C)."""
         b, n, c = x.shape
         h = self.num_heads
 

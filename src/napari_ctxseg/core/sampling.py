@@ -74,7 +74,7 @@ def _sigma_like(sigma: float | Tensor, x: Tensor) -> float | Tensor:
 
 
 class DMGradient:
-    """The probability-flow ODE gradient ``dx/dsigma`` of a denoiser, with optional inpainting.
+    r"""The probability-flow ODE gradient ``dx/dsigma`` of a denoiser, with optional inpainting.
 
     Parameters
     ----------
@@ -87,12 +87,12 @@ class DMGradient:
     -----
     ``g(x, sigma, *, inpaint=None, inpaint_mask=None, **kwargs)``:
 
-    .. math:: g = \\frac{x}{\\sigma} - \\hat D \\left(\\frac{1}{\\sigma} + \\beta\\right), \\qquad
-              \\hat D = \\mathrm{where}(m, x_{inpaint}, D(x, \\sigma))
+    .. math:: g = \frac{x}{\sigma} - \hat D \left(\frac{1}{\sigma} + \beta\right), \qquad
+              \hat D = \mathrm{where}(m, x_{inpaint}, D(x, \sigma))
 
     with the mask :math:`m` = ``inpaint_mask`` (bool, broadcastable to x) if given, else
-    :math:`\\hat D = D`. ``sigma`` is a Python float or a tensor with one value or one per sample.
-    :meth:`evaluate` returns :math:`(g, \\hat D)`.
+    :math:`\hat D = D`. ``sigma`` is a Python float or a tensor with one value or one per sample.
+    :meth:`evaluate` returns :math:`(g, \hat D)`.
     """
 
     def __init__(self, denoiser: Denoiser, *, beta: float = 0.0) -> None:
@@ -125,6 +125,7 @@ class DMGradient:
         return x * w1 - denoised * w2, denoised
 
     def __call__(self, x: Tensor, sigma: float | Tensor, **kwargs: Any) -> Tensor:
+        """The gradient ``g`` alone (see :meth:`evaluate`)."""
         return self.evaluate(x, sigma, **kwargs)[0]
 
 
@@ -143,7 +144,7 @@ def sde_churn(
     S_max: float = math.inf,
     S_noise: float = 1.0,
 ) -> tuple[Tensor, float]:
-    """Temporarily raise the noise level of ``x`` (EDM's stochastic "churn").
+    r"""Temporarily raise the noise level of ``x`` (EDM's stochastic "churn").
 
     Parameters
     ----------
@@ -166,9 +167,9 @@ def sde_churn(
 
     Notes
     -----
-    :math:`\\hat\\sigma = \\sigma (1 + \\gamma)`,
-    :math:`\\hat x = x + S_{noise} \\sqrt{\\hat\\sigma^2 - \\sigma^2}\\, \\epsilon`,
-    :math:`\\epsilon \\sim \\mathcal{N}(0, I)` [1]_. The original raised a TypeError here and would
+    :math:`\hat\sigma = \sigma (1 + \gamma)`,
+    :math:`\hat x = x + S_{noise} \sqrt{\hat\sigma^2 - \sigma^2}\, \epsilon`,
+    :math:`\epsilon \sim \mathcal{N}(0, I)` [1]_. The original raised a TypeError here and would
     have used numpy's global RNG; this one draws from ``generator`` in ``x``'s dtype.
     """
     if not (S_min <= sigma <= S_max and gamma > 0):
@@ -185,7 +186,7 @@ def sde_churn(
 
 @dataclass(frozen=True, eq=False)
 class SamplerStep:
-    """Progress of a sampler after one step.
+    r"""Progress of a sampler after one step.
 
     Attributes
     ----------
@@ -198,7 +199,7 @@ class SamplerStep:
     x : Tensor
         Current latent ``(B, C, H, W)``; after the last step, the samples. Do not modify in place.
     denoised : Tensor or None
-        Denoised estimate :math:`\\hat D` computed at the start of this step (None for a custom
+        Denoised estimate :math:`\hat D` computed at the start of this step (None for a custom
         ``gradient_fn`` that is not a :class:`DMGradient`).
     model_calls : int
         Denoiser evaluations so far.
@@ -323,7 +324,7 @@ def sample_steps(
     inpaint_mask: Tensor | None = None,
     **model_kwargs: Any,
 ) -> Iterator[SamplerStep]:
-    """Integrate the probability-flow ODE from noise to samples, yielding after every step.
+    r"""Integrate the probability-flow ODE from noise to samples, yielding after every step.
 
     Parameters
     ----------
@@ -380,19 +381,19 @@ def sample_steps(
 
     Notes
     -----
-    With :math:`\\sigma_0 > ... > \\sigma_{N-1} > \\sigma_N = 0` and :math:`g` the gradient, each step
-    :math:`i` takes (after churn, :math:`(x, \\sigma_i) \\to (\\hat x, \\hat\\sigma)`)
-    :math:`d = g(\\hat x, \\hat\\sigma)` and then :math:`x \\leftarrow \\hat x + (\\sigma_{i+1} -
-    \\hat\\sigma)\\, d'` with
+    With :math:`\sigma_0 > ... > \sigma_{N-1} > \sigma_N = 0` and :math:`g` the gradient, each step
+    :math:`i` takes (after churn, :math:`(x, \sigma_i) \to (\hat x, \hat\sigma)`)
+    :math:`d = g(\hat x, \hat\sigma)` and then :math:`x \leftarrow \hat x + (\sigma_{i+1} -
+    \hat\sigma)\, d'` with
 
     - ``euler``: :math:`d' = d`;
-    - ``heun``: :math:`d' = (d + g(\\hat x + (\\sigma_{i+1} - \\hat\\sigma) d, \\sigma_{i+1}))/2`, except on
-      the last step (:math:`\\sigma_{i+1} = 0`) where :math:`d' = d`: 2N - 1 denoiser calls;
+    - ``heun``: :math:`d' = (d + g(\hat x + (\sigma_{i+1} - \hat\sigma) d, \sigma_{i+1}))/2`, except on
+      the last step (:math:`\sigma_{i+1} = 0`) where :math:`d' = d`: 2N - 1 denoiser calls;
     - ``edf``: :math:`d' = 2 d - d'_{prev}` from the second step on, where :math:`d'_{prev}` is the
       previous step's **already extrapolated** :math:`d'` (a recursion). This is what the original code
       does, not what its docstring says (extrapolation from the previous raw gradient); the parity fixtures
       confirm the recursive form;
-    - ``one_step``: :math:`x = \\hat D(x, \\sigma_{max})`, a single denoiser call, which is what the
+    - ``one_step``: :math:`x = \hat D(x, \sigma_{max})`, a single denoiser call, which is what the
       original ``scripts/inference.py`` does with ``nsteps=1`` (its default fast inference). Mathematically
       an euler step from ``sigma_max`` to 0, without its cancellation error.
 

@@ -26,6 +26,7 @@ class Tile:
 
     @property
     def slices(self) -> tuple[slice, slice]:
+        """(rows, columns) slices of the tile in the padded image."""
         return slice(self.y0, self.y0 + self.size_y), slice(self.x0, self.x0 + self.size_x)
 
 

@@ -144,6 +144,7 @@ class TrainConfig:
             raise ConfigError(f"unknown precision {self.precision!r}; expected one of {PRECISIONS}")
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of the settings (stored with the training state)."""
         d = asdict(self)
         d["augment"]["scale_range"] = list(d["augment"]["scale_range"])
         return d
@@ -228,8 +229,10 @@ def weighted_edm_loss(
 
 
 def _lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
-    """Linear warm-up, then cosine decay to 10 %; with a time budget, progress is the larger of the
-    step and the time fractions."""
+    """Linear warm-up, then cosine decay to 10 %.
+
+    With a time budget, progress is the larger of the step and the time fractions.
+    """
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)

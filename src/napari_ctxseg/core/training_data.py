@@ -84,6 +84,7 @@ class AnnotatedImage:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(H, W) of the image."""
         return self.labels.shape
 
 
@@ -175,6 +176,7 @@ class AugmentConfig:
 
     @classmethod
     def none(cls) -> AugmentConfig:
+        """No augmentation: scale 1, no flips, no intensity changes."""
         return cls(scale_range=(1.0, 1.0), flips=False, intensity=False, invert_prob=0.0)
 
 
@@ -192,6 +194,7 @@ class Batch:
     names: list[str] = field(default_factory=list)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """A copy on ``device``."""
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:
@@ -383,11 +386,14 @@ class CropSampler:
 
     # ---- batches ---------------------------------------------------------------------------------
     def sample(self, batch_size: int, *, context: bool = True) -> Batch:
-        """Draw a batch; with ``context`` every sample also gets a reference crop (of the same image, or
-        of another image of its group with probability ``p_other_reference``) at the same scale.
+        """Draw a batch; with ``context`` every sample also gets a reference crop at the same scale.
+
+        The reference is a crop of the same image, or of another image of its group with probability
+        ``p_other_reference``.
 
         A sample drawn without a context (probability ``p_no_context``; ``context_weight`` 0) gets an
-        all-zero reference instead: the model skips references of weight 0, so none is cropped."""
+        all-zero reference instead: the model skips references of weight 0, so none is cropped.
+        """
         imgs, flows, weights, names = [], [], [], []
         r_imgs, r_flows, r_masks, cw = [], [], [], []
         for _ in range(batch_size):

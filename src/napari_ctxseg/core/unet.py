@@ -44,6 +44,7 @@ class LabelEmbedding(nn.Module):
         self.noise_proj_2 = nn.Linear(emb_dim, emb_dim)
 
     def forward(self, noise_labels: torch.Tensor) -> torch.Tensor:
+        """Noise labels (B,) -> embeddings (B, emb_dim)."""
         t = noise_labels.reshape(-1, 1).to(self.freqs.dtype) * self.freqs
         x = torch.cat([torch.cos(t), torch.sin(t)], dim=-1)
         x = F.silu(self.noise_proj_1(x))
@@ -74,6 +75,7 @@ class DMConvBlock(nn.Module):
         self.dropout = DropPath(drop_rate)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, C, H, W) modulated by ``emb`` (B, emb_dim) -> (B, C, H, W)."""
         h = to_channels_last(self.conv(x))
         h = self.mlp_out(gelu(self.mlp_in(self.norm(h))))
         scale, shift = self.emb_proj(emb)[:, None, None, :].chunk(2, dim=-1)
@@ -161,6 +163,7 @@ class UNetDown(nn.Module):
     def forward(
         self, x: torch.Tensor, emb: torch.Tensor, conds: Sequence[torch.Tensor] | None = None
     ) -> list[torch.Tensor]:
+        """Noisy flow (B, in_dim, H, W), embedding (B, emb_dim) and image features per level -> the skips."""
         skips = []
         for k, level in enumerate(self.layers):
             x = level.stem(x)
@@ -232,6 +235,7 @@ class UNetUp(nn.Module):
     def forward(
         self, skips: Sequence[torch.Tensor], emb: torch.Tensor, conds: Sequence[torch.Tensor] | None = None
     ) -> torch.Tensor:
+        """The skips of :class:`UNetDown`, embedding (B, emb_dim) and image features -> (B, out_dim, H, W)."""
         skips = list(skips)
         x: torch.Tensor | float = 0.0
         for k, level in reversed(list(enumerate(self.layers))):

@@ -82,8 +82,10 @@ def baseline_watershed(image: np.ndarray, diameter: float = 20.0) -> np.ndarray:
 
 
 def pooled_scores(tp: int, fp: int, fn: int) -> dict[str, float]:
-    """Report scores of counts summed over images: the counts, AP@0.5 = TP / (TP + FP + FN) and F1@0.5
-    (NaN when all three are 0), as :class:`~napari_ctxseg.core.metrics.MatchScores` computes them.
+    """Report scores of counts summed over images: the counts, AP@0.5 and F1@0.5.
+
+    AP@0.5 = TP / (TP + FP + FN) and F1@0.5 (NaN when all three are 0), as
+    :class:`~napari_ctxseg.core.metrics.MatchScores` computes them.
 
     Examples
     --------

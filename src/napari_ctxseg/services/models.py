@@ -97,10 +97,12 @@ class LoadedModel:
 
     @property
     def sigma_data(self) -> float:
+        """The checkpoint's sigma_data (EDM preconditioning)."""
         return self.info.sigma_data
 
     @property
     def name(self) -> str:
+        """File name of the checkpoint (``model`` for an in-memory one)."""
         return self.info.path.name if self.info.path else "model"
 
 

@@ -136,8 +136,11 @@ class SegmentRequest:
 
 @dataclass
 class SegmentProgress:
-    """``stage`` is "size" (the measuring pass of ``diameter="auto"``), "encode", "denoise" or "labels";
-    ``done``/``total`` count model calls or steps within the stage's pass."""
+    """Where a segmentation is: ``stage``, and ``done`` of ``total`` within the stage's pass.
+
+    ``stage`` is "size" (the measuring pass of ``diameter="auto"``), "encode", "denoise" or "labels";
+    ``done``/``total`` count model calls or steps.
+    """
 
     stage: str
     done: int
@@ -556,8 +559,9 @@ def _auto_diameter(measured: float) -> float | None:
 def _measure_diameter(
     req: SegmentRequest, loaded: LoadedModel
 ) -> Generator[SegmentProgress, None, tuple[float, SegmentResult | None]]:
-    """Median object diameter for ``diameter="auto"``, and the first probe's result if it saw the whole
-    image at the model's scale.
+    """Median object diameter for ``diameter="auto"``, and the first probe's result if it can be reused.
+
+    The probe's result is reused when it saw the whole image at the model's scale.
 
     With a context, the annotated objects (inside their regions) tell the size and nothing runs.
     Otherwise one-step passes over the central ``AUTO_PROBE_SIZE`` square measure it: at the model's

@@ -152,8 +152,11 @@ def _initial_model(req: TrainRequest) -> tuple[SegP, dict[str, Any], float, dict
 
 
 def _inherited_sampling(base: CheckpointInfo) -> dict[str, Any] | None:
-    """A fine-tuned model keeps its base's sampler declaration, marked as not measured again: minutes of
-    fine-tuning do not teach the noise levels the base was weak at, so the same warnings stay useful."""
+    """The sampler declaration of a fine-tuned model: its base's, marked as not measured again.
+
+    Minutes of fine-tuning do not teach the noise levels the base was weak at, so the same warnings stay
+    useful.
+    """
     if not base.sampling:
         return None
     name = base.path.name if base.path is not None else "the base checkpoint"
