@@ -298,12 +298,12 @@ class SegD(nn.Module):
         )
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """Flows (B, out_channels, H, W) of images (B, C, H, W)."""
+        """Images (B, C, H, W) -> the prediction (B, out_channels, H, W)."""
         _check_image(image, self.config.in_channels, self.config.stride)
         return self.decoder(self.encoder(image))
 
     def predict(self, image: torch.Tensor, context: DContext | None = None) -> torch.Tensor:
-        """Flows of ``image`` (B, C, H, W); SegD takes no context."""
+        """The prediction (B, out_channels, H, W) for ``image`` (B, C, H, W); SegD takes no context."""
         if context is not None:
             raise ConfigError("SegD has no context path; use a CtxSegD checkpoint for in-context use")
         return self(image)
