@@ -57,7 +57,7 @@ def test_code_is_ruff_clean(check: tuple[str, ...]) -> None:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
-def test_core_and_services_type_check() -> None:
+def test_package_type_checks() -> None:
     # the files and settings are [tool.mypy] in pyproject.toml
     r = _run(_console_script("mypy", "mypy"), "--no-error-summary", cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -58,7 +58,9 @@ def evaluate_labels(pred: np.ndarray, gt: np.ndarray, threshold: float = 0.5) ->
     matches = per_object_iou(pred, gt, threshold)
     original = LabelMetrics()
     original.update(pred, gt)
-    dice = float(original.compute(threshold)["instance_dice"])  # type: ignore[index]
+    summary = original.compute(threshold)
+    assert isinstance(summary, dict)  # a dict once updated, without micros
+    dice = float(summary["instance_dice"])
     reverse = per_object_iou(gt, pred, threshold)  # every ground-truth object's best IoU
     return Evaluation(
         float(threshold),

@@ -176,9 +176,9 @@ class RunSettings:
             checkpoint=self.checkpoint,
             device=self.device,
             steps=self.steps,
-            solver=self.solver,
+            solver=self.solver,  # type: ignore[arg-type]  # a str from the widget; SegmentRequest checks it
             num_samples=self.num_samples,
-            seed=self.seed,  # type: ignore[arg-type]
+            seed=self.seed,
             diameter=self.diameter or "auto",
             context_image=None if c is None else c.image,
             context_labels=None if c is None else c.labels,
@@ -207,7 +207,9 @@ def shapes_mask(shapes: Any, image: Any, shape: tuple[int, int]) -> np.ndarray:
         polys.append(np.array([image.world_to_data(w) for w in world])[:, -2:])
     if not polys:
         return np.zeros(shape, bool)
-    return np.asarray(Shapes(polys, shape_type=list(shapes.shape_type)).to_masks(shape)).any(axis=0)
+    return np.asarray(
+        np.asarray(Shapes(polys, shape_type=list(shapes.shape_type)).to_masks(shape)).any(axis=0)
+    )
 
 
 def context_from_layers(
@@ -228,7 +230,7 @@ def context_from_layers(
         offset = (np.asarray(labels.translate[-2:]) - np.asarray(image.translate[-2:])) / np.asarray(
             image.scale[-2:]
         )
-        lab, footprint = embed_labels(lab, tuple(round(float(v)) for v in offset), shape)
+        lab, footprint = embed_labels(lab, (round(float(offset[0])), round(float(offset[1]))), shape)
     mask = None
     if region is not None:
         if hasattr(region, "shape_type"):

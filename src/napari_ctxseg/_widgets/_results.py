@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -30,6 +30,7 @@ __all__ = [
 ]
 
 LayerDataTuple = tuple[np.ndarray, dict[str, Any], str]
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,8 @@ def segment_planes(
 
 
 def _relay(
-    gen: Generator[SegmentProgress, None, SegmentResult], plane: int, planes: int
-) -> Generator[PlanesProgress, None, SegmentResult]:
+    gen: Generator[SegmentProgress, None, R], plane: int, planes: int
+) -> Generator[PlanesProgress, None, R]:
     from ..services.progress import relay
 
     return (yield from relay(gen, lambda step: PlanesProgress(plane, planes, step)))

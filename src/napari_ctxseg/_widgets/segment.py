@@ -21,6 +21,7 @@ from magicgui.widgets import (
     ProgressBar,
     PushButton,
     SpinBox,
+    Widget,
 )
 from napari.layers import Image, Labels, Shapes
 from napari.qt.threading import create_worker
@@ -52,7 +53,8 @@ def _layers(viewer: Any, kind: type | tuple[type, ...]) -> Any:
     """A magicgui choices callback listing the viewer's layers of ``kind`` by name."""
 
     def choices(_widget: Any) -> list[tuple[str, Any]]:
-        return [(layer.name, layer) for layer in viewer.layers if isinstance(layer, kind)]
+        layers: list[Any] = [layer for layer in viewer.layers if isinstance(layer, kind)]
+        return [(layer.name, layer) for layer in layers]
 
     return choices
 
@@ -189,7 +191,7 @@ class SegmentWidget(Container):
                 self.out_disagreement,
             ]
         )
-        self._rethreshold = Container(
+        self._rethreshold: Container[Widget] = Container(
             widgets=[
                 Label(value="<b>Re-threshold</b> (cached flows, no network)"),
                 self.min_flow,
@@ -357,7 +359,7 @@ class SegmentWidget(Container):
         if not self._alive():
             return
         res, layer_data = out
-        labels = None
+        labels: Any = None  # the last layer added: the labels (layer_data is never empty)
         for data, kwargs, kind in layer_data[1:] + layer_data[:1]:  # labels last: it ends up selected
             labels = getattr(self._viewer, f"add_{kind}")(data, **kwargs)
         self._last = (res, labels)
