@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import InputError
-from ..services.segment import FlowParams, SegmentRequest, validate_context
+from ..services.segment import FlowParams, SegmentRequest, Solver, validate_context
 
 __all__ = [
     "ContextData",
@@ -161,7 +161,7 @@ class RunSettings:
     checkpoint: str = "default"
     device: str = "auto"
     steps: int = 1
-    solver: str = "edf"
+    solver: Solver = "edf"
     num_samples: int = 1
     seed: int = 0
     diameter: float = 0.0
@@ -176,7 +176,7 @@ class RunSettings:
             checkpoint=self.checkpoint,
             device=self.device,
             steps=self.steps,
-            solver=self.solver,  # type: ignore[arg-type]  # a str from the widget; SegmentRequest checks it
+            solver=self.solver,
             num_samples=self.num_samples,
             seed=self.seed,
             diameter=self.diameter or "auto",
@@ -207,9 +207,8 @@ def shapes_mask(shapes: Any, image: Any, shape: tuple[int, int]) -> np.ndarray:
         polys.append(np.array([image.world_to_data(w) for w in world])[:, -2:])
     if not polys:
         return np.zeros(shape, bool)
-    return np.asarray(
-        np.asarray(Shapes(polys, shape_type=list(shapes.shape_type)).to_masks(shape)).any(axis=0)
-    )
+    masks = np.asarray(Shapes(polys, shape_type=list(shapes.shape_type)).to_masks(shape))
+    return np.asarray(masks.any(axis=0))  # an array, not the scalar np.bool that .any() may be typed as
 
 
 def context_from_layers(

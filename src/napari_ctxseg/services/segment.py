@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Generator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -46,10 +46,12 @@ from .progress import relay, run_to_end
 
 __all__ = [
     "MODEL_DIAMETER",
+    "SOLVERS",
     "FlowParams",
     "SegmentProgress",
     "SegmentRequest",
     "SegmentResult",
+    "Solver",
     "auto_scale",
     "labels_from_flows",
     "resolve_diameter",
@@ -59,7 +61,9 @@ __all__ = [
 ]
 
 MODEL_DIAMETER = 20.0
-SOLVERS = ("euler", "heun", "edf")
+#: Sampler solvers a segmentation may use (one step needs none: it is the default path).
+Solver = Literal["euler", "heun", "edf"]
+SOLVERS: tuple[str, ...] = get_args(Solver)
 #: ``diameter="auto"``: rescale so that the measured median object diameter becomes AUTO_TARGET_DIAMETER
 #: pixels, by a factor within AUTO_SCALE_RANGE, and only when that factor (or its inverse) is at least
 #: AUTO_MIN_RESCALE: the model was trained with 0.5-2x rescaling, so near its scale it is left alone. Chosen
@@ -115,7 +119,7 @@ class SegmentRequest:
     checkpoint: str | None = "default"
     device: str = "auto"
     steps: int = 1
-    solver: Literal["euler", "heun", "edf"] = "edf"
+    solver: Solver = "edf"
     discretization: str = "edm"
     num_samples: int = 1
     seed: int = 0
@@ -481,7 +485,6 @@ def segment_steps(
                 generator=gen,
                 device=device,
             )
-            final = None
             for st in steps:
                 final = st.x
                 yield SegmentProgress(
