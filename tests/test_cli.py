@@ -33,6 +33,21 @@ def test_help_and_version(capsys) -> None:
     assert "napari-ctxseg" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["segment", "eval"])
+def test_solver_choices_are_the_services_solvers(command, capsys) -> None:
+    from napari_ctxseg.services.segment import SOLVERS
+
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert "{" + ",".join(SOLVERS) + "}" in capsys.readouterr().out
+    # the core's internal one-step solver is not a user choice
+    with pytest.raises(SystemExit) as exc:
+        main([command, "x.tif", "--solver", "one_step"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'one_step'" in capsys.readouterr().err
+
+
 def test_segment_writes_labels_and_csv_then_resumes(tmp_path, image_dir, tiny_checkpoint, capsys) -> None:
     out = tmp_path / "out"
     args = [

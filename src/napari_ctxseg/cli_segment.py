@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from .core.config import SOLVERS
+
 
 def _progress(text: str) -> None:
     sys.stderr.write(text + "\n")
@@ -21,7 +23,7 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--steps", type=int, default=1, help="sampler steps (1 = one-step prediction, the default)"
     )
-    p.add_argument("--solver", default="edf", choices=["euler", "heun", "edf"])
+    p.add_argument("--solver", default="edf", choices=SOLVERS)
     p.add_argument("--samples", type=int, default=1, help="diffusion samples per image (flows are averaged)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

@@ -21,12 +21,13 @@ from __future__ import annotations
 import math
 from collections.abc import Generator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core.config import SOLVERS, Solver
 from ..core.edm import EDMDenoiser
 from ..core.errors import ConfigError, InputError
 from ..core.flow_following import flow_to_mask
@@ -61,9 +62,6 @@ __all__ = [
 ]
 
 MODEL_DIAMETER = 20.0
-#: Sampler solvers a segmentation may use (one step needs none: it is the default path).
-Solver = Literal["euler", "heun", "edf"]
-SOLVERS: tuple[str, ...] = get_args(Solver)
 #: ``diameter="auto"``: rescale so that the measured median object diameter becomes AUTO_TARGET_DIAMETER
 #: pixels, by a factor within AUTO_SCALE_RANGE, and only when that factor (or its inverse) is at least
 #: AUTO_MIN_RESCALE: the model was trained with 0.5-2x rescaling, so near its scale it is left alone. Chosen
