@@ -1,12 +1,15 @@
-"""Evaluation helpers: pooled report scores."""
+"""Evaluation helpers: pooled report scores, per-image counts and their bootstrap interval."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+import tifffile
 
-from napari_ctxseg.services.evaluate import pooled_scores
+from napari_ctxseg.services.evaluate import bootstrap_ap_interval, evaluate_folder, pooled_scores
+from tests.conftest import blobs
 
 
 def test_pooled_report_scores_of_summed_counts() -> None:
@@ -14,3 +17,59 @@ def test_pooled_report_scores_of_summed_counts() -> None:
     assert (s["tp"], s["fp"], s["fn"]) == (8, 1, 1)
     assert s["ap50"] == pytest.approx(0.8) and s["f1_50"] == pytest.approx(16 / 18)
     assert math.isnan(pooled_scores(0, 0, 0)["ap50"]) and math.isnan(pooled_scores(0, 0, 0)["f1_50"])
+
+
+def test_evaluate_folder_keeps_per_image_counts_summing_to_the_pooled_ones(tmp_path, tiny_checkpoint) -> None:
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir(), labels.mkdir()
+    for i in range(3):
+        img, lab = blobs((64, 64), seed=i)
+        tifffile.imwrite(images / f"im{i}.tif", img)
+        tifffile.imwrite(labels / f"im{i}.tif", lab.astype(np.uint16))
+    report = evaluate_folder(
+        images,
+        labels,
+        options=dict(checkpoint=str(tiny_checkpoint), device="cpu", diameter=None),
+        baseline=True,
+    )
+    assert [r["name"] for r in report["per_image"]] == ["im0", "im1", "im2"]
+    for method in ("ctxseg", "baseline"):
+        summed = np.sum([r["counts"][method] for r in report["per_image"]], axis=0)
+        pooled = report["methods"][method]["all"]
+        assert list(summed) == [pooled["tp"], pooled["fp"], pooled["fn"]]
+    # the watershed finds these discs: its counts are real, not zeros
+    assert report["methods"]["baseline"]["all"]["tp"] > 0
+    low, high = bootstrap_ap_interval(report["per_image"], "baseline")
+    assert 0.0 <= low <= report["methods"]["baseline"]["all"]["ap50"] <= high <= 1.0
+
+
+def _rows(counts: list[tuple[int, int, int]], modality: str = "fluorescence") -> list[dict]:
+    return [{"modality": modality, "counts": {"ctxseg": list(c)}} for c in counts]
+
+
+def test_bootstrap_interval_brackets_the_pooled_score_and_is_seeded() -> None:
+    rows = _rows([(9, 1, 0), (5, 3, 2), (2, 4, 4), (8, 0, 1), (7, 2, 2)]) + _rows([(0, 5, 5)], "colour")
+    fluor = [r for r in rows if r["modality"] == "fluorescence"]
+    tp, fp, fn = np.sum([r["counts"]["ctxseg"] for r in fluor], axis=0)
+    point = tp / (tp + fp + fn)
+    low, high = bootstrap_ap_interval(rows, modality="fluorescence")
+    assert low < point < high and high - low > 0.05
+    assert bootstrap_ap_interval(rows, modality="fluorescence") == (low, high)
+    assert bootstrap_ap_interval(rows, modality="fluorescence", seed=1) != (low, high)
+    # the colour image pulls the interval over all images down
+    assert bootstrap_ap_interval(rows)[0] < low
+    # a wider coverage gives a wider interval
+    wide = bootstrap_ap_interval(rows, modality="fluorescence", level=0.99)
+    assert wide[0] <= low and wide[1] >= high
+
+
+def test_bootstrap_interval_of_identical_images_is_their_score() -> None:
+    low, high = bootstrap_ap_interval(_rows([(8, 1, 1)] * 4))
+    assert low == pytest.approx(0.8) and high == pytest.approx(0.8)
+
+
+def test_bootstrap_interval_refuses_what_it_cannot_resample() -> None:
+    with pytest.raises(ValueError, match="no images of modality 'colour'"):
+        bootstrap_ap_interval(_rows([(1, 0, 0)]), modality="colour")
+    with pytest.raises(ValueError, match="no per-image counts for 'baseline'"):
+        bootstrap_ap_interval(_rows([(1, 0, 0)]), "baseline")

@@ -24,6 +24,7 @@ from .progress import run_to_end
 
 __all__ = [
     "baseline_watershed",
+    "bootstrap_ap_interval",
     "evaluate_folder",
     "format_report",
     "match_counts",
@@ -110,7 +111,8 @@ def evaluate_folder(
     """Segment every image of a folder (or a split subset) and score it against its labels.
 
     Returns a JSON-ready report: per method (``ctxseg`` and optionally ``baseline``) pooled scores over
-    all images and per modality, and seconds per image.
+    all images and per modality, seconds per image, and ``per_image`` rows (name, modality, AP@0.5 per
+    method and ``counts``: ``[TP, FP, FN]`` per method, which :func:`bootstrap_ap_interval` resamples).
     """
     from .segment import SegmentRequest, segment_steps
     from .training import _find, read_array, read_split
@@ -135,7 +137,7 @@ def evaluate_folder(
         t0 = time.perf_counter()
         pred = run_to_end(segment_steps(SegmentRequest(image=image, **options))).labels
         seconds["ctxseg"] += time.perf_counter() - t0
-        row: dict[str, Any] = {"name": name, "modality": mod}
+        row: dict[str, Any] = {"name": name, "modality": mod, "counts": {}}
         preds = {"ctxseg": pred}
         if baseline:
             t0 = time.perf_counter()
@@ -149,6 +151,7 @@ def evaluate_folder(
                 for j in range(3):
                     acc[j] += c[j]
             row[method] = pooled_scores(*c)["ap50"]
+            row["counts"][method] = list(c)
         per_image.append(row)
         say(f"[{i + 1}/{len(names)}] {name} ({mod}): AP50 " + ", ".join(f"{m} {row[m]:.3f}" for m in preds))
     report = {
@@ -171,6 +174,58 @@ def evaluate_folder(
         "per_image": per_image,
     }
     return report
+
+
+def bootstrap_ap_interval(
+    per_image: list[dict[str, Any]],
+    method: str = "ctxseg",
+    modality: str | None = None,
+    *,
+    resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of pooled AP@0.5 over images.
+
+    The images are the sampling unit (objects of one image are not independent): each resample draws
+    as many images as there are, with replacement, and pools their counts.
+
+    Parameters
+    ----------
+    per_image
+        The ``per_image`` rows of an :func:`evaluate_folder` report.
+    method
+        ``"ctxseg"`` or ``"baseline"``.
+    modality
+        Only the images of this modality; ``None`` for all.
+    resamples, level, seed
+        Number of bootstrap resamples, the interval's coverage and the random seed.
+
+    Returns
+    -------
+    tuple of float
+        The lower and upper ends of the interval.
+
+    Raises
+    ------
+    ValueError
+        If no image matches, or a row has no counts for ``method``.
+    """
+    rows = [r for r in per_image if modality is None or r["modality"] == modality]
+    if not rows:
+        raise ValueError(f"no images of modality {modality!r}")
+    try:
+        counts = np.array([r["counts"][method] for r in rows], dtype=np.int64)  # (images, 3)
+    except KeyError:
+        raise ValueError(f"the report has no per-image counts for {method!r}") from None
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(counts), size=(resamples, len(counts)))
+    tp, fp, fn = counts[draws].sum(axis=1).T
+    total = tp + fp + fn
+    ap = np.divide(tp, total, out=np.zeros(resamples), where=total > 0)
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(ap, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def format_report(report: dict[str, Any]) -> str:
