@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_ctxseg.services.evaluate import bootstrap_ap_interval, evaluate_folder, pooled_scores
+from napari_ctxseg.services.evaluate import (
+    bootstrap_ap_interval,
+    evaluate_folder,
+    format_report,
+    pooled_scores,
+)
 from tests.conftest import blobs
 
 
@@ -73,3 +78,14 @@ def test_bootstrap_interval_refuses_what_it_cannot_resample() -> None:
         bootstrap_ap_interval(_rows([(1, 0, 0)]), modality="colour")
     with pytest.raises(ValueError, match="no per-image counts for 'baseline'"):
         bootstrap_ap_interval(_rows([(1, 0, 0)]), "baseline")
+
+
+def test_report_table_gives_intervals_only_where_there_are_enough_images() -> None:
+    rows = _rows([(9, 1, 0), (5, 3, 2), (2, 4, 4), (8, 0, 1), (7, 2, 2)]) + _rows([(0, 5, 5)], "colour")
+    methods = {"ctxseg": {"all": {**pooled_scores(31, 15, 14), "images": 6}}}
+    methods["ctxseg"]["colour"] = {**pooled_scores(0, 5, 5), "images": 1}
+    table = format_report({"methods": methods, "seconds_per_image": {"ctxseg": 0.5}, "per_image": rows})
+    low, high = bootstrap_ap_interval(rows)
+    all_row, colour_row = (line for line in table.splitlines() if line.startswith("ctxseg "))
+    assert all_row.endswith(f"{low:.3f}-{high:.3f}")
+    assert colour_row.endswith("0.000")  # one image: no interval

@@ -228,17 +228,25 @@ def bootstrap_ap_interval(
     return float(low), float(high)
 
 
-def format_report(report: dict[str, Any]) -> str:
-    """A plain-text table of a report from :func:`evaluate_folder`."""
+def format_report(report: dict[str, Any], min_images: int = 5) -> str:
+    """A plain-text table of a report from :func:`evaluate_folder`.
+
+    Rows of at least ``min_images`` images also give the 95 % bootstrap interval of their pooled AP@0.5
+    (:func:`bootstrap_ap_interval`): how much the figure could move with another draw of images.
+    """
     lines = [
         f"{'method':<10} {'modality':<13} {'images':>6} {'TP':>6} {'FP':>6} {'FN':>6} "
-        f"{'AP@0.5':>7} {'F1@0.5':>7}"
+        f"{'AP@0.5':>7} {'F1@0.5':>7}  AP@0.5 95 % interval"
     ]
     for method, by_mod in report["methods"].items():
         for mod, s in by_mod.items():
+            interval = ""
+            if s["images"] >= min_images:
+                low, high = bootstrap_ap_interval(report["per_image"], method, None if mod == "all" else mod)
+                interval = f"  {low:.3f}-{high:.3f}"
             lines.append(
                 f"{method:<10} {mod:<13} {s['images']:>6} {s['tp']:>6} {s['fp']:>6} {s['fn']:>6} "
-                f"{s['ap50']:>7.3f} {s['f1_50']:>7.3f}"
+                f"{s['ap50']:>7.3f} {s['f1_50']:>7.3f}{interval}"
             )
     for method, sec in report["seconds_per_image"].items():
         lines.append(f"{method}: {sec:.2f} s per image")
