@@ -12,6 +12,7 @@ from napari_ctxseg.services.evaluate import (
     bootstrap_ap_interval,
     evaluate_folder,
     format_report,
+    paired_ap_difference,
     pooled_scores,
 )
 from tests.conftest import blobs
@@ -89,3 +90,28 @@ def test_report_table_gives_intervals_only_where_there_are_enough_images() -> No
     all_row, colour_row = (line for line in table.splitlines() if line.startswith("ctxseg "))
     assert all_row.endswith(f"{low:.3f}-{high:.3f}")
     assert colour_row.endswith("0.000")  # one image: no interval
+
+
+def _named(counts: list[tuple[int, int, int]]) -> list[dict]:
+    return [{**row, "name": f"im{i}"} for i, row in enumerate(_rows(counts))]
+
+
+def test_paired_difference_cancels_what_the_images_share() -> None:
+    # B finds one more object than A on every image: a small, consistent gain on very unequal images
+    a = _named([(90, 5, 5), (10, 10, 30), (40, 2, 8), (5, 5, 20), (70, 10, 10), (20, 5, 25)])
+    b = _named([(tp + 1, fp, fn - 1) for tp, fp, fn in (r["counts"]["ctxseg"] for r in a)])
+    diff, low, high = paired_ap_difference(a, b)
+    assert diff == pytest.approx(6 / 370)  # one TP more per image, same total: (241 - 235) / 370
+    assert 0 < low <= diff <= high
+    lone = bootstrap_ap_interval(a)
+    assert high - low < 0.2 * (lone[1] - lone[0])
+    # reports of the same images in another order pair by name
+    assert paired_ap_difference(a, b[::-1]) == (diff, low, high)
+    # with no change the difference is exactly zero
+    assert paired_ap_difference(a, a) == (0.0, 0.0, 0.0)
+
+
+def test_paired_difference_needs_the_same_images() -> None:
+    a = _named([(9, 1, 0), (5, 3, 2)])
+    with pytest.raises(ValueError, match="different images"):
+        paired_ap_difference(a, a[:1])

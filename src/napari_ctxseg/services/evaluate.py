@@ -29,6 +29,7 @@ __all__ = [
     "format_report",
     "match_counts",
     "modality",
+    "paired_ap_difference",
     "pooled_scores",
 ]
 
@@ -211,20 +212,80 @@ def bootstrap_ap_interval(
     ValueError
         If no image matches, or a row has no counts for ``method``.
     """
+    counts = _image_counts(per_image, method, modality)
+    rng = np.random.default_rng(seed)
+    ap = _pooled_ap(counts, rng.integers(0, len(counts), size=(resamples, len(counts))))
+    return _percentiles(ap, level)
+
+
+def paired_ap_difference(
+    per_image_a: list[dict[str, Any]],
+    per_image_b: list[dict[str, Any]],
+    method: str = "ctxseg",
+    modality: str | None = None,
+    *,
+    resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Pooled AP@0.5 of B minus that of A on the same images, with a paired bootstrap interval.
+
+    Both reports must score the same images. Each resample draws one set of images and pools both
+    models' counts on it, so what the images have in common (an easy or a hard image) cancels: the
+    interval of the difference is much narrower than either model's own interval.
+
+    Parameters
+    ----------
+    per_image_a, per_image_b
+        The ``per_image`` rows of two :func:`evaluate_folder` reports (for example two checkpoints).
+    method, modality, resamples, level, seed
+        As for :func:`bootstrap_ap_interval`.
+
+    Returns
+    -------
+    tuple of float
+        The difference B - A on all the images, and the lower and upper ends of its interval.
+
+    Raises
+    ------
+    ValueError
+        If the reports score different images, or as for :func:`bootstrap_ap_interval`.
+    """
+    names_a = [r["name"] for r in per_image_a if modality is None or r["modality"] == modality]
+    names_b = [r["name"] for r in per_image_b if modality is None or r["modality"] == modality]
+    if sorted(names_a) != sorted(names_b):
+        raise ValueError("the two reports score different images; compare reports of the same images")
+    order_b = {r["name"]: r for r in per_image_b}
+    a = _image_counts(per_image_a, method, modality)
+    b = _image_counts([order_b[n] for n in names_a], method, None)
+    everything = np.arange(len(a))[None]
+    difference = float(_pooled_ap(b, everything)[0] - _pooled_ap(a, everything)[0])
+    draws = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    low, high = _percentiles(_pooled_ap(b, draws) - _pooled_ap(a, draws), level)
+    return difference, low, high
+
+
+def _image_counts(per_image: list[dict[str, Any]], method: str, modality: str | None) -> np.ndarray:
+    """(images, 3) TP/FP/FN of the rows of one modality (all for ``None``)."""
     rows = [r for r in per_image if modality is None or r["modality"] == modality]
     if not rows:
         raise ValueError(f"no images of modality {modality!r}")
     try:
-        counts = np.array([r["counts"][method] for r in rows], dtype=np.int64)  # (images, 3)
+        return np.array([r["counts"][method] for r in rows], dtype=np.int64)
     except KeyError:
         raise ValueError(f"the report has no per-image counts for {method!r}") from None
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(counts), size=(resamples, len(counts)))
+
+
+def _pooled_ap(counts: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """Pooled AP@0.5 of each row of image indices ``draws`` (resamples, n) -> (resamples,)."""
     tp, fp, fn = counts[draws].sum(axis=1).T
     total = tp + fp + fn
-    ap = np.divide(tp, total, out=np.zeros(resamples), where=total > 0)
+    return np.divide(tp, total, out=np.zeros(len(draws)), where=total > 0)
+
+
+def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
     tail = (1.0 - level) / 2 * 100
-    low, high = np.percentile(ap, [tail, 100 - tail])
+    low, high = np.percentile(values, [tail, 100 - tail])
     return float(low), float(high)
 
 
