@@ -115,3 +115,30 @@ def test_paired_difference_needs_the_same_images() -> None:
     a = _named([(9, 1, 0), (5, 3, 2)])
     with pytest.raises(ValueError, match="different images"):
         paired_ap_difference(a, a[:1])
+
+
+def test_compare_reports_script_prints_the_paired_difference(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    a = _named([(90, 5, 5), (10, 10, 30), (40, 2, 8), (5, 5, 20), (70, 10, 10), (20, 5, 25)])
+    b = _named([(tp + 1, fp, fn - 1) for tp, fp, fn in (r["counts"]["ctxseg"] for r in a)])
+    for name, rows in (("a", a), ("b", b)):
+        tp, fp, fn = np.sum([r["counts"]["ctxseg"] for r in rows], axis=0).tolist()
+        report = {
+            "methods": {"ctxseg": {"all": {**pooled_scores(tp, fp, fn), "images": 6}}},
+            "per_image": rows,
+        }
+        # eval_dsb.py --json writes one report per setting
+        (tmp_path / f"{name}.json").write_text(json.dumps({"1 step x 1 sample": report}))
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "compare_reports.py"
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "a.json"), str(tmp_path / "b.json")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    diff, low, high = paired_ap_difference(a, b)
+    assert f"{diff:>+7.3f}  {low:+.3f} to {high:+.3f}" in out.splitlines()[-1]
