@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from napari_ctxseg.services.evaluate import paired_ap_difference
+from napari_ctxseg.services.evaluate import MIN_INTERVAL_IMAGES, paired_ap_difference
 
 
 def _report(path: Path, setting: str) -> dict:
@@ -33,11 +33,9 @@ def main() -> None:
     print(f"A = {args.a}, B = {args.b}: pooled AP@0.5, B - A with a paired 95 % bootstrap interval")
     print(f"{'modality':<13} {'images':>6} {'A':>7} {'B':>7} {'B - A':>7}  interval")
     for mod, s in a["methods"]["ctxseg"].items():
-        if mod != "all" and s["images"] < 5:  # one image: no interval to speak of
+        if mod != "all" and s["images"] < MIN_INTERVAL_IMAGES:  # one image: no interval to speak of
             continue
-        diff, low, high = paired_ap_difference(
-            a["per_image"], b["per_image"], modality=None if mod == "all" else mod
-        )
+        diff, low, high = paired_ap_difference(a["per_image"], b["per_image"], modality=mod)
         sb = b["methods"]["ctxseg"][mod]
         print(
             f"{mod:<13} {s['images']:>6} {s['ap50']:>7.3f} {sb['ap50']:>7.3f} {diff:>+7.3f}  "

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from napari_ctxseg.cli_segment import parse_diameter
-from napari_ctxseg.services.evaluate import bootstrap_ap_interval, evaluate_folder
+from napari_ctxseg.services.evaluate import MIN_INTERVAL_IMAGES, bootstrap_ap_interval, evaluate_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,11 +82,10 @@ def main() -> None:
         )
     first = next(iter(reports.values()))
     print("95 % bootstrap intervals over images (2000 resamples) of pooled AP@0.5, 1 step x 1 sample:")
-    for mod in first["methods"]["ctxseg"]:
-        if mod != "all" and first["methods"]["ctxseg"][mod]["images"] < 5:
-            continue
-        low, high = bootstrap_ap_interval(first["per_image"], modality=None if mod == "all" else mod)
-        print(f"  {mod:<13} {first['methods']['ctxseg'][mod]['ap50']:.3f} [{low:.3f}, {high:.3f}]")
+    for mod, s in first["methods"]["ctxseg"].items():
+        if mod == "all" or s["images"] >= MIN_INTERVAL_IMAGES:
+            low, high = bootstrap_ap_interval(first["per_image"], modality=mod)
+            print(f"  {mod:<13} {s['ap50']:.3f} [{low:.3f}, {high:.3f}]")
     if args.json:
         args.json.write_text(json.dumps(reports, indent=1))
 

@@ -23,6 +23,7 @@ from .measure import best_iou_per_object
 from .progress import run_to_end
 
 __all__ = [
+    "MIN_INTERVAL_IMAGES",
     "baseline_watershed",
     "bootstrap_ap_interval",
     "evaluate_folder",
@@ -32,6 +33,9 @@ __all__ = [
     "paired_ap_difference",
     "pooled_scores",
 ]
+
+#: Reports give a bootstrap interval only for groups of at least this many images.
+MIN_INTERVAL_IMAGES = 5
 
 
 def modality(image: np.ndarray) -> str:
@@ -198,7 +202,7 @@ def bootstrap_ap_interval(
     method
         ``"ctxseg"`` or ``"baseline"``.
     modality
-        Only the images of this modality; ``None`` for all.
+        Only the images of this modality; ``None`` or ``"all"`` (the reports' key) for all.
     resamples, level, seed
         Number of bootstrap resamples, the interval's coverage and the random seed.
 
@@ -212,7 +216,7 @@ def bootstrap_ap_interval(
     ValueError
         If no image matches, or a row has no counts for ``method``.
     """
-    counts = _image_counts(per_image, method, modality)
+    counts = _image_counts(_select(per_image, modality), method, modality)
     rng = np.random.default_rng(seed)
     ap = _pooled_ap(counts, rng.integers(0, len(counts), size=(resamples, len(counts))))
     return _percentiles(ap, level)
@@ -251,13 +255,12 @@ def paired_ap_difference(
     ValueError
         If the reports score different images, or as for :func:`bootstrap_ap_interval`.
     """
-    names_a = [r["name"] for r in per_image_a if modality is None or r["modality"] == modality]
-    names_b = [r["name"] for r in per_image_b if modality is None or r["modality"] == modality]
-    if sorted(names_a) != sorted(names_b):
+    rows_a, rows_b = _select(per_image_a, modality), _select(per_image_b, modality)
+    by_name_b = {r["name"]: r for r in rows_b}
+    if sorted(r["name"] for r in rows_a) != sorted(by_name_b):
         raise ValueError("the two reports score different images; compare reports of the same images")
-    order_b = {r["name"]: r for r in per_image_b}
-    a = _image_counts(per_image_a, method, modality)
-    b = _image_counts([order_b[n] for n in names_a], method, None)
+    a = _image_counts(rows_a, method, modality)
+    b = _image_counts([by_name_b[r["name"]] for r in rows_a], method, modality)
     everything = np.arange(len(a))[None]
     difference = float(_pooled_ap(b, everything)[0] - _pooled_ap(a, everything)[0])
     draws = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
@@ -265,9 +268,15 @@ def paired_ap_difference(
     return difference, low, high
 
 
-def _image_counts(per_image: list[dict[str, Any]], method: str, modality: str | None) -> np.ndarray:
-    """(images, 3) TP/FP/FN of the rows of one modality (all for ``None``)."""
-    rows = [r for r in per_image if modality is None or r["modality"] == modality]
+def _select(per_image: list[dict[str, Any]], modality: str | None) -> list[dict[str, Any]]:
+    """The rows of one modality (all of them for ``None`` or ``"all"``)."""
+    if modality in (None, "all"):
+        return list(per_image)
+    return [r for r in per_image if r["modality"] == modality]
+
+
+def _image_counts(rows: list[dict[str, Any]], method: str, modality: str | None) -> np.ndarray:
+    """(images, 3) TP/FP/FN of selected rows; ``modality`` names the selection in the error."""
     if not rows:
         raise ValueError(f"no images of modality {modality!r}")
     try:
@@ -289,7 +298,7 @@ def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def format_report(report: dict[str, Any], min_images: int = 5) -> str:
+def format_report(report: dict[str, Any], min_images: int = MIN_INTERVAL_IMAGES) -> str:
     """A plain-text table of a report from :func:`evaluate_folder`.
 
     Rows of at least ``min_images`` images also give the 95 % bootstrap interval of their pooled AP@0.5
@@ -303,7 +312,7 @@ def format_report(report: dict[str, Any], min_images: int = 5) -> str:
         for mod, s in by_mod.items():
             interval = ""
             if s["images"] >= min_images:
-                low, high = bootstrap_ap_interval(report["per_image"], method, None if mod == "all" else mod)
+                low, high = bootstrap_ap_interval(report["per_image"], method, mod)
                 interval = f"  {low:.3f}-{high:.3f}"
             lines.append(
                 f"{method:<10} {mod:<13} {s['images']:>6} {s['tp']:>6} {s['fp']:>6} {s['fn']:>6} "
