@@ -15,7 +15,7 @@ import torch
 
 from napari_ctxseg.core.errors import InputError
 from napari_ctxseg.core.flow_following import _follow, _Grid, _label_cells, flow_to_mask
-from napari_ctxseg.core.flows import flow_error, mask_to_flow
+from napari_ctxseg.core.flows import flip_flow, flip_spatial, flow_error, mask_to_flow
 from napari_ctxseg.core.metrics import matching_scores
 from napari_ctxseg.core.postprocess import remove_small_instances
 
@@ -99,6 +99,31 @@ def test_mask_to_flow_points_to_the_centre() -> None:
     assert np.all(flow[:, mask == 0] == 0)
     norms = np.linalg.norm(flow[:, mask != 0], axis=0)
     assert np.all((np.abs(norms - 1) < 1e-5) | (norms == 0))
+
+
+def _field_towards(point: tuple[float, float], shape: tuple[int, int]) -> torch.Tensor:
+    """Unit flow (2, H, W), channels (dy, dx), pointing from every pixel towards ``point``."""
+    yy, xx = torch.meshgrid(torch.arange(shape[0]), torch.arange(shape[1]), indexing="ij")
+    d = torch.stack([point[0] - yy, point[1] - xx]).double()
+    return d / d.norm(dim=0).clamp_min(1e-9)
+
+
+@pytest.mark.parametrize("flip_y, flip_x", [(True, False), (False, True), (True, True), (False, False)])
+def test_flip_flow_is_the_flow_of_the_flipped_image(flip_y: bool, flip_x: bool) -> None:
+    h, w = 7, 10
+    point = (1.5, 2.25)  # off the grid: no pixel has a zero flow
+    flow = _field_towards(point, (h, w))[None]  # batched (1, 2, H, W)
+    flipped = flip_flow(flow, flip_y, flip_x)
+    # the flipped image's objects (and the point all flow converges to) sit at the mirrored position
+    mirrored = (h - 1 - point[0] if flip_y else point[0], w - 1 - point[1] if flip_x else point[1])
+    torch.testing.assert_close(flipped[0], _field_towards(mirrored, (h, w)))
+    torch.testing.assert_close(flip_flow(flipped, flip_y, flip_x), flow)  # its own inverse
+    image = torch.arange(h * w).reshape(1, h, w)
+    torch.testing.assert_close(flip_spatial(flip_spatial(image, flip_y, flip_x), flip_y, flip_x), image)
+    assert (
+        flip_spatial(image, flip_y, flip_x)[0, 0, 0]
+        == image[0, h - 1 if flip_y else 0, w - 1 if flip_x else 0]
+    ).item()
 
 
 @pytest.mark.parametrize(

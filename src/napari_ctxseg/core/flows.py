@@ -34,9 +34,33 @@ import torch
 from .errors import InputError
 from .postprocess import as_labels
 
-__all__ = ["flow_error", "mask_to_flow"]
+__all__ = ["flip_flow", "flip_spatial", "flow_error", "mask_to_flow"]
 
 _SOURCE = np.float32(1e24)  # heat injected at each object centre every iteration (original value)
+
+
+# --------------------------------------------------------------------------------------------------
+# flips
+# --------------------------------------------------------------------------------------------------
+
+
+def flip_spatial(x: torch.Tensor, flip_y: bool, flip_x: bool) -> torch.Tensor:
+    """``x`` (..., H, W) flipped upside down (``flip_y``) and/or left-right (``flip_x``)."""
+    dims = [d for d, on in ((-2, flip_y), (-1, flip_x)) if on]
+    return x.flip(dims) if dims else x
+
+
+def flip_flow(flow: torch.Tensor, flip_y: bool, flip_x: bool) -> torch.Tensor:
+    """The 2D flow (..., 2, H, W), channels (dy, dx), of the image flipped as in :func:`flip_spatial`.
+
+    The field is flipped and the flipped axis's component negated; the flip is its own inverse.
+    """
+    if not (flip_y or flip_x):
+        return flow
+    sign = torch.tensor(
+        [-1.0 if flip_y else 1.0, -1.0 if flip_x else 1.0], dtype=flow.dtype, device=flow.device
+    )
+    return flip_spatial(flow, flip_y, flip_x) * sign.view(2, 1, 1)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from .errors import ConfigError, InputError
-from .flows import mask_to_flow
+from .flows import flip_flow, flip_spatial, mask_to_flow
 from .postprocess import median_diameter
 from .preprocess import normalize_image
 
@@ -331,12 +331,8 @@ class CropSampler:
             region = F.interpolate(region[None, None].float(), size=(s, s), mode="nearest-exact")[0, 0] > 0.5
             flow = _renormalise(flow, labels[None] > 0)
         flip_y, flip_x, transpose = flips
-        if flip_y:
-            image, flow, labels, region = image.flip(-2), flow.flip(-2), labels.flip(-2), region.flip(-2)
-            flow = flow * torch.tensor([-1.0, 1.0]).view(2, 1, 1)
-        if flip_x:
-            image, flow, labels, region = image.flip(-1), flow.flip(-1), labels.flip(-1), region.flip(-1)
-            flow = flow * torch.tensor([1.0, -1.0]).view(2, 1, 1)
+        image, labels, region = (flip_spatial(t, flip_y, flip_x) for t in (image, labels, region))
+        flow = flip_flow(flow, flip_y, flip_x)
         if transpose:
             image, labels, region = (
                 image.transpose(-1, -2),
