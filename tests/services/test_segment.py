@@ -278,3 +278,54 @@ def test_median_diameter() -> None:
     lab[30:35, 30:35] = 5  # area 25 (the median)
     assert median_diameter(lab) == pytest.approx(2 * np.sqrt(25 / np.pi))
     assert median_diameter(np.zeros((5, 5), np.int32)) == 0.0
+
+
+def test_tta_averages_the_denoiser_over_the_flips_so_it_commutes_with_them(tiny_checkpoint) -> None:
+    import torch
+
+    from napari_ctxseg.core.flows import flip_flow, flip_spatial
+    from napari_ctxseg.services.models import load_model
+    from napari_ctxseg.services.segment import TTA_FLIPS, _ViewDenoiser
+
+    loaded = load_model(str(tiny_checkpoint), device="cpu")
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand((1, 3, 32, 64), generator=g)
+    x = torch.randn((2, 2, 32, 64), generator=g) * 5.0
+
+    def commutes(views: tuple[tuple[bool, bool], ...], flip: tuple[bool, bool]) -> bool:
+        with torch.inference_mode():
+            den = _ViewDenoiser(loaded.model, loaded.sigma_data, image, [], views)
+            den_flipped = _ViewDenoiser(
+                loaded.model, loaded.sigma_data, flip_spatial(image, *flip), [], views
+            )
+            return torch.allclose(
+                den_flipped(flip_flow(x, *flip), 5.0), flip_flow(den(x, 5.0), *flip), atol=1e-5
+            )
+
+    for flip in TTA_FLIPS[1:]:
+        assert commutes(TTA_FLIPS, flip)  # the averaged denoiser is exactly flip-equivariant
+        assert not commutes(TTA_FLIPS[:1], flip)  # the network alone is not
+
+
+def test_tta_in_segment_one_step_multi_step_and_auto_size(tiny_checkpoint) -> None:
+    image, _ = blobs(seed=2)
+    kw = dict(checkpoint=str(tiny_checkpoint), device="cpu", seed=0)
+    for extra in (dict(diameter=None), dict(diameter=None, steps=2, solver="euler", num_samples=2), {}):
+        plain, tta = segment(image, **kw, **extra), segment(image, tta=True, **kw, **extra)
+        assert tta.metadata["tta"] is True and plain.metadata["tta"] is False
+        assert tta.flows.shape == plain.flows.shape and np.isfinite(tta.flows).all()
+        assert not np.allclose(plain.flows, tta.flows)  # the auto size's probe pass is not reused as-is
+    events = _events(SegmentRequest(image, tta=True, diameter=None, steps=2, solver="euler", **kw))
+    # progress still counts tiles and sampler calls (the views are within each)
+    assert {e.total for e in events} == {1 + 2} and events[-2].done == 3
+    with pytest.raises(ConfigError, match="tta must be True or False"):
+        segment(image, tta="yes", **kw)
+
+
+def _events(req: SegmentRequest) -> list:
+    gen, events = segment_steps(req), []
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration:
+            return events

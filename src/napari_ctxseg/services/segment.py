@@ -31,7 +31,7 @@ from ..core.config import SOLVERS, Solver
 from ..core.edm import EDMDenoiser
 from ..core.errors import ConfigError, InputError
 from ..core.flow_following import flow_to_mask
-from ..core.flows import mask_to_flow
+from ..core.flows import flip_flow, flip_spatial, mask_to_flow
 from ..core.models import CtxSegP, ImageFeatures, PContext, SegP
 from ..core.postprocess import (
     median_diameter,
@@ -80,6 +80,8 @@ AUTO_COARSE_RATIO = 1.5
 AUTO_REFINE_PASSES = 2
 AUTO_REFINE_TOLERANCE = 1.25
 AUTO_PROBE_SIZE = 1024
+#: ``tta=True``: the views whose flows are averaged, as (flip_y, flip_x); the first is the image itself
+TTA_FLIPS = ((False, False), (True, False), (False, True), (True, True))
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,8 @@ class SegmentRequest:
     context_labels: np.ndarray | list[np.ndarray] | None = None
     context_region: np.ndarray | list[np.ndarray | None] | None = None
     flow: FlowParams = field(default_factory=FlowParams)
+    # test-time augmentation: average the denoiser over the image and its flips (TTA_FLIPS), 4x the calls
+    tta: bool = False
     tile_size: int = 1024
     tile_overlap: int = 128
     # False: return flows only (labels all zero), e.g. when 2D flows are combined into 3D ones
@@ -185,6 +189,8 @@ def _validate(req: SegmentRequest) -> None:
         raise ConfigError(f"steps must be >= 1, got {req.steps}")
     if req.num_samples < 1:
         raise ConfigError(f"num_samples must be >= 1, got {req.num_samples}")
+    if not isinstance(req.tta, (bool, np.bool_)):
+        raise ConfigError(f"tta must be True or False, got {req.tta!r}")
     if req.solver not in SOLVERS:
         raise ConfigError(f"unknown solver {req.solver!r}; expected one of {list(SOLVERS)}")
     if req.diameter is not None and req.diameter != "auto":
@@ -303,34 +309,53 @@ def _features(model: SegP, image: torch.Tensor, contexts: list[PContext]) -> Ima
     return ImageFeatures(per_ref[0].x_skips, mean)
 
 
-class _TiledDenoiser:
-    """D(x, sigma) evaluated tile by tile with precomputed image features, blended with ramp weights."""
+class _ViewDenoiser:
+    """D(x, sigma) of one tile, averaged over flipped views: the mean over g of g(D(g(x) | g(image))).
+
+    A flip g maps the image, the noisy flow x and the denoised flow alike (:func:`flip_flow` negates the
+    flipped component); one view, the image itself, is the plain denoiser. Contexts are not flipped: the
+    model was trained with references flipped independently of their target.
+    """
 
     def __init__(
         self,
         model: SegP,
         sigma_data: float,
-        tiles: list[Tile],
-        features: list[ImageFeatures],
-        shape: tuple[int, int],
-        overlap: int,
+        image: torch.Tensor,
+        contexts: list[PContext],
+        views: tuple[tuple[bool, bool], ...],
     ) -> None:
-        self.tiles, self.features, self.shape = tiles, features, shape
+        self.views = views
+        self.denoisers = [
+            EDMDenoiser(lambda xi, c, f=f: model.predict(xi, c, f), sigma_data=sigma_data)
+            for f in (_features(model, flip_spatial(image, *v), contexts) for v in views)
+        ]
+
+    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor | None = None
+        for v, den in zip(self.views, self.denoisers):
+            d = flip_flow(den(flip_flow(x, *v), sigma), *v)
+            out = d if out is None else out + d
+        assert out is not None  # at least one view
+        return out / len(self.views) if len(self.views) > 1 else out
+
+
+class _TiledDenoiser:
+    """D(x, sigma) evaluated tile by tile (one :class:`_ViewDenoiser` each), blended with ramp weights."""
+
+    def __init__(
+        self, tiles: list[Tile], denoisers: list[_ViewDenoiser], shape: tuple[int, int], overlap: int
+    ) -> None:
+        self.tiles, self.denoisers, self.shape = tiles, denoisers, shape
         self.weights = [blend_weight(t, shape, overlap) for t in tiles]
-        self.model = model
-        self.sigma_data = sigma_data
 
     def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         if len(self.tiles) == 1:
-            f = self.features[0]
-            return EDMDenoiser(lambda xi, c: self.model.predict(xi, c, f), sigma_data=self.sigma_data)(
-                x, sigma
-            )
+            return self.denoisers[0](x, sigma)
         out = torch.zeros_like(x)
         norm = torch.zeros(self.shape, dtype=x.dtype, device=x.device)
-        for tile, f, w in zip(self.tiles, self.features, self.weights):
+        for tile, den, w in zip(self.tiles, self.denoisers, self.weights):
             w = w.to(x.device, x.dtype)
-            den = EDMDenoiser(lambda xi, c, f=f: self.model.predict(xi, c, f), sigma_data=self.sigma_data)
             out[(..., *tile.slices)] += den(x[(..., *tile.slices)], sigma) * w
             norm[tile.slices] += w
         return out / norm
@@ -429,7 +454,7 @@ def segment_steps(
     if req.diameter == "auto":
         measured, probe = yield from _measure_diameter(req, loaded)
         diameter = _auto_diameter(measured)
-        if probe is not None and diameter is None and req.steps == 1 and req.num_samples == 1:
+        if probe is not None and diameter is None and req.steps == 1 and req.num_samples == 1 and not req.tta:
             probe.metadata.update(diameter="auto", measured_diameter=measured)
             return probe  # the measuring pass already is this request's result
         req = replace(req, diameter=diameter)
@@ -446,6 +471,7 @@ def segment_steps(
     one_step = req.steps == 1
     calls = num_model_calls("one_step" if one_step else req.solver, req.steps)
     total = len(tiles) if one_step else len(tiles) + calls
+    views = TTA_FLIPS if req.tta else TTA_FLIPS[:1]
     final: torch.Tensor | None = None
     with torch.inference_mode():
         contexts = (
@@ -460,17 +486,19 @@ def segment_steps(
             z = torch.randn((req.num_samples, *shape), generator=gen, device=gen.device) * req.sigma_max
             blended = _StreamingBlend(z.shape, padded, overlap)
             for i, t in enumerate(tiles):
-                f = _features(model, xp[(..., *t.slices)].to(device), contexts)
-                den = EDMDenoiser(lambda xi, c, f=f: model.predict(xi, c, f), sigma_data=loaded.sigma_data)
+                den = _ViewDenoiser(
+                    model, loaded.sigma_data, xp[(..., *t.slices)].to(device), contexts, views
+                )
                 blended.add(t, den(z[(..., *t.slices)].to(device), req.sigma_max).float().cpu())
                 yield SegmentProgress("denoise", i + 1, total, f"tile {i + 1}/{len(tiles)}")
             final = blended.result()
         else:
-            features = []
+            denoisers = []
             for i, t in enumerate(tiles):
-                features.append(_features(model, xp[(..., *t.slices)].to(device), contexts))
+                image_t = xp[(..., *t.slices)].to(device)
+                denoisers.append(_ViewDenoiser(model, loaded.sigma_data, image_t, contexts, views))
                 yield SegmentProgress("encode", i + 1, total, f"encoding tile {i + 1}/{len(tiles)}")
-            denoiser = _TiledDenoiser(model, loaded.sigma_data, tiles, features, padded, overlap)
+            denoiser = _TiledDenoiser(tiles, denoisers, padded, overlap)
             steps = sample_steps(
                 denoiser,
                 shape,
@@ -509,6 +537,7 @@ def segment_steps(
         "solver": "one_step" if req.steps == 1 else req.solver,
         "discretization": req.discretization,
         "num_samples": req.num_samples,
+        "tta": bool(req.tta),
         "diameter": "auto" if measured is not None else req.diameter,
         "measured_diameter": measured,
         "scale": scale,
@@ -586,7 +615,7 @@ def _measure_diameter(
 
     def probe(diameter: float | None) -> Generator[SegmentProgress, None, tuple[float, SegmentResult]]:
         result: SegmentResult = yield from relay(
-            segment_steps(replace(crop, diameter=diameter, steps=1, num_samples=1), loaded=loaded),
+            segment_steps(replace(crop, diameter=diameter, steps=1, num_samples=1, tta=False), loaded=loaded),
             lambda p: SegmentProgress("size", p.done, p.total, "measuring object size"),
         )
         return median_diameter(result.labels), result
