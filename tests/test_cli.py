@@ -72,6 +72,25 @@ def test_segment_writes_labels_and_csv_then_resumes(tmp_path, image_dir, tiny_ch
     assert capsys.readouterr().out.count("skipped") == 2
 
 
+def test_segment_tta_flag_reaches_the_request(tmp_path, image_dir, tiny_checkpoint, monkeypatch) -> None:
+    from napari_ctxseg.services import segment
+
+    seen = []
+    real = segment.segment_steps
+
+    def spy(req, **kw):
+        seen.append(req.tta)
+        return real(req, **kw)
+
+    monkeypatch.setattr(segment, "segment_steps", spy)  # batch imports it when it runs
+    base = [str(image_dir / "im0.tif"), "--checkpoint", str(tiny_checkpoint), "--device", "cpu"]
+    base += ["--diameter", "none"]  # no measuring pass, so one request per run
+    assert main(["segment", *base, "-o", str(tmp_path / "a"), "--tta"]) == 0
+    assert main(["segment", *base, "-o", str(tmp_path / "b")]) == 0
+    assert seen == [True, False]
+    assert (tmp_path / "a" / "im0_labels.tif").is_file()
+
+
 def test_segment_warns_when_sampler_settings_exceed_the_checkpoints_declaration(
     tmp_path, image_dir, tiny_checkpoint, capsys
 ) -> None:

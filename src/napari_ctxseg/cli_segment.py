@@ -25,6 +25,11 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--solver", default="edf", choices=SOLVERS)
     p.add_argument("--samples", type=int, default=1, help="diffusion samples per image (flows are averaged)")
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: average the flows of the image and its 3 flips (4x the network calls)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--diameter",
@@ -74,6 +79,7 @@ def _segment_options(args: argparse.Namespace) -> dict:
         steps=args.steps,
         solver=args.solver,
         num_samples=args.samples,
+        tta=args.tta,
         seed=args.seed,
         diameter=args.diameter,
         flow=flow,

@@ -78,6 +78,16 @@ def test_run_adds_labels_with_features_and_provenance(qtbot: Any, segment_widget
     assert widget.run_button.text == "Run" and widget._settings.enabled
 
 
+def test_tta_checkbox_runs_the_flip_averaged_model(qtbot: Any, segment_widget: Any) -> None:
+    viewer, widget, _ = segment_widget()
+    assert widget._run_settings().tta is False  # off by default: 4x the network calls
+    widget.tta.value = True
+    run_and_wait(qtbot, widget)
+    assert widget.error.value == ""
+    meta = viewer.layers["cells ctxseg labels"].metadata["ctxseg"]
+    assert meta["tta"] is True and meta["num_samples"] == 1
+
+
 def test_snapshot_protects_against_layer_changes_mid_run(
     qtbot: Any, segment_widget: Any, slow_segment: dict[str, int]
 ) -> None:

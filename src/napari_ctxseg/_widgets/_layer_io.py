@@ -163,6 +163,7 @@ class RunSettings:
     steps: int = 1
     solver: Solver = "edf"
     num_samples: int = 1
+    tta: bool = False  # average over the image and its flips (SegmentRequest.tta)
     seed: int = 0
     diameter: float = 0.0
     flow: FlowParams = field(default_factory=FlowParams)
@@ -178,6 +179,7 @@ class RunSettings:
             steps=self.steps,
             solver=self.solver,
             num_samples=self.num_samples,
+            tta=self.tta,
             seed=self.seed,
             diameter=self.diameter or "auto",
             context_image=None if c is None else c.image,

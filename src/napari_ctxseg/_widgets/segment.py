@@ -119,6 +119,12 @@ class SegmentWidget(Container):
             max=64,
             tooltip="Diffusion samples; their disagreement is measured per object",
         )
+        self.tta = CheckBox(
+            label="average flips (TTA)",
+            value=RunSettings.tta,
+            tooltip="Test-time augmentation: average the flows predicted for the image and its 3 flips "
+            "(4x the network calls)",
+        )
         self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
         self.device = ComboBox(label="device", choices=list(DEVICE_CHOICES), value="auto")
         self.stitch = FloatSpinBox(
@@ -179,6 +185,7 @@ class SegmentWidget(Container):
                 self.solver,
                 self.sampler_note,
                 self.samples,
+                self.tta,
                 self.seed,
                 self.device,
                 self.stitch,
@@ -257,6 +264,7 @@ class SegmentWidget(Container):
             steps=self.steps.value,
             solver=self.solver.value,
             num_samples=self.samples.value,
+            tta=self.tta.value,
             seed=self.seed.value,
             diameter=self.diameter.value,
             flow=flow,
