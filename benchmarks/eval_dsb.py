@@ -2,7 +2,10 @@
 multi-step, multi-sample setting) and the Otsu + watershed baseline, side by side in one run.
 
 Usage: ``python benchmarks/eval_dsb.py [--checkpoint default] [--data ../shared/data/dsb2018_train]
-[--limit N] [--json out.json] [--multi 2x4] [--diameter auto|none|PX]``
+[--limit N] [--json out.json] [--multi 2x4] [--diameter auto|none|PX] [--tta]``
+
+``--tta`` adds a third setting, 1 step x 1 sample averaged over the image and its flips, and its paired
+difference from the plain 1 step x 1 sample on the same images.
 """
 
 from __future__ import annotations
@@ -12,9 +15,15 @@ import json
 from pathlib import Path
 
 from napari_ctxseg.cli_segment import parse_diameter
-from napari_ctxseg.services.evaluate import MIN_INTERVAL_IMAGES, bootstrap_ap_interval, evaluate_folder
+from napari_ctxseg.services.evaluate import (
+    MIN_INTERVAL_IMAGES,
+    bootstrap_ap_interval,
+    evaluate_folder,
+    paired_ap_difference,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
+TTA = "1 step x 1 sample + flips (TTA)"
 
 
 def main() -> None:
@@ -33,12 +42,17 @@ def main() -> None:
     ap.add_argument(
         "--diameter", type=parse_diameter, default="auto", help="'auto' (the default), 'none' or pixels"
     )
+    ap.add_argument(
+        "--tta", action="store_true", help="also score 1 step x 1 sample with test-time flips (4x the calls)"
+    )
     args = ap.parse_args()
     steps, samples = (int(v) for v in args.multi.split("x"))
     settings = {
         "1 step x 1 sample": dict(steps=1, num_samples=1),
         f"{steps} steps x {samples} samples (edf)": dict(steps=steps, num_samples=samples, solver="edf"),
     }
+    if args.tta:
+        settings[TTA] = dict(steps=1, num_samples=1, tta=True)
     rows, reports = [], {}
     for i, (name, opts) in enumerate(settings.items()):
         report = evaluate_folder(
@@ -86,6 +100,14 @@ def main() -> None:
         if mod == "all" or s["images"] >= MIN_INTERVAL_IMAGES:
             low, high = bootstrap_ap_interval(first["per_image"], modality=mod)
             print(f"  {mod:<13} {s['ap50']:.3f} [{low:.3f}, {high:.3f}]")
+    if TTA in reports:
+        print("TTA minus 1 step x 1 sample, paired over the same images (95 % bootstrap interval):")
+        for mod, s in first["methods"]["ctxseg"].items():
+            if mod == "all" or s["images"] >= MIN_INTERVAL_IMAGES:
+                diff, low, high = paired_ap_difference(
+                    first["per_image"], reports[TTA]["per_image"], modality=mod
+                )
+                print(f"  {mod:<13} {diff:+.3f} [{low:+.3f}, {high:+.3f}]")
     if args.json:
         args.json.write_text(json.dumps(reports, indent=1))
 

@@ -142,3 +142,42 @@ def test_compare_reports_script_prints_the_paired_difference(tmp_path) -> None:
     ).stdout
     diff, low, high = paired_ap_difference(a, b)
     assert f"{diff:>+7.3f}  {low:+.3f} to {high:+.3f}" in out.splitlines()[-1]
+
+
+def test_eval_dsb_script_scores_tta_beside_the_plain_setting(tmp_path, tiny_checkpoint) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for sub in ("images", "labels"):
+        (tmp_path / sub).mkdir()
+    names = [f"im{i}" for i in range(5)]
+    for i, name in enumerate(names):
+        img, lab = blobs((64, 64), seed=i)
+        tifffile.imwrite(tmp_path / "images" / f"{name}.tif", img)
+        tifffile.imwrite(tmp_path / "labels" / f"{name}.tif", lab.astype(np.uint16))
+    (tmp_path / "split.json").write_text(json.dumps({"val": names, "train": []}))
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "eval_dsb.py"
+    args = [
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--data",
+        str(tmp_path),
+        "--multi",
+        "1x1",
+        "--diameter",
+        "none",
+    ]
+    out = subprocess.run(
+        [sys.executable, str(script), *args, "--tta", "--json", str(tmp_path / "r.json")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    reports = json.loads((tmp_path / "r.json").read_text())
+    tta = reports["1 step x 1 sample + flips (TTA)"]
+    assert len(reports) == 3 and len(tta["per_image"]) == 5
+    diff, low, high = paired_ap_difference(reports["1 step x 1 sample"]["per_image"], tta["per_image"])
+    assert "TTA minus 1 step x 1 sample" in out
+    assert f"all           {diff:+.3f} [{low:+.3f}, {high:+.3f}]" in out
