@@ -14,6 +14,9 @@ scale and labels are resized back with nearest neighbours. ``diameter="auto"`` (
 objects first: the median diameter of the context's labels when there is a context, else of a one-step
 pass over (the centre of) the image, checked at half scale for objects too large for the model's scale;
 see :func:`auto_scale`. ``None`` keeps the model's scale.
+
+Test-time flips: ``tta=True`` averages the denoiser over the image and its three flips (``TTA_FLIPS``) at
+every sampler step; 4x the network calls, and in multi-step sampling 4x the image features held per tile.
 """
 
 from __future__ import annotations
@@ -337,6 +340,7 @@ class _ViewDenoiser:
             d = flip_flow(den(flip_flow(x, *v), sigma), *v)
             out = d if out is None else out + d
         assert out is not None  # at least one view
+        # one view is returned as it is, so that the plain path stays bit-identical to the denoiser
         return out / len(self.views) if len(self.views) > 1 else out
 
 
