@@ -178,6 +178,25 @@ def test_flow_to_mask_internals(fx: dict[str, np.ndarray]) -> None:
         np.testing.assert_array_equal(labels.numpy(), fx[f"internals.dense.{key}"])
 
 
+def test_flow_to_mask_memory_savers_change_nothing(fx: dict[str, np.ndarray], monkeypatch) -> None:
+    """The step size scales the padded table in place, and the macro table is built in chunks."""
+    from napari_ctxseg.core import flow_following
+
+    for key in ("flow_noisy.mixed", "flow3d"):
+        flow = channel_first(fx[key])
+        before = flow.copy()
+        ref = flow_to_mask(flow * np.float32(0.5), step_size=1.0)
+        np.testing.assert_array_equal(flow_to_mask(flow), ref)  # the default step size, 0.5
+        np.testing.assert_array_equal(flow, before)  # the input is not scaled in place
+        step = torch.from_numpy(flow)[None]
+        whole = flow_following._Follower(step, 0.5, macro=True).macro
+        monkeypatch.setattr(flow_following, "_MACRO_ROWS", 97)
+        assert whole is not None and whole.numel() > 10 * 97
+        assert torch.equal(flow_following._Follower(step, 0.5, macro=True).macro, whole)
+        np.testing.assert_array_equal(flow_to_mask(flow), ref)
+        monkeypatch.undo()
+
+
 def test_flow_to_mask_sensitivity_is_zero(fx: dict[str, np.ndarray]) -> None:
     """flow.json observed_sensitivity: a 1e-6 relative perturbation changes no pixel."""
     info = json.loads((FLOW_NPZ.parent / "flow.json").read_text())

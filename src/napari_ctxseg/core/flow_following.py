@@ -39,20 +39,25 @@ class _Follower:
     one gather (two in 3D) reads a bilinear neighbourhood.
     """
 
-    def __init__(self, step: torch.Tensor, macro: bool = False) -> None:
-        _, d, *spatial = step.shape
-        dev = step.device
+    def __init__(self, flow: torch.Tensor, scale: float = 1.0, macro: bool = False) -> None:
+        _, d, *spatial = flow.shape
+        dev = flow.device
         self.d = d
-        padded = torch.nn.functional.pad(step, (1, 1) * d)
+        padded = torch.nn.functional.pad(flow, (1, 1) * d)
+        if scale != 1.0:
+            padded.mul_(scale)  # == pad(flow * scale): the padding stays 0, without a scaled copy
         planes = padded.movedim(1, 0).reshape(d, -1)  # (d, R): one flat plane per flow component
         sp = [s + 2 for s in spatial]
         self.strides = [int(np.prod(sp[j + 1 :])) for j in range(d)]
         sy = self.strides[-2]
-        ext = torch.nn.functional.pad(planes, (0, sy + 1))
         rows = planes.shape[1]
         # row q * d + c: component c of the flow at corner q = by + 2 * bx of the last two axes (the
-        # original's order, bit j = offset along axis j), so that one gather (two in 3D) reads them all
-        self.table = torch.cat([ext[:, o : o + rows] for o in (0, sy, 1, sy + 1)], 0).contiguous()
+        # original's order, bit j = offset along axis j), so that one gather (two in 3D) reads them all;
+        # reads past the end give 0. Filled slice by slice: the table is the only full-size allocation.
+        self.table = torch.zeros((4 * d, rows), dtype=planes.dtype, device=dev)
+        for q, o in enumerate((0, sy, 1, sy + 1)):
+            self.table[q * d : (q + 1) * d, : rows - o] = planes[:, o:]
+        del padded, planes
         self.pad_base = sum(self.strides)  # +1 along every axis for the padding
         self.batch_stride = int(np.prod(sp))
         small = self.table.shape[1] + self.strides[0] < 2**31  # largest index read
@@ -70,14 +75,22 @@ class _Follower:
         largest corner value bounds the move, the spread how fast it changes along the way.
         """
         corners = self.table.reshape(4, self.d, -1)
-        if self.d == 3:
-            shifted = torch.nn.functional.pad(corners[..., self.strides[0] :], (0, self.strides[0]))
-            corners = torch.cat((corners, shifted), 0)
-        top, bottom = corners.amax(0), corners.amin(0)  # (d, R)
-        speed = torch.maximum(top.abs(), bottom.abs()).amax(0)
-        spread = (top - bottom).amax(0)
-        limit = torch.minimum(_MACRO_MOVE / speed, _MACRO_STIFF / spread)
-        return limit.clamp_(min=1, max=2**30).to(torch.int32)
+        rows = corners.shape[-1]
+        out = torch.empty(rows, dtype=torch.int32, device=corners.device)
+        for start in range(0, rows, _MACRO_ROWS):  # in chunks: the temporaries stay small
+            stop = min(start + _MACRO_ROWS, rows)
+            c = corners[..., start:stop]
+            if self.d == 3:  # and the corners one step further along the first axis (0 past the end)
+                s0 = self.strides[0]
+                shifted = corners[..., start + s0 : stop + s0]
+                shifted = torch.nn.functional.pad(shifted, (0, stop - start - shifted.shape[-1]))
+                c = torch.cat((c, shifted), 0)
+            top, bottom = c.amax(0), c.amin(0)  # (d, rows of the chunk)
+            spread = (top - bottom).amax(0)
+            speed = torch.maximum(top.abs_(), bottom.abs_(), out=top).amax(0)
+            limit = torch.minimum(_MACRO_MOVE / speed, _MACRO_STIFF / spread)
+            out[start:stop] = limit.clamp_(min=1, max=2**30).to(torch.int32)
+        return out
 
     def _weights(self, res: torch.Tensor) -> list[torch.Tensor]:
         """Bilinear weight of each of the ``2**d`` corners: product over the axes of ``res`` or ``1 - res``.
@@ -136,15 +149,16 @@ def _floor_int(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _initial_positions(spatial: Sequence[int], batch: int, device: torch.device) -> torch.Tensor:
     """Pixel centres ``(d, B * prod(spatial))``: ``(i + 0.5, j + 0.5[, ...])``, row-major, per image."""
-    axes = [torch.arange(s, dtype=torch.float32, device=device) for s in spatial]
+    axes = [torch.arange(s, dtype=torch.float32, device=device) + 0.5 for s in spatial]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij")).reshape(len(spatial), -1)
-    return (grid + 0.5).repeat(1, batch)
+    return grid.repeat(1, batch) if batch > 1 else grid
 
 
 # "fast" mode: a pixel makes m iterations in one explicit Euler step if that moves it by at most
 # _MACRO_MOVE pixel per axis and the flow around it varies by at most _MACRO_STIFF / m (no overshoot)
 _MACRO_MOVE = 0.05
 _MACRO_STIFF = 0.25
+_MACRO_ROWS = 1 << 18  # cells per chunk of the macro table's computation
 
 
 class _Walkers:
@@ -242,21 +256,21 @@ def _run(walkers: _Walkers, follower: _Follower, final: torch.Tensor, until: int
 _CHUNK_VALUES = 1 << 15
 
 
-def _follow(step: torch.Tensor, niter: int, fast: bool) -> torch.Tensor:
-    """Final positions ``(d, B * prod(spatial))`` after ``niter`` iterations, for every pixel.
+def _follow(flow: torch.Tensor, niter: int, fast: bool, step_size: float = 1.0) -> torch.Tensor:
+    """Final positions ``(d, B * prod(spatial))`` after ``niter`` iterations of ``step_size * flow``.
 
     Pixels whose own flow is exactly 0 never move (the first read is at their centre) and are not
     followed; the others leave the active set once their final cell is known (see
     :meth:`_Walkers.settled`). Walkers are independent, so they are followed in chunks of nearby pixels
     (the flow reads stay in cache); each chunk's last stragglers are pooled and finished together.
     """
-    follower = _Follower(step, macro=fast)
-    b, _, *spatial = step.shape
+    b, _, *spatial = flow.shape
     n_pix = int(np.prod(spatial))
-    final = _initial_positions(spatial, b, step.device)
-    pix = torch.nonzero((step != 0).any(1).reshape(-1))[:, 0]
-    if niter <= 0 or pix.numel() == 0:
+    final = _initial_positions(spatial, b, flow.device)
+    pix = torch.nonzero((flow != 0).any(1).reshape(-1))[:, 0]  # step_size * flow != 0 alike (> 0)
+    if niter <= 0 or step_size == 0 or pix.numel() == 0:
         return final
+    follower = _Follower(flow, step_size, macro=fast)
     base = ((pix // n_pix) * follower.batch_stride + follower.pad_base).to(follower.index_dtype)
     size = _CHUNK_VALUES // follower.d  # walkers per chunk: (d, size) positions
     stragglers = []
@@ -269,7 +283,7 @@ def _follow(step: torch.Tensor, niter: int, fast: bool) -> torch.Tensor:
     if stragglers:
         merged = _Walkers.merge(stragglers)
         for start in range(0, len(merged), size):
-            index = torch.arange(start, min(start + size, len(merged)), device=step.device)
+            index = torch.arange(start, min(start + size, len(merged)), device=flow.device)
             _run(merged.select(index), follower, final, until=0)
     return final
 
@@ -435,7 +449,8 @@ def flow_to_mask(
 
     On CUDA the float32 arithmetic may round differently (fused multiply-adds), so ``"exact"`` matches
     the original only up to such rounding there. Memory: the flow is read from a table holding the 4
-    corners of every cell (4 times the float32 flow), plus a few float32 values per followed pixel.
+    corners of every cell (4 times the float32 flow), plus a few values per pixel (about 52 bytes per
+    pixel at the peak for a 2D flow, the input not counted).
     """
     if mode not in ("fast", "exact"):
         raise InputError(f"mode must be one of 'fast', 'exact', got {mode!r}")
@@ -452,12 +467,18 @@ def flow_to_mask(
         raise InputError(f"expand_repeats must be a non-negative integer, got {expand_repeats!r}")
     t, batched = _as_flow_tensor(flow, device)
     b, _, *spatial = t.shape
-    step = t * float(step_size)  # a Python scalar keeps t's float32
-    final = _follow(step, int(niter), mode == "fast")
+    final = _follow(t, int(niter), mode == "fast", float(step_size))  # a Python scalar keeps float32
     cells = final.to(torch.int64)  # truncation (positions are >= 0)
+    del final
     n_pix = int(np.prod(spatial))
     grid = _Grid(b, spatial, max((window_size - 1) // 2, window_size // 2, 1), t.device)
-    cell = grid.index(cells, torch.arange(b, device=t.device).repeat_interleave(n_pix))
+    image = (
+        torch.arange(b, device=t.device).repeat_interleave(n_pix)
+        if b > 1
+        else torch.zeros(1, dtype=torch.int64, device=t.device)
+    )
+    cell = grid.index(cells, image)
+    del cells, image
     counts = torch.bincount(cell, minlength=grid.size)
     labels = _label_cells(counts, grid, int(window_size), min_seed_cnts, expand_repeats, expand_min_cnts)
     mask = labels.index_select(0, cell).reshape(b, *spatial)
