@@ -394,7 +394,7 @@ def labels_from_flows(
     optionally removed, relabelled 1..n) and resized to ``out_shape`` with nearest neighbours.
     """
     stack = np.concatenate([flows.mean(axis=0, keepdims=True), flows]) if len(flows) > 1 else flows
-    stack = np.ascontiguousarray(stack, dtype=np.float32)
+    stack = np.asarray(stack, dtype=np.float32)
     if params.flow_threshold > 0:
         from scipy.ndimage import binary_fill_holes
 
@@ -402,7 +402,10 @@ def labels_from_flows(
         # object centres have short flows (directions cancel there): what strong flow encloses is kept,
         # so centres (and small gaps enclosed by touching objects) are followed and labelled
         foreground = np.stack([binary_fill_holes(m) for m in strong])
-        stack = stack * foreground[:, None]
+        del strong
+        stack = stack * foreground[:, None]  # a new contiguous array: the input is never modified
+    else:
+        stack = np.ascontiguousarray(stack)
     raw = flow_to_mask(
         stack,
         niter=params.niter,
@@ -432,40 +435,18 @@ def labels_from_flows(
     return out[0], np.stack(out[1:] if len(flows) > 1 else out)
 
 
-def segment_steps(
-    req: SegmentRequest, *, loaded: LoadedModel | None = None
-) -> Generator[SegmentProgress, None, SegmentResult]:
-    """Segment ``req.image``, yielding progress; returns a :class:`SegmentResult`.
+def _network_flows(
+    req: SegmentRequest, loaded: LoadedModel, x: torch.Tensor, scale: float
+) -> Generator[SegmentProgress, None, tuple[torch.Tensor, int, int]]:
+    """The network's flows (N, 2, h, w) at the model's scale for the normalised image ``x`` (1, 3, H, W).
 
-    Raises
-    ------
-    InputError
-        Bad image or context (shape, NaN, empty, constant, mismatched context).
-    ConfigError, CheckpointError
-        Bad settings or checkpoint.
+    Returns the flows (float32, CPU), the number of tiles and the progress total. What the network
+    needs (the rescaled and padded image, the noise, each tile's features) lives only here, so that it
+    is freed before flow following.
     """
-    _validate(req)
-    image = _as_image(req.image, "image")
-    x = torch.from_numpy(model_input(image))[None]  # (1, 3, H, W), normalised
-    loaded = loaded or load_model(req.checkpoint, device=req.device)
     model, device = loaded.model, loaded.device
-    if req.context_image is not None and not isinstance(model, CtxSegP):
-        raise ConfigError(
-            f"{loaded.name} is a {loaded.info.kind} model without a context path; use a "
-            f"ctxseg-p checkpoint for in-context segmentation"
-        )
-    measured = None
-    if req.diameter == "auto":
-        measured, probe = yield from _measure_diameter(req, loaded)
-        diameter = _auto_diameter(measured)
-        if probe is not None and diameter is None and req.steps == 1 and req.num_samples == 1 and not req.tta:
-            probe.metadata.update(diameter="auto", measured_diameter=measured)
-            return probe  # the measuring pass already is this request's result
-        req = replace(req, diameter=diameter)
     stride = model.config.stride
-    scale = 1.0 if req.diameter is None else MODEL_DIAMETER / float(req.diameter)
-    h0, w0 = image.shape[:2]
-    size = _scaled_size((h0, w0), scale)
+    size = _scaled_size((x.shape[-2], x.shape[-1]), scale)
     x = _resize(x, size, "bilinear")
     xp, (h, w) = pad_to_multiple(x, stride, min_size=stride)
     tile = max(stride, req.tile_size // stride * stride)
@@ -521,7 +502,43 @@ def segment_steps(
                     "denoise", len(tiles) + st.model_calls, total, f"sampler step {st.step}/{st.num_steps}"
                 )
     assert final is not None  # every sampler yields at least one step
-    flows_s = final[..., :h, :w].float().cpu()  # (N, 2, h, w) at model scale
+    return final[..., :h, :w].float().cpu(), len(tiles), total
+
+
+def segment_steps(
+    req: SegmentRequest, *, loaded: LoadedModel | None = None
+) -> Generator[SegmentProgress, None, SegmentResult]:
+    """Segment ``req.image``, yielding progress; returns a :class:`SegmentResult`.
+
+    Raises
+    ------
+    InputError
+        Bad image or context (shape, NaN, empty, constant, mismatched context).
+    ConfigError, CheckpointError
+        Bad settings or checkpoint.
+    """
+    _validate(req)
+    image = _as_image(req.image, "image")
+    x = torch.from_numpy(model_input(image))[None]  # (1, 3, H, W), normalised
+    loaded = loaded or load_model(req.checkpoint, device=req.device)
+    model, device = loaded.model, loaded.device
+    if req.context_image is not None and not isinstance(model, CtxSegP):
+        raise ConfigError(
+            f"{loaded.name} is a {loaded.info.kind} model without a context path; use a "
+            f"ctxseg-p checkpoint for in-context segmentation"
+        )
+    measured = None
+    if req.diameter == "auto":
+        measured, probe = yield from _measure_diameter(req, loaded)
+        diameter = _auto_diameter(measured)
+        if probe is not None and diameter is None and req.steps == 1 and req.num_samples == 1 and not req.tta:
+            probe.metadata.update(diameter="auto", measured_diameter=measured)
+            return probe  # the measuring pass already is this request's result
+        req = replace(req, diameter=diameter)
+    scale = 1.0 if req.diameter is None else MODEL_DIAMETER / float(req.diameter)
+    h0, w0 = image.shape[:2]
+    flows_s, n_tiles, total = yield from _network_flows(req, loaded, x, scale)  # (N, 2, h, w)
+    del x  # the network's inputs and intermediates are freed before flow following
     if req.follow_flows:
         yield SegmentProgress("labels", total, total, "following flows")
         labels, sample_labels = labels_from_flows(flows_s.numpy(), req.flow, out_shape=(h0, w0))
@@ -546,12 +563,18 @@ def segment_steps(
         "measured_diameter": measured,
         "scale": scale,
         "device": str(device),
-        "tiles": len(tiles),
+        "tiles": n_tiles,
         "flow_params": asdict(req.flow),
         "context": None if req.context_image is None else _context_digest(req),
     }
     return SegmentResult(
-        labels, flows_full.astype(np.float32), sample_labels, disagreement, scale, meta, flows_s.numpy()
+        labels,
+        flows_full.astype(np.float32, copy=False),
+        sample_labels,
+        disagreement,
+        scale,
+        meta,
+        flows_s.numpy(),
     )
 
 
