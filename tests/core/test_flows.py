@@ -124,6 +124,8 @@ def test_flip_flow_is_the_flow_of_the_flipped_image(flip_y: bool, flip_x: bool) 
         flip_spatial(image, flip_y, flip_x)[0, 0, 0]
         == image[0, h - 1 if flip_y else 0, w - 1 if flip_x else 0]
     ).item()
+    with pytest.raises(InputError, match="2D flow"):
+        flip_flow(torch.zeros((3, 5, h, w)), flip_y, flip_x)  # a 3D flow (dz, dy, dx) of depth 5
 
 
 @pytest.mark.parametrize(
@@ -302,5 +304,8 @@ def test_flow_to_mask_rejects_bad_options() -> None:
         flow_to_mask(flow, mode="slow")  # type: ignore[arg-type]
     with pytest.raises(InputError, match="niter"):
         flow_to_mask(flow, niter=-1)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(InputError, match="step_size"):
+            flow_to_mask(flow, step_size=bad)
     with pytest.raises(InputError):
         flow_error(flow, np.zeros((8, 9), int))

@@ -60,6 +60,14 @@ def test_tiles_cover_the_image_and_agree_with_untiled_on_smooth_input(tiny_check
     assert tiled.flows.shape == (1, 2, 160, 200) and np.isfinite(tiled.flows).all()
 
 
+def test_result_arrays_do_not_share_memory(tiny_checkpoint) -> None:
+    image, _ = blobs((70, 90))
+    for diameter in (None, 25.0):  # at the model's scale the full-size flows are not a resize
+        r = segment(image, checkpoint=str(tiny_checkpoint), device="cpu", diameter=diameter)
+        assert not np.shares_memory(r.flows, r.flows_model_scale)
+        assert r.flows.flags.c_contiguous
+
+
 def test_diameter_rescales_and_labels_come_back_at_input_size(tiny_checkpoint) -> None:
     image, _ = blobs((100, 120))
     r = segment(image, checkpoint=str(tiny_checkpoint), device="cpu", diameter=40)

@@ -18,6 +18,7 @@ evaluated only at the cells where enough pixels landed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -465,6 +466,8 @@ def flow_to_mask(
             raise InputError(f"{name} must be a positive integer, got {value!r}")
     if int(expand_repeats) != expand_repeats or expand_repeats < 0:
         raise InputError(f"expand_repeats must be a non-negative integer, got {expand_repeats!r}")
+    if not math.isfinite(step_size):
+        raise InputError(f"step_size must be a finite number, got {step_size!r}")
     t, batched = _as_flow_tensor(flow, device)
     b, _, *spatial = t.shape
     final = _follow(t, int(niter), mode == "fast", float(step_size))  # a Python scalar keeps float32

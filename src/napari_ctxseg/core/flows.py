@@ -54,7 +54,14 @@ def flip_flow(flow: torch.Tensor, flip_y: bool, flip_x: bool) -> torch.Tensor:
     """The 2D flow (..., 2, H, W), channels (dy, dx), of the image flipped as in :func:`flip_spatial`.
 
     The field is flipped and the flipped axis's component negated; the flip is its own inverse.
+
+    Raises
+    ------
+    InputError
+        If the third-last axis does not hold the 2 components (for example a 3D flow).
     """
+    if flow.ndim < 3 or flow.shape[-3] != 2:
+        raise InputError(f"flip_flow needs a 2D flow (..., 2, H, W), got shape {tuple(flow.shape)}")
     if not (flip_y or flip_x):
         return flow
     sign = torch.tensor(

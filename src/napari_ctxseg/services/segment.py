@@ -17,6 +17,8 @@ see :func:`auto_scale`. ``None`` keeps the model's scale.
 
 Test-time flips: ``tta=True`` averages the denoiser over the image and its three flips (``TTA_FLIPS``) at
 every sampler step; 4x the network calls, and in multi-step sampling 4x the image features held per tile.
+Each tile is flipped on its own, so for an image of several tiles the average is over flipped tiles (the
+result is exactly flip-equivariant for a single tile only).
 """
 
 from __future__ import annotations
@@ -569,7 +571,7 @@ def segment_steps(
     }
     return SegmentResult(
         labels,
-        flows_full.astype(np.float32, copy=False),
+        flows_full.astype(np.float32),  # a copy: at scale 1 flows_full is a view of flows_s
         sample_labels,
         disagreement,
         scale,
