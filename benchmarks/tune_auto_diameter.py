@@ -79,11 +79,12 @@ def report(rows: list[dict]) -> None:
     print(f"native scale: pooled AP@0.5 {pooled(lambda e: 1.0):.3f}")
     print(f"oracle (best scale per image): {_oracle(rows):.3f}")
     print(f"shipped rule (services.segment.auto_scale): {pooled(auto_scale):.3f}")
-    for target in (16, 20, 24):
-        line = [f"target {target} px, scale in [1, 2], applied when >= m:"]
-        for m in (1.0, 1.3, 1.5, 1.7):
-            line.append(f"m {m} {pooled(_rule(target, 1.0, 2.0, m)):.3f}")
-        print(" ".join(line))
+    for lo in (1.0, 0.5):
+        for target in (16, 20, 22, 24, 26, 28):
+            line = [f"target {target} px, scale in [{lo}, 2], applied when >= m (or <= 1/m):"]
+            for m in (1.0, 1.15, 1.3, 1.5, 1.7):
+                line.append(f"m {m} {pooled(_rule(target, lo, 2.0, m)):.3f}")
+            print(" ".join(line))
     print("by measured size (pooled AP@0.5 at each fixed scale):")
     for lo, hi in ((0, 12), (12, 14), (14, 17), (17, 21), (21, 28), (28, 1e9)):
         sub = [r for r in rows if lo <= r["estimate"] < hi]
@@ -95,7 +96,7 @@ def report(rows: list[dict]) -> None:
 def _rule(target: float, lo: float, hi: float, min_rescale: float = 1.0):
     def rule(e: float) -> float:
         s = float(np.clip(target / e, lo, hi)) if e else 1.0
-        return s if s >= min_rescale else 1.0
+        return s if max(s, 1.0 / s) >= min_rescale else 1.0
 
     return rule
 
