@@ -95,19 +95,19 @@ def main() -> None:
             f"{r[6]:>7.3f} {r[7]:>7.3f} {r[8]:>6.2f}"
         )
     first = next(iter(reports.values()))
+    scores = first["methods"]["ctxseg"]
+    groups = [mod for mod, s in scores.items() if mod == "all" or s["images"] >= MIN_INTERVAL_IMAGES]
     print("95 % bootstrap intervals over images (2000 resamples) of pooled AP@0.5, 1 step x 1 sample:")
-    for mod, s in first["methods"]["ctxseg"].items():
-        if mod == "all" or s["images"] >= MIN_INTERVAL_IMAGES:
-            low, high = bootstrap_ap_interval(first["per_image"], modality=mod)
-            print(f"  {mod:<13} {s['ap50']:.3f} [{low:.3f}, {high:.3f}]")
+    for mod in groups:
+        low, high = bootstrap_ap_interval(first["per_image"], modality=mod)
+        print(f"  {mod:<13} {scores[mod]['ap50']:.3f} [{low:.3f}, {high:.3f}]")
     if TTA in reports:
         print("TTA minus 1 step x 1 sample, paired over the same images (95 % bootstrap interval):")
-        for mod, s in first["methods"]["ctxseg"].items():
-            if mod == "all" or s["images"] >= MIN_INTERVAL_IMAGES:
-                diff, low, high = paired_ap_difference(
-                    first["per_image"], reports[TTA]["per_image"], modality=mod
-                )
-                print(f"  {mod:<13} {diff:+.3f} [{low:+.3f}, {high:+.3f}]")
+        for mod in groups:
+            diff, low, high = paired_ap_difference(
+                first["per_image"], reports[TTA]["per_image"], modality=mod
+            )
+            print(f"  {mod:<13} {diff:+.3f} [{low:+.3f}, {high:+.3f}]")
     if args.json:
         args.json.write_text(json.dumps(reports, indent=1))
 

@@ -475,13 +475,10 @@ def flow_to_mask(
     del final
     n_pix = int(np.prod(spatial))
     grid = _Grid(b, spatial, max((window_size - 1) // 2, window_size // 2, 1), t.device)
-    image = (
-        torch.arange(b, device=t.device).repeat_interleave(n_pix)
-        if b > 1
-        else torch.zeros(1, dtype=torch.int64, device=t.device)
-    )
-    cell = grid.index(cells, image)
-    del cells, image
+    # (d, B, n_pix) cells and (B, 1) image numbers broadcast: no per-pixel copy of the image numbers
+    images = torch.arange(b, device=t.device)[:, None]
+    cell = grid.index(cells.view(len(spatial), b, n_pix), images).reshape(-1)
+    del cells
     counts = torch.bincount(cell, minlength=grid.size)
     labels = _label_cells(counts, grid, int(window_size), min_seed_cnts, expand_repeats, expand_min_cnts)
     mask = labels.index_select(0, cell).reshape(b, *spatial)

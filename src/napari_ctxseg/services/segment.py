@@ -337,13 +337,9 @@ class _ViewDenoiser:
         ]
 
     def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor | None = None
-        for v, den in zip(self.views, self.denoisers):
-            d = flip_flow(den(flip_flow(x, *v), sigma), *v)
-            out = d if out is None else out + d
-        assert out is not None  # at least one view
+        outs = [flip_flow(den(flip_flow(x, *v), sigma), *v) for v, den in zip(self.views, self.denoisers)]
         # one view is returned as it is, so that the plain path stays bit-identical to the denoiser
-        return out / len(self.views) if len(self.views) > 1 else out
+        return outs[0] if len(outs) == 1 else sum(outs[1:], outs[0]) / len(outs)
 
 
 class _TiledDenoiser:
