@@ -313,6 +313,37 @@ def test_no_context_samples_get_zero_references_without_a_crop() -> None:
     assert not batch.ref_image[unused].any() and all(batch.ref_image[i].any() for i in torch.nonzero(~unused))
 
 
+def test_packed_batches_are_smaller_and_unpack_to_the_same_batch() -> None:
+    """Worker processes hand over packed batches (float16, references of context samples only); the
+    trainer unpacks them on its device into the batch the sampler drew, to float16 rounding."""
+    img, lab = blobs((64, 64), seed=4)
+    batch = CropSampler([annotate(img, lab, name="a")], 32, seed=1, p_no_context=0.5).sample(16, context=True)
+    used = torch.nonzero(batch.context_weight != 0).flatten()
+    assert 0 < len(used) < 16
+    packed = batch.packed()
+    assert packed.image.dtype == packed.flow.dtype == packed.ref_image.dtype == torch.float16
+    assert packed.ref_image.shape[0] == packed.ref_mask.shape[0] == len(used)
+    assert torch.equal(packed.ref_rows, used) and torch.equal(packed.context_weight, batch.context_weight)
+
+    def nbytes(b) -> int:
+        ts = (b.image, b.flow, b.weight, b.ref_image, b.ref_flow, b.ref_mask)
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    assert nbytes(packed) < 0.5 * nbytes(batch)
+    back = packed.unpacked()
+    assert back.ref_rows is None and back.names == batch.names
+    for name in ("image", "flow", "weight", "ref_image", "ref_flow", "ref_mask", "context_weight"):
+        a, b = getattr(back, name), getattr(batch, name)
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    assert torch.equal(back.weight, batch.weight) and torch.equal(back.ref_mask, batch.ref_mask)
+    assert not back.ref_image[batch.context_weight == 0].any()
+    # an unpacked batch passes through unchanged; a batch without references packs too
+    assert torch.equal(batch.unpacked().image, batch.image)
+    plain = CropSampler([annotate(img, lab, name="a")], 32, seed=1).sample(4, context=False)
+    assert plain.packed().ref_rows is None and torch.equal(plain.packed().unpacked().weight, plain.weight)
+
+
 def test_bf16_autocast_trains_float32_weights_with_the_same_losses_to_bf16_accuracy(tmp_path) -> None:
     kw = dict(train_images=_images(), preset="tiny", device="cpu")
     p32, path32 = _run(TrainRequest(output=tmp_path / "a.safetensors", config=_cfg(val_every=0), **kw))

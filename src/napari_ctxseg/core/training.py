@@ -243,8 +243,8 @@ def _lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
 
 @torch.no_grad()
 def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm.detach(), 1 - decay)
+    # one fused update of all parameters (a kernel per tensor otherwise: launch-bound on a GPU)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
 
 
 @torch.no_grad()
@@ -370,7 +370,7 @@ class Trainer:
             lr = _lr_at(step, cfg, time.perf_counter() - t0)
             for group in self.opt.param_groups:
                 group["lr"] = lr
-            batch = next(batches).to(device, non_blocking=True)
+            batch = next(batches).to(device, non_blocking=True).unpacked()
             model.train()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 loss = weighted_edm_loss(
