@@ -236,3 +236,33 @@ def test_ctxsegp_skips_the_references_of_no_context_samples() -> None:
     grads = [p.grad for p in m.atts.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(float(g.abs().max()) > 0 for g in grads)
+
+
+def test_reference_rows_round_up_with_weight_zero_repeats_and_give_the_same_output(monkeypatch) -> None:
+    """On CUDA a mixed batch encodes a multiple of CUDA_REFERENCE_BUCKET references (fewer shapes for
+    cuDNN to build kernels for): the repeats carry weight 0 and leave the output unchanged."""
+    from napari_ctxseg.core import models
+
+    rows, w, used = models.reference_rows(torch.tensor([0.0, 1.0, 0.0, 0.5, 0.0, 0.0, 0.0]), bucket=4)
+    assert used == 2 and rows.tolist() == [1, 3, 1, 3] and w.tolist() == [1.0, 0.5, 0.0, 0.0]
+    rows, w, used = models.reference_rows(torch.tensor([1.0, 1.0, 0.0]), bucket=16)  # at most B rows
+    assert used == 2 and rows.tolist() == [0, 1, 0] and w.tolist() == [1.0, 1.0, 0.0]
+    rows, _, used = models.reference_rows(torch.zeros(5), bucket=16)
+    assert used == 0 and len(rows) == 0
+    assert models.reference_rows(torch.tensor([0.0, 2.0]))[0].tolist() == [1]  # bucket 1: used rows only
+    assert models._reference_bucket(torch.device("cpu")) == 1
+    assert models._reference_bucket(torch.device("cuda")) == models.CUDA_REFERENCE_BUCKET
+
+    io = load_npz("models", "ctxsegp.io.npz")
+    m: CtxSegP = _model("ctxsegp")
+    rep = [0, 1, 1, 0, 1]
+    x5, c5, im5, ir5, fr5 = (
+        t(io[k])[rep]
+        for k in ("input.x_t", "input.noise_labels", "input.image", "input.image_ref", "input.flow_ref")
+    )
+    weight = torch.tensor([0.0, 1.0, 0.0, 0.5, 0.0])
+    with torch.inference_mode():
+        plain = m(x5, c5, image=im5, image_ref=ir5, flow_ref=fr5, context_weight=weight)
+        monkeypatch.setattr(models, "_reference_bucket", lambda device: 4)
+        padded = m(x5, c5, image=im5, image_ref=ir5, flow_ref=fr5, context_weight=weight)
+    torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-5)

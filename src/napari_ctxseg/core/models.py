@@ -24,6 +24,42 @@ from .errors import ConfigError, InputError
 from .layers import ModuleSeq, resize_nearest
 from .unet import LabelEmbedding, UNetDown, UNetUp
 
+#: On CUDA the number of references a mixed batch encodes is rounded up to a multiple of this (see
+#: :func:`reference_rows`): cuDNN picks and builds its kernels again for every new batch size.
+CUDA_REFERENCE_BUCKET = 16
+
+
+def _reference_bucket(device: torch.device) -> int:
+    return CUDA_REFERENCE_BUCKET if device.type == "cuda" else 1  # on CPUs every reference costs
+
+
+def reference_rows(weight: torch.Tensor, bucket: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The batch rows whose references a mixed batch encodes, and their context weights.
+
+    Parameters
+    ----------
+    weight
+        (B,) context weights; rows of weight 0 need no reference.
+    bucket
+        Round the number of rows up to a multiple of this (at most B) by repeating used rows with
+        weight 0, so that batches with different numbers of context samples share a few shapes.
+
+    Returns
+    -------
+    rows, row_weight, used
+        Indices into the batch (the ``used`` rows of non-zero weight first, then the repeats) and the
+        weight of each (0 for the repeats).
+    """
+    used_rows = torch.nonzero(weight != 0).flatten()
+    used = len(used_rows)
+    pad = min(-used % max(1, bucket), len(weight) - used) if used else 0
+    if not pad:
+        return used_rows, weight[used_rows], used
+    repeats = used_rows[torch.arange(pad, device=weight.device) % used]
+    rows = torch.cat([used_rows, repeats])
+    return rows, torch.cat([weight[used_rows], weight.new_zeros(pad)]), used
+
+
 __all__ = [
     "CtxSegD",
     "CtxSegP",
@@ -238,17 +274,18 @@ class CtxSegP(SegP):
             )
         # samples whose context weight is 0 get exactly zero context features (the output without
         # context): their references are neither encoded nor attended to, which saves half the context
-        # work at a no-context probability of 0.5
+        # work at a no-context probability of 0.5 (on CUDA a few are, with weight 0: reference_rows)
         weight = rows = None
+        used = image.shape[0]
         if context_weight is not None:
             weight = context_weight.reshape(-1)
-            rows = torch.nonzero(weight != 0).flatten()
-            if len(rows) == 0:
+            rows, row_weight, used = reference_rows(weight, _reference_bucket(image.device))
+            if used == 0:
                 return super().forward(x_t, noise_labels, image=image)
-            if len(rows) == len(weight):
+            if used == len(weight):
                 rows = None
             else:
-                image_ref, flow_ref, weight = image_ref[rows], flow_ref[rows], weight[rows]
+                image_ref, flow_ref, weight = image_ref[rows], flow_ref[rows], row_weight
                 ref_mask = None if ref_mask is None else ref_mask[rows]
         emb = self.label_emb(noise_labels)
         x_skips = self.encode_image(image)
@@ -267,8 +304,8 @@ class CtxSegP(SegP):
                 f = att(x_img, ctx.x_ref[k], next(y_ref), mask)
                 if weight is not None:
                     f = f * weight.to(f.dtype).view(-1, 1, 1, 1)
-                if rows is not None:
-                    f = f.new_zeros((image.shape[0], *f.shape[1:])).index_copy(0, rows, f)
+                if rows is not None:  # the used rows come first; repeats (weight 0) are dropped
+                    f = f.new_zeros((image.shape[0], *f.shape[1:])).index_copy(0, rows[:used], f[:used])
                 features.append(f)
         y_skips = self._encode_flow(x_t, emb, features)
         return self.decoder(y_skips, emb, conds=x_skips)
