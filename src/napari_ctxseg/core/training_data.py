@@ -492,14 +492,24 @@ class BatchStream(torch.utils.data.IterableDataset):
         Draw context pairs (CtxSegP).
     seed
         Entropy of the workers' generators, e.g. ``(cfg.seed, start_step)``.
+    pack
+        Yield :meth:`Batch.packed` batches (default; ``False`` only to measure what packing saves:
+        ``benchmarks/bench_loader.py``).
     """
 
     def __init__(
-        self, sampler: CropSampler, batch_size: int, *, context: bool, seed: Sequence[int] = (0,)
+        self,
+        sampler: CropSampler,
+        batch_size: int,
+        *,
+        context: bool,
+        seed: Sequence[int] = (0,),
+        pack: bool = True,
     ) -> None:
         super().__init__()
         self.sampler, self.batch_size, self.context = sampler, int(batch_size), bool(context)
         self.seed = [int(v) for v in seed]
+        self.pack = bool(pack)
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
@@ -509,4 +519,5 @@ class BatchStream(torch.utils.data.IterableDataset):
         sampler = copy.copy(self.sampler)
         sampler.rng = np.random.default_rng([*self.seed, worker])
         while True:  # packed: the batches cross a process boundary (and usually go on to a GPU)
-            yield sampler.sample(self.batch_size, context=self.context).packed()
+            batch = sampler.sample(self.batch_size, context=self.context)
+            yield batch.packed() if self.pack else batch
