@@ -75,6 +75,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="fraction of crops blurred by a Gaussian of 0.5-2 px (out-of-focus nuclei; default 0)",
     )
     p.add_argument(
+        "--dim-prob",
+        type=float,
+        default=0.0,  # factors: core.training_data.AugmentConfig
+        help="fraction of crops in which about half of the objects are dimmed to 10-50 %% of their "
+        "contrast (faint nuclei among bright ones; default 0)",
+    )
+    p.add_argument(
         "--p-sigma-max",
         type=float,
         default=0.5,
@@ -161,7 +168,9 @@ def _train_request(
         augment=(
             AugmentConfig.none()
             if args.no_augment
-            else AugmentConfig(target_diameter=args.target_diameter, blur_prob=args.blur_prob)
+            else AugmentConfig(
+                target_diameter=args.target_diameter, blur_prob=args.blur_prob, dim_prob=args.dim_prob
+            )
         ),
         warmup=min(200, max(1, args.steps // 10)),
         time_budget_s=60.0 * args.time_budget_min,

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage as ndi
 
 from napari_ctxseg.core.checkpoint import load_checkpoint
 from napari_ctxseg.core.errors import ConfigError, InputError
@@ -176,6 +177,45 @@ def test_blur_augmentation_softens_crops_and_is_off_by_default() -> None:
         AugmentConfig(blur_prob=1.5)
     with pytest.raises(ConfigError, match="blur_sigma"):
         AugmentConfig(blur_sigma=(2.0, 1.0))
+
+
+def test_dim_augmentation_lowers_the_contrast_of_some_objects_only() -> None:
+    """``dim_prob`` dims about half of a crop's objects towards the background level (labels and flows
+    untouched); at its default 0 it draws nothing, so earlier runs are reproduced exactly."""
+    img, lab = dsb_pair(crop=192)
+    images = [annotate(img, lab, name="dsb")]
+    base = dict(scale_range=(1.0, 1.0), flips=False, intensity=False, invert_prob=0.0)
+
+    crops: list[tuple[torch.Tensor, ...]] = []
+
+    def batch(**kw):
+        sampler = CropSampler(images, 192, augment=AugmentConfig(**base, **kw), seed=3)
+        crop = sampler._crop
+        sampler._crop = lambda *a: crops.append(crop(*a)) or crops[-1]
+        return sampler.sample(1, context=False)
+
+    plain, dimmed = batch(), batch(dim_prob=1.0, dim_factor=(0.2, 0.2))
+    torch.testing.assert_close(dimmed.flow, plain.flow)  # the same crop, the target untouched
+    labels = crops[0][2]
+    assert torch.equal(crops[1][2], labels) and torch.equal(plain.image[0], crops[0][0])
+    bg = labels == 0
+    level = plain.image[0][:, bg].median(dim=1).values.view(-1, 1)
+    ratios = []
+    for i in torch.unique(labels[labels > 0]):
+        inside = labels == i
+        a = (plain.image[0][:, inside] - level).mean()
+        b = (dimmed.image[0][:, inside] - level).mean()
+        ratios.append(float(b / a))
+    dimmed_objects = sum(r < 0.5 for r in ratios)
+    kept = sum(r > 0.9 for r in ratios)
+    assert dimmed_objects >= 1 and kept >= 1 and dimmed_objects + kept >= 0.8 * len(ratios)
+    far = torch.from_numpy(~ndi.binary_dilation(labels.numpy() > 0, iterations=6))
+    torch.testing.assert_close(dimmed.image[0][:, far], plain.image[0][:, far])  # background kept
+    torch.testing.assert_close(batch(dim_prob=0.0).image, plain.image)
+    with pytest.raises(ConfigError, match="dim_prob"):
+        AugmentConfig(dim_prob=-0.1)
+    with pytest.raises(ConfigError, match="dim_factor"):
+        AugmentConfig(dim_factor=(0.5, 1.5))
 
 
 def test_training_input_errors(tmp_path) -> None:
