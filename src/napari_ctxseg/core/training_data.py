@@ -412,17 +412,15 @@ class CropSampler:
         a = self.augment
         if not a.dim_prob or self.rng.random() >= a.dim_prob:
             return image
-        ids = torch.unique(labels)
-        ids = ids[ids > 0]
-        background = labels == 0
-        if len(ids) == 0 or not bool(background.any()):
+        lab = labels.numpy()
+        boxes = find_objects(lab)  # ascending label ids: box k - 1 of object k, None where absent
+        ids = np.array([k + 1 for k, box in enumerate(boxes) if box is not None], dtype=np.int64)
+        if len(ids) == 0 or lab.all():  # no object, or no background to dim towards
             return image
-        chosen = ids[torch.from_numpy(self.rng.random(len(ids)) < 0.5)]
+        chosen = ids[self.rng.random(len(ids)) < 0.5]
         lo, hi = a.dim_factor
         factors = self.rng.uniform(lo, hi, len(chosen))
-        lab = labels.numpy()
         out = image.clone()
-        boxes = find_objects(lab)
         for k, f in zip(chosen.tolist(), factors):
             # the object and the background within 2 px of it (annotations end inside the visible
             # rim of a nucleus), pulled towards the median of the background 3-6 px around it
