@@ -245,6 +245,9 @@ def test_train_and_eval_smoke(tmp_path, image_dir, tiny_checkpoint, capsys) -> N
                 "0.5",
                 "--p-no-context",
                 "0.8",
+                "--scale-range",
+                "0.4",
+                "1.5",
             ]
         )
         == 0
@@ -255,6 +258,7 @@ def test_train_and_eval_smoke(tmp_path, image_dir, tiny_checkpoint, capsys) -> N
     train_config = read_info(out).provenance["train_config"]
     assert train_config["precision"] == "bf16" and train_config["augment"]["blur_prob"] == 0.5
     assert train_config["p_no_context"] == 0.8
+    assert train_config["augment"]["scale_range"] == [0.4, 1.5]
     assert (
         main(
             [

@@ -66,7 +66,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="rescale each image so its median object diameter is this many pixels before the "
-        "random 0.5-2x rescaling (default: images as they are)",
+        "random rescaling of --scale-range (default: images as they are)",
+    )
+    p.add_argument(
+        "--scale-range",
+        type=float,
+        nargs=2,
+        default=(0.5, 2.0),
+        metavar=("LOW", "HIGH"),
+        help="random rescale factors, drawn log-uniformly (default 0.5 2)",
     )
     p.add_argument(
         "--blur-prob",
@@ -169,7 +177,10 @@ def _train_request(
             AugmentConfig.none()
             if args.no_augment
             else AugmentConfig(
-                target_diameter=args.target_diameter, blur_prob=args.blur_prob, dim_prob=args.dim_prob
+                scale_range=tuple(args.scale_range),
+                target_diameter=args.target_diameter,
+                blur_prob=args.blur_prob,
+                dim_prob=args.dim_prob,
             )
         ),
         warmup=min(200, max(1, args.steps // 10)),

@@ -157,6 +157,19 @@ def test_area_sampling_draws_images_by_rescaled_area() -> None:
         TrainConfig(image_sampling="objects")
 
 
+def test_scale_range_bounds_the_random_rescaling() -> None:
+    """Rescale factors are drawn log-uniformly within ``scale_range`` (times the image's base scale)."""
+    img, lab = dsb_pair(crop=96)
+    images = [annotate(img, lab, name="dsb")]
+    sampler = CropSampler(images, 64, augment=AugmentConfig(scale_range=(0.35, 0.5)), seed=0)
+    scales = np.array([sampler._geometry(0)[0] for _ in range(400)])
+    assert scales.min() >= 0.35 and scales.max() <= 0.5
+    assert np.mean(scales < np.sqrt(0.35 * 0.5)) == pytest.approx(0.5, abs=0.08)  # log-uniform median
+    for bad in ((2.0, 1.0), (0.0, 1.0)):
+        with pytest.raises(ConfigError, match="scale_range"):
+            AugmentConfig(scale_range=bad)
+
+
 def test_blur_augmentation_softens_crops_and_is_off_by_default() -> None:
     """``blur_prob`` blurs crops (less pixel-to-pixel variation, same geometry and flows); at its default 0
     it draws no random numbers, so earlier runs are reproduced exactly."""

@@ -176,6 +176,9 @@ class AugmentConfig:
     dim_factor: tuple[float, float] = (0.1, 0.5)
 
     def __post_init__(self) -> None:
+        lo, hi = self.scale_range
+        if not 0.0 < lo <= hi:
+            raise ConfigError(f"scale_range must be a range 0 < low <= high, got {self.scale_range}")
         if not 0.0 <= self.blur_prob <= 1.0:
             raise ConfigError(f"blur_prob must be within [0, 1], got {self.blur_prob}")
         if not 0.0 <= self.dim_prob <= 1.0:
