@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from napari_ctxseg.core.errors import InputError
-from napari_ctxseg.core.preprocess import center_crop, normalize_image, pad_channel
+from napari_ctxseg.core.preprocess import center_crop, intensity_limits, normalize_image, pad_channel
 
 METRICS_NPZ = Path(__file__).parents[2].parent / "shared" / "parity" / "metrics" / "metrics.npz"
 
@@ -68,6 +68,21 @@ def test_normalize_image_percentiles() -> None:
     assert clipped.min() == 0 and clipped.max() == 1
 
 
+def test_given_limits_replace_the_percentiles_and_allow_a_constant_plane() -> None:
+    """A plane of a stack is mapped with the stack's limits: a dim plane stays dim, a blank one is 0."""
+    bright = np.arange(1000, dtype=np.uint16).reshape(40, 25)
+    limits = intensity_limits(bright)
+    assert limits == pytest.approx(tuple(np.percentile(bright, [1, 99.8])))
+    dim = bright // 5
+    np.testing.assert_allclose(
+        normalize_image(dim, limits=limits), (dim - limits[0]) / np.ptp(limits), atol=1e-6
+    )
+    assert normalize_image(dim, limits=limits).max() < 0.25 < normalize_image(dim).max()
+    np.testing.assert_array_equal(normalize_image(np.full((4, 4), 7), limits=(7, 8)), 0)
+    with pytest.raises(InputError, match="constant"):
+        intensity_limits(np.full((4, 4), 7))
+
+
 def test_normalize_image_falls_back_to_min_max_for_sparse_images() -> None:
     image = np.zeros((50, 50), np.float32)
     image[3, 4] = 10  # 0.04 % of the pixels: both percentiles are 0
@@ -84,6 +99,9 @@ def test_normalize_image_falls_back_to_min_max_for_sparse_images() -> None:
         (np.zeros((0, 4)), {}, "empty"),
         (np.arange(16.0).reshape(4, 4), {"low": 50, "high": 10}, "percentiles"),
         (np.array([["a", "b"]]), {}, "dtype"),
+        (np.arange(16.0).reshape(4, 4), {"limits": (5.0, 5.0)}, "limits"),
+        (np.arange(16.0).reshape(4, 4), {"limits": (0.0, np.nan)}, "limits"),
+        (np.array([[1.0, np.nan]]), {"limits": (0.0, 1.0)}, "NaN"),
     ],
 )
 def test_normalize_image_rejects(image: np.ndarray, kwargs: dict, match: str) -> None:

@@ -11,14 +11,64 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["HIGH_PERCENTILE", "LOW_PERCENTILE", "center_crop", "normalize_image", "pad_channel"]
+__all__ = [
+    "HIGH_PERCENTILE",
+    "LOW_PERCENTILE",
+    "center_crop",
+    "intensity_limits",
+    "normalize_image",
+    "pad_channel",
+]
 
 LOW_PERCENTILE = 1.0
 HIGH_PERCENTILE = 99.8
 
 
+def intensity_limits(
+    image: np.ndarray, low: float = LOW_PERCENTILE, high: float = HIGH_PERCENTILE
+) -> tuple[float, float]:
+    """The intensities that :func:`normalize_image` maps to 0 and 1: the ``low`` and ``high`` percentiles.
+
+    Parameters
+    ----------
+    image : np.ndarray
+        Any real array; all values are pooled (channels, or the planes of a stack, together).
+    low, high : float
+        Percentiles (default 1 and 99.8: robust to a few hot or dead pixels).
+
+    Returns
+    -------
+    (float, float)
+        ``(p_low, p_high)``; the minimum and maximum instead when the two percentiles coincide (to 1e-12
+        relative) on a non-constant image (e.g. a few bright spots on a flat background).
+
+    Raises
+    ------
+    InputError
+        If the image is empty, holds NaN or infinite values, is constant, if the percentiles are not
+        ``0 <= low < high <= 100``, or if the dtype is not numeric.
+    """
+    return _percentile_limits(_checked_values(image), low, high)
+
+
+def _percentile_limits(values: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    if not 0 <= low < high <= 100:
+        raise InputError(f"percentiles must satisfy 0 <= low < high <= 100, got low={low}, high={high}")
+    lo, hi = (float(v) for v in np.percentile(values, [low, high]))
+    if _flat(lo, hi):
+        lo, hi = float(values.min()), float(values.max())
+    if _flat(lo, hi):
+        raise InputError(f"image is constant (every value is {lo:g}); cannot normalise its contrast")
+    return lo, hi
+
+
 def normalize_image(
-    image: np.ndarray, low: float = LOW_PERCENTILE, high: float = HIGH_PERCENTILE, *, clip: bool = False
+    image: np.ndarray,
+    low: float = LOW_PERCENTILE,
+    high: float = HIGH_PERCENTILE,
+    *,
+    clip: bool = False,
+    limits: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """Per-image percentile normalisation: ``(image - p_low) / (p_high - p_low)`` as float32.
 
@@ -32,6 +82,9 @@ def normalize_image(
         values fall in [0, 1] and the brightest 0.2 % slightly above).
     clip : bool
         Clip the result to [0, 1].
+    limits : (float, float), optional
+        The intensities to map to 0 and 1 instead of this image's percentiles, e.g. those of the whole
+        stack a plane belongs to (:func:`intensity_limits` of the stack), so that dim planes stay dim.
 
     Returns
     -------
@@ -41,39 +94,45 @@ def normalize_image(
     Raises
     ------
     InputError
-        If the image is empty, holds NaN or infinite values, is constant, if the percentiles are not
-        ``0 <= low < high <= 100``, or if the dtype is not numeric.
+        If the image is empty, holds NaN or infinite values, is constant (without ``limits``), if the
+        percentiles are not ``0 <= low < high <= 100``, if ``limits`` is not an increasing pair of finite
+        numbers, or if the dtype is not numeric.
 
     Notes
     -----
-    If the two percentiles coincide (to 1e-12 relative) on a non-constant image (e.g. a few bright spots
-    on a flat background), the minimum and maximum are used instead. The original divides by
-    ``image.max()``.
+    See :func:`intensity_limits` for the percentiles. The original divides by ``image.max()``.
 
     Examples
     --------
     >>> normalize_image(np.array([[0, 50], [100, 200]])).dtype
     dtype('float32')
+    >>> normalize_image(np.array([0, 5, 10]), limits=(0, 20)).tolist()
+    [0.0, 0.25, 0.5]
     """
+    values = _checked_values(image)
+    if limits is None:
+        lo, hi = _percentile_limits(values, low, high)
+    else:
+        lo, hi = (float(v) for v in limits)
+        if not (np.isfinite([lo, hi]).all() and hi > lo):
+            raise InputError(f"intensity limits must be finite with low < high, got {tuple(limits)}")
+    out = (values - np.float32(lo)) / np.float32(hi - lo)
+    return np.clip(out, 0, 1) if clip else out
+
+
+def _checked_values(image: np.ndarray) -> np.ndarray:
+    """``image`` as float32, refusing non-numeric, empty and non-finite arrays."""
     image = np.asarray(image)
     if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool) or np.iscomplexobj(image):
         raise InputError(f"image must be a real numeric array, got dtype {image.dtype}")
     if image.size == 0:
         raise InputError(f"image is empty, got shape {image.shape}")
-    if not 0 <= low < high <= 100:
-        raise InputError(f"percentiles must satisfy 0 <= low < high <= 100, got low={low}, high={high}")
     values = image.astype(np.float32)
     finite = np.isfinite(values)
     if not finite.all():
         bad = int((~finite).sum())
         raise InputError(f"image contains {bad} NaN or infinite values; expected finite intensities")
-    lo, hi = (float(v) for v in np.percentile(values, [low, high]))
-    if _flat(lo, hi):
-        lo, hi = float(values.min()), float(values.max())
-    if _flat(lo, hi):
-        raise InputError(f"image is constant (every value is {lo:g}); cannot normalise its contrast")
-    out = (values - np.float32(lo)) / np.float32(hi - lo)
-    return np.clip(out, 0, 1) if clip else out
+    return values
 
 
 def _flat(lo: float, hi: float) -> bool:

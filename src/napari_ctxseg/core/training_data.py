@@ -50,11 +50,15 @@ def check_image_sampling(value: str) -> str:
     return value
 
 
-def model_input(image: np.ndarray, channels: int = 3) -> np.ndarray:
+def model_input(
+    image: np.ndarray, channels: int = 3, *, limits: tuple[float, float] | None = None
+) -> np.ndarray:
     """Numpy image (H, W) or (H, W, C) -> normalised float32 (channels, H, W): the one layout change.
 
     Grey images are repeated to 3 channels and 2-channel images padded with a zero channel, as the
-    original's ``pad_channel``; more than ``channels`` channels raise :class:`InputError`.
+    original's ``pad_channel``; more than ``channels`` channels raise :class:`InputError`. ``limits``:
+    the intensities mapped to 0 and 1 (default: the image's own percentiles; see
+    :func:`~napari_ctxseg.core.preprocess.normalize_image`).
     """
     image = np.asarray(image)
     if image.ndim == 2:
@@ -64,7 +68,7 @@ def model_input(image: np.ndarray, channels: int = 3) -> np.ndarray:
     c = image.shape[-1]
     if c > channels:
         raise InputError(f"image has {c} channels; expected at most {channels} (H, W, C) with C last")
-    norm = normalize_image(image.astype(np.float32, copy=False))
+    norm = normalize_image(image.astype(np.float32, copy=False), limits=limits)
     if c == 1:
         norm = np.repeat(norm, channels, axis=-1)
     elif c < channels:
