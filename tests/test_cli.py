@@ -91,6 +91,32 @@ def test_segment_tta_flag_reaches_the_request(tmp_path, image_dir, tiny_checkpoi
     assert (tmp_path / "a" / "im0_labels.tif").is_file()
 
 
+def test_segment_stack_normalize_flag_and_a_blank_plane(tmp_path, tiny_checkpoint, monkeypatch) -> None:
+    from napari_ctxseg.core.preprocess import intensity_limits
+    from napari_ctxseg.services import stack
+
+    rng = np.random.default_rng(0)
+    volume = (rng.random((3, 40, 40)) * 1000).astype(np.uint16)
+    volume[1] = 0  # a blank plane does not stop the stack
+    tifffile.imwrite(tmp_path / "vol.tif", volume, photometric="minisblack")
+    seen = []
+    real = stack.segment_steps
+
+    def spy(req, **kw):
+        seen.append(req.intensity_limits)
+        return real(req, **kw)
+
+    monkeypatch.setattr(stack, "segment_steps", spy)
+    base = [str(tmp_path / "vol.tif"), "--checkpoint", str(tiny_checkpoint), "--device", "cpu"]
+    base += ["--diameter", "none"]
+    assert main(["segment", *base, "-o", str(tmp_path / "a"), "--normalize", "stack"]) == 0
+    assert seen == [intensity_limits(volume)] * 3
+    seen.clear()
+    assert main(["segment", *base, "-o", str(tmp_path / "b")]) == 0  # default: per plane
+    assert seen[0] is None and seen[1] == (0.0, 1.0) and seen[2] is None  # the blank one mapped to 0
+    assert tifffile.imread(tmp_path / "b" / "vol_labels.tif").shape == (3, 40, 40)
+
+
 def test_segment_warns_when_sampler_settings_exceed_the_checkpoints_declaration(
     tmp_path, image_dir, tiny_checkpoint, capsys
 ) -> None:

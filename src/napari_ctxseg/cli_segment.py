@@ -103,6 +103,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     options = _segment_options(args)
     if args.volume_3d:
         options["volume_3d"] = True
+    options["stack_normalize"] = args.normalize
     if args.context_image is not None:
         if args.context_labels is None:
             from .core.errors import InputError
@@ -195,6 +196,13 @@ def add_segment_parsers(sub: argparse._SubParsersAction, register: Callable) -> 
         action="store_true",
         help="(Z, H, W) volumes: 2D flows on all three slice orientations, followed in 3D "
         "(default: slice by slice, stitched)",
+    )
+    p.add_argument(
+        "--normalize",
+        choices=["plane", "stack"],
+        default="plane",
+        help="stacks and volumes: map each plane's own intensity percentiles to 0-1 (plane, the default; "
+        "for time series) or the whole stack's (stack: z-stacks, whose out-of-focus planes then stay dim)",
     )
     p.add_argument("--workers", type=int, default=0, help="run on a local dask cluster with N workers")
     p.add_argument("--scheduler", help="address of an existing dask.distributed scheduler")

@@ -199,6 +199,23 @@ def test_stack_gives_a_3d_labels_layer(qtbot: Any, segment_widget: Any) -> None:
     assert stitched.features["area"].sum() == per_plane_area == (stitched.data > 0).sum()
 
 
+def test_stack_contrast_choice_and_a_blank_slice(
+    qtbot: Any, segment_widget: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import napari_ctxseg.services.stack as stack_service
+
+    stack = np.stack([nuclei_crop(64), np.zeros((64, 64), np.uint8), nuclei_crop(64)])
+    viewer, widget, _ = segment_widget(stack)
+    calls = []
+    real = stack_service.stack_intensity_limits
+    monkeypatch.setattr(stack_service, "stack_intensity_limits", lambda *a: calls.append(a) or real(*a))
+    run_and_wait(qtbot, widget)  # per slice (the default): the blank slice does not stop the run
+    assert not widget.error.value and viewer.layers[-1].data.shape == (3, 64, 64) and not calls
+    widget.normalize.value = "stack"
+    run_and_wait(qtbot, widget)
+    assert not widget.error.value and viewer.layers[-1].data.shape == (3, 64, 64) and len(calls) == 1
+
+
 def test_rethreshold_updates_labels_without_the_network(
     qtbot: Any, segment_widget: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -168,6 +168,7 @@ class RunSettings:
     diameter: float = 0.0
     flow: FlowParams = field(default_factory=FlowParams)
     stitch_threshold: float = 0.25  # stacks: see PlanesResult.stitch_threshold
+    normalize: str = "plane"  # stacks: "plane" or "stack" percentiles (services.stack)
 
     def request(self, image: np.ndarray, context: ContextData | None = None) -> SegmentRequest:
         """A :class:`SegmentRequest` for one 2D plane."""

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..core.errors import CtxSegError
-from ..services.segment import FlowParams, SegmentProgress, SegmentResult
+from ..services.segment import FlowParams, SegmentProgress, SegmentRequest, SegmentResult
 from ._layer_io import ContextData, LayerSnapshot, RunSettings
 
 __all__ = [
@@ -79,23 +79,27 @@ def segment_planes(
     """
     from ..services.models import load_model
     from ..services.segment import MODEL_DIAMETER, resolve_diameter, segment_steps
+    from ..services.stack import plane_request, probe_plane, stack_intensity_limits
 
     try:
         loaded = load_model(settings.checkpoint, device=settings.device)
         planes = snap.planes()
-        if len(planes) > 1 and not settings.diameter:  # auto: one scale for all planes, from the middle one
-            mid = len(planes) // 2
+        stack = len(planes) > 1
+        shared = stack and settings.normalize == "stack"
+        limits = stack_intensity_limits(snap.data, planes) if shared else None
+
+        def request(plane: np.ndarray) -> SegmentRequest:
+            req = replace(settings.request(plane, context), intensity_limits=limits)
+            return plane_request(req) if stack else req
+
+        if stack and not settings.diameter:  # auto: one scale for all planes, from the middle one
             measured = yield from _relay(
-                resolve_diameter(settings.request(snap.data[planes[mid]], context), loaded=loaded),
-                0,
-                len(planes),
+                resolve_diameter(request(probe_plane(snap.data, planes)), loaded=loaded), 0, len(planes)
             )
             settings = replace(settings, diameter=measured or MODEL_DIAMETER)
         results = []
         for i, idx in enumerate(planes):
-            res = yield from _relay(
-                segment_steps(settings.request(snap.data[idx], context), loaded=loaded), i, len(planes)
-            )
+            res = yield from _relay(segment_steps(request(snap.data[idx]), loaded=loaded), i, len(planes))
             results.append(res)
     except RuntimeError as exc:
         raise CtxSegError(f"{type(exc).__name__}: {exc}") from exc

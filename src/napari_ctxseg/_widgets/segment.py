@@ -137,6 +137,14 @@ class SegmentWidget(Container):
             "at least this much (IoU) share one label and one row of measurements; "
             "0 = every slice's objects get their own labels",
         )
+        self.normalize = ComboBox(
+            label="stack contrast",
+            choices=[("per slice", "plane"), ("whole stack", "stack")],
+            value=RunSettings.normalize,
+            tooltip="Stacks: stretch each slice's own intensity range (per slice: time series whose "
+            "brightness drifts) or the whole stack's (z-stacks: out-of-focus slices stay dim). Blank "
+            "slices are segmented as empty either way",
+        )
         self.ctx_image = combo("context image", Image, True, "An annotated example (may be the image itself)")
         self.ctx_labels = combo("context labels", Labels, True, "The labels of the context image")
         self.ctx_region = combo(
@@ -189,6 +197,7 @@ class SegmentWidget(Container):
                 self.seed,
                 self.device,
                 self.stitch,
+                self.normalize,
                 Label(value="<b>Context</b> (optional)"),
                 self.ctx_image,
                 self.ctx_labels,
@@ -269,6 +278,7 @@ class SegmentWidget(Container):
             diameter=self.diameter.value,
             flow=flow,
             stitch_threshold=self.stitch.value,
+            normalize=self.normalize.value,
         )
 
     def _set_busy(self, busy: bool) -> None:

@@ -104,20 +104,25 @@ def segment_file(
         options["context_labels"] = read_array(ctx[1]).astype(np.int64)
         options["context_region"] = None if ctx[2] is None else read_array(ctx[2]) != 0
     volume_3d = bool(options.pop("volume_3d", False))
+    normalize = options.pop("stack_normalize", "plane")  # stacks only: a 2D image has one plane
     planar = image.ndim == 2 or (image.ndim == 3 and is_rgb(image.shape))
     if planar:
         result = run_to_end(segment_steps(SegmentRequest(image=image, **options)))
         labels = result.labels
     elif volume_3d:
-        labels, _ = run_to_end(segment_volume_steps(image, **options))
+        labels, _ = run_to_end(segment_volume_steps(image, normalize=normalize, **options))
     else:
-        labels = run_to_end(segment_stack_steps(image, **options))
+        labels = run_to_end(segment_stack_steps(image, normalize=normalize, **options))
     if planar:
         table = measure_objects(labels, image, sample_labels=result.sample_labels, flows=result.flows)
     else:
         table = {"label": np.unique(labels[labels > 0])}
     _atomic_write(
-        labels_path, lambda tmp: tifffile.imwrite(tmp, labels.astype(np.uint32), compression="zlib")
+        labels_path,
+        # minisblack: a (3, H, W) or (H, W, 3) labels stack is planes of labels, never an RGB picture
+        lambda tmp: tifffile.imwrite(
+            tmp, labels.astype(np.uint32), compression="zlib", photometric="minisblack"
+        ),
     )
     _write_csv(csv_path, table)
     n = len(table["label"])

@@ -63,6 +63,7 @@ __all__ = [
     "resolve_diameter",
     "segment",
     "segment_steps",
+    "strong_flow_mask",
     "validate_context",
 ]
 
@@ -115,6 +116,16 @@ class FlowParams:
     min_size: int = 15
     remove_border: bool = False
 
+    def following(self) -> dict[str, Any]:
+        """The settings of :func:`~napari_ctxseg.core.flow_following.flow_to_mask` among these."""
+        return {
+            "niter": self.niter,
+            "step_size": self.step_size,
+            "min_seed_cnts": self.min_seed_cnts,
+            "expand_min_cnts": self.expand_min_cnts,
+            "max_flow_err": self.max_flow_err,
+        }
+
 
 @dataclass
 class SegmentRequest:
@@ -137,6 +148,9 @@ class SegmentRequest:
     flow: FlowParams = field(default_factory=FlowParams)
     # test-time augmentation: average the denoiser over the image and its flips (TTA_FLIPS), 4x the calls
     tta: bool = False
+    # intensities mapped to 0 and 1 (None: the image's own 1st and 99.8th percentiles); the planes of a
+    # stack can share the stack's (services.stack), so that dim planes stay dim
+    intensity_limits: tuple[float, float] | None = None
     tile_size: int = 1024
     tile_overlap: int = 128
     # False: return flows only (labels all zero), e.g. when 2D flows are combined into 3D ones
@@ -383,6 +397,19 @@ class _StreamingBlend:
 # ---- the use case ----------------------------------------------------------------------------------------
 
 
+def strong_flow_mask(flows: np.ndarray, threshold: float) -> np.ndarray:
+    """Foreground of flows ``(N, D, *spatial)``: where the flow is at least ``threshold`` long, holes filled.
+
+    Object centres have short flows (directions cancel there): what strong flow encloses is kept, so
+    centres (and small gaps enclosed by touching objects) are followed and labelled. Returns a bool
+    array ``(N, *spatial)``; holes are filled in all spatial dimensions (3D for volumes).
+    """
+    from scipy.ndimage import binary_fill_holes
+
+    strong = np.sqrt((np.asarray(flows, dtype=np.float32) ** 2).sum(axis=1)) >= threshold
+    return np.stack([binary_fill_holes(m) for m in strong])
+
+
 def labels_from_flows(
     flows: np.ndarray, params: FlowParams, *, out_shape: tuple[int, int] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -394,24 +421,11 @@ def labels_from_flows(
     stack = np.concatenate([flows.mean(axis=0, keepdims=True), flows]) if len(flows) > 1 else flows
     stack = np.asarray(stack, dtype=np.float32)
     if params.flow_threshold > 0:
-        from scipy.ndimage import binary_fill_holes
-
-        strong = np.sqrt((stack**2).sum(axis=1)) >= params.flow_threshold  # (N, h, w)
-        # object centres have short flows (directions cancel there): what strong flow encloses is kept,
-        # so centres (and small gaps enclosed by touching objects) are followed and labelled
-        foreground = np.stack([binary_fill_holes(m) for m in strong])
-        del strong
+        foreground = strong_flow_mask(stack, params.flow_threshold)
         stack = stack * foreground[:, None]  # a new contiguous array: the input is never modified
     else:
         stack = np.ascontiguousarray(stack)
-    raw = flow_to_mask(
-        stack,
-        niter=params.niter,
-        step_size=params.step_size,
-        min_seed_cnts=params.min_seed_cnts,
-        expand_min_cnts=params.expand_min_cnts,
-        max_flow_err=params.max_flow_err,
-    )
+    raw = flow_to_mask(stack, **params.following())
     raw = np.asarray(raw).reshape(len(stack), *flows.shape[-2:])
     out = []
     for k, lab in enumerate(raw):
@@ -517,7 +531,7 @@ def segment_steps(
     """
     _validate(req)
     image = _as_image(req.image, "image")
-    x = torch.from_numpy(model_input(image))[None]  # (1, 3, H, W), normalised
+    x = torch.from_numpy(model_input(image, limits=req.intensity_limits))[None]  # (1, 3, H, W)
     loaded = loaded or load_model(req.checkpoint, device=req.device)
     model, device = loaded.model, loaded.device
     if req.context_image is not None and not isinstance(model, CtxSegP):
@@ -557,6 +571,7 @@ def segment_steps(
         "discretization": req.discretization,
         "num_samples": req.num_samples,
         "tta": bool(req.tta),
+        "intensity_limits": None if req.intensity_limits is None else list(req.intensity_limits),
         "diameter": "auto" if measured is not None else req.diameter,
         "measured_diameter": measured,
         "scale": scale,

@@ -5,29 +5,52 @@ An array with more than two non-channel axes is treated as a stack of 2D images 
 consecutive planes are linked when their IoU is at least ``stitch_threshold`` (as cellpose's
 ``stitch_threshold``), so one object keeps one label through the stack. ``stitch_threshold=0`` keeps
 independent labels per plane (offset so they stay unique).
+
+Intensities: ``normalize="plane"`` maps each plane's own 1st and 99.8th percentiles to 0 and 1 (as a 2D
+image); ``"stack"`` uses the percentiles of the whole stack for every plane (as cellpose's ``norm3D``), so
+that planes above and below the objects stay dim instead of having their blur and noise stretched into
+false objects, and blank planes are segmented as empty instead of being refused as constant images.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+import math
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from scipy import sparse
 
-from ..core.errors import InputError
+from ..core.errors import ConfigError, InputError
+from ..core.postprocess import remove_small_instances
+from ..core.preprocess import intensity_limits
 from .progress import relay, run_to_end
-from .segment import SegmentProgress, SegmentRequest, resolve_diameter, segment_steps
+from .segment import (
+    FlowParams,
+    SegmentProgress,
+    SegmentRequest,
+    resolve_diameter,
+    segment_steps,
+    strong_flow_mask,
+)
 
 __all__ = [
     "combine_axis_flows",
     "is_rgb",
+    "plane_request",
+    "probe_plane",
     "segment_stack_steps",
     "segment_volume_steps",
+    "stack_intensity_limits",
     "stitch_labels",
     "stitch_planes",
+    "volume_labels",
 ]
+
+Normalize = Literal["plane", "stack"]
+#: planes read to measure a stack's intensity percentiles (evenly spaced; all of them when fewer)
+LIMIT_PLANES = 16
 
 
 def is_rgb(shape: tuple[int, ...]) -> bool:
@@ -80,25 +103,85 @@ def stitch_labels(planes: np.ndarray, threshold: float = 0.25) -> np.ndarray:
     return out
 
 
+def stack_intensity_limits(image: Any, planes: Sequence[tuple[int, ...]]) -> tuple[float, float]:
+    """Intensity percentiles of a stack, pooled over up to ``LIMIT_PLANES`` evenly spaced ``planes``.
+
+    ``image`` may be lazy (dask, zarr): only the sampled planes are read.
+    """
+    pick = np.unique(np.linspace(0, len(planes) - 1, min(len(planes), LIMIT_PLANES)).round().astype(int))
+    sample = np.stack([np.asarray(image[planes[i]] if planes[i] else image) for i in pick])
+    if sample.size and sample.min() == sample.max() and len(pick) < len(planes):
+        sample = np.stack([np.asarray(image[p] if p else image) for p in planes])  # all sampled were blank
+    if sample.size and sample.min() == sample.max():
+        raise _constant_stack(image)
+    return intensity_limits(sample)
+
+
+def _constant_stack(image: Any) -> InputError:
+    shape = tuple(image.shape)
+    return InputError(f"every plane of the stack is constant (shape {shape}); nothing to segment")
+
+
+def plane_request(req: SegmentRequest) -> SegmentRequest:
+    """``req`` for one plane of a stack: a constant plane (blank, padding) is segmented as empty.
+
+    A single constant image is refused (it has no contrast to normalise), but a blank plane must not
+    stop a whole stack: with ``normalize="plane"`` its one value is mapped to 0 (so the model sees an
+    empty field and finds nothing). Planes with NaN or infinite values are still refused.
+    """
+    if req.intensity_limits is not None:
+        return req
+    plane = np.asarray(req.image)
+    lo = float(plane.min()) if plane.size else math.nan
+    if math.isfinite(lo) and lo == float(plane.max()):
+        return replace(req, intensity_limits=(lo, lo + 1.0))
+    return req
+
+
+def probe_plane(image: Any, planes: Sequence[tuple[int, ...]]) -> np.ndarray:
+    """The plane that measures a stack's object size: the middle one, or the nearest that is not constant."""
+    mid = len(planes) // 2
+    order = sorted(range(len(planes)), key=lambda i: (abs(i - mid), i))
+    for i in order:
+        plane = np.asarray(image[planes[i]] if planes[i] else image)
+        if plane.size and plane.min() != plane.max():
+            return plane
+    raise _constant_stack(image)
+
+
+def _normalized(base: SegmentRequest, normalize: str, image: Any, planes: list) -> SegmentRequest:
+    if normalize not in ("plane", "stack"):
+        raise ConfigError(f"normalize must be 'plane' or 'stack', got {normalize!r}")
+    if normalize == "plane" or base.intensity_limits is not None:
+        return base
+    return replace(base, intensity_limits=stack_intensity_limits(image, planes))
+
+
 def segment_stack_steps(
-    image: np.ndarray, *, stitch_threshold: float = 0.25, loaded: Any = None, **options: Any
+    image: np.ndarray,
+    *,
+    stitch_threshold: float = 0.25,
+    normalize: Normalize = "plane",
+    loaded: Any = None,
+    **options: Any,
 ) -> Generator[SegmentProgress, None, np.ndarray]:
     """Segment every 2D plane of ``image`` (leading axes = stack/time; RGB last axis kept), yielding progress.
 
     ``image`` may be any array-like with ``shape`` and numpy indexing (numpy, dask, zarr): only one plane
     is read into memory at a time. Returns labels with the image's spatial shape (channels dropped); with
     more than one leading axis (e.g. T, Z) stitching runs along the last leading axis within each of the
-    others.
+    others. ``normalize``: "plane" (default; each plane's own percentiles, right for time series whose
+    brightness drifts) or "stack" (the stack's percentiles for every plane, better for z-stacks; see the
+    module notes). ``options`` are :class:`SegmentRequest` fields.
     """
     shape = tuple(image.shape)
     rgb = is_rgb(shape)
     spatial_nd = 3 if rgb else 2
     lead = shape[: len(shape) - spatial_nd]
     planes = list(np.ndindex(*lead)) if lead else [()]
-    base = SegmentRequest(image=np.zeros((8, 8)), **options)
+    base = _normalized(SegmentRequest(image=np.zeros((8, 8)), **options), normalize, image, planes)
     if planes:
-        middle = planes[len(planes) // 2]
-        base = yield from _one_scale(base, lambda: np.asarray(image[middle] if middle else image), loaded)
+        base = yield from _one_scale(base, lambda: probe_plane(image, planes), loaded)
     labels = []
     for i, index in enumerate(planes):
         # one plane at a time: dask/zarr arrays (lazy napari layers) are read plane by plane
@@ -108,7 +191,8 @@ def segment_stack_steps(
             message = f"plane {i + 1}/{len(planes)}: {p.message}"
             return SegmentProgress(p.stage, i * p.total + p.done, len(planes) * p.total, message)
 
-        result = yield from relay(segment_steps(replace(base, image=plane), loaded=loaded), restate)
+        req = plane_request(replace(base, image=plane))
+        result = yield from relay(segment_steps(req, loaded=loaded), restate)
         labels.append(result.labels)
     out = np.stack(labels).reshape((*lead, *labels[0].shape)) if labels else np.zeros(0, np.uint32)
     return stitch_planes(out, len(lead), stitch_threshold) if lead else out
@@ -187,30 +271,59 @@ def combine_axis_flows(xy: np.ndarray, zx: np.ndarray, zy: np.ndarray) -> np.nda
     return np.stack([dz, dy, dx]).astype(np.float32)
 
 
+def volume_labels(flow3d: np.ndarray, params: FlowParams | None = None) -> np.ndarray:
+    """Instance labels (Z, H, W) from 3D flows (3, Z, H, W), with the 2D rules of ``params`` in 3D.
+
+    Each 3D component is the sum of two 2D predictions (:func:`combine_axis_flows`), so flows are about
+    twice as long as in 2D (inside the annotated nuclei of ``cells3d``: median 2.1): voxels whose flow is
+    shorter than ``2 * flow_threshold`` are background, with the holes of the foreground filled in 3D
+    (:func:`~napari_ctxseg.services.segment.strong_flow_mask`); ``flow_threshold=0`` follows every voxel,
+    as the original does. Objects of fewer than ``min_size ** 1.5`` voxels (the 2D minimum area's side,
+    cubed) are removed, and those touching a face of the volume with ``remove_border``.
+    """
+    from skimage.segmentation import relabel_sequential
+
+    from ..core.flow_following import flow_to_mask
+    from ..core.postprocess import remove_border_instances
+
+    params = params or FlowParams()
+    flow3d = np.asarray(flow3d, dtype=np.float32)
+    foreground = None
+    if params.flow_threshold > 0:
+        foreground = strong_flow_mask(flow3d[None], 2.0 * params.flow_threshold)[0]
+        flow3d = flow3d * foreground[None]  # a new array: the input is never modified
+    labels = np.asarray(flow_to_mask(flow3d, **params.following())).astype(np.int64)
+    if foreground is not None:
+        labels *= foreground
+    labels = remove_small_instances(labels, int(round(params.min_size**1.5)))
+    if params.remove_border:
+        labels = remove_border_instances(labels)
+    return relabel_sequential(labels)[0].astype(np.uint32)
+
+
 def segment_volume_steps(
-    volume: np.ndarray, *, loaded: Any = None, flow_kwargs: dict | None = None, **options: Any
+    volume: np.ndarray, *, normalize: Normalize = "plane", loaded: Any = None, **options: Any
 ) -> Generator[SegmentProgress, None, tuple[np.ndarray, np.ndarray]]:
     """3D segmentation of a (Z, H, W) grey volume: 2D flows on all three slice orientations, followed in 3D.
 
     The 2D model predicts (dy, dx) on every z-plane, (dz, dx) on every y-plane and (dz, dy) on every
-    x-plane; :func:`combine_axis_flows` adds them into 3D flows and
-    :func:`~napari_ctxseg.core.flow_following.flow_to_mask` follows them in 3D (the original supports 3D
-    flows).
-    Voxels are assumed isotropic (resample anisotropic stacks first). Costs Z + H + W 2D predictions.
+    x-plane; :func:`combine_axis_flows` adds them into 3D flows and :func:`volume_labels` follows them in
+    3D with the request's :class:`~napari_ctxseg.services.segment.FlowParams` (``flow=``). Each slice
+    is normalised with its own intensity percentiles (``normalize="plane"``, the default) or with the
+    volume's ("stack"). Voxels are assumed isotropic (resample anisotropic stacks first). Costs
+    Z + H + W 2D predictions. ``options`` are :class:`SegmentRequest` fields.
 
     Returns
     -------
     (labels (Z, H, W) uint32, flows (3, Z, H, W) float32)
     """
-    from skimage.segmentation import relabel_sequential
-
-    from ..core.flow_following import flow_to_mask
-
     volume = np.asarray(volume)
     if volume.ndim != 3:
         raise InputError(f"3D segmentation needs a grey (Z, H, W) volume, got shape {volume.shape}")
     base = SegmentRequest(image=np.zeros((8, 8)), follow_flows=False, **options)
-    base = yield from _one_scale(base, lambda: volume[len(volume) // 2], loaded)
+    zs = [(z,) for z in range(len(volume))]
+    base = _normalized(base, normalize, volume, zs)
+    base = yield from _one_scale(base, lambda: probe_plane(volume, zs), loaded)
     views = [(volume, "z"), (volume.transpose(1, 0, 2), "y"), (volume.transpose(2, 0, 1), "x")]
     total = sum(v.shape[0] for v, _ in views)
     done = 0
@@ -218,12 +331,11 @@ def segment_volume_steps(
     for stack, axis in views:
         out = []
         for k in range(stack.shape[0]):
-            result = run_to_end(segment_steps(replace(base, image=stack[k]), loaded=loaded))
+            result = run_to_end(segment_steps(plane_request(replace(base, image=stack[k])), loaded=loaded))
             out.append(result.flows.mean(axis=0))
             done += 1
             yield SegmentProgress("denoise", done, total, f"{axis}-plane {k + 1}/{stack.shape[0]}")
         flows.append(np.stack(out))
     flow3d = combine_axis_flows(*flows)
     yield SegmentProgress("labels", total, total, "following flows in 3D")
-    labels = np.asarray(flow_to_mask(flow3d, **(flow_kwargs or {})))
-    return relabel_sequential(labels.astype(np.int64))[0].astype(np.uint32), flow3d
+    return volume_labels(flow3d, base.flow), flow3d
