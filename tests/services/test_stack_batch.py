@@ -252,6 +252,8 @@ def test_volume_segmentation_runs_all_three_views(tiny_checkpoint) -> None:
     )
     assert labels.shape == volume.shape and flows.shape == (3, *volume.shape)
     assert events[-2].done == 10 + 24 + 28 and "x-plane" in events[-2].message
+    with pytest.raises(InputError, match="at least 8 pixels along each"):
+        run_to_end(segment_volume_steps(volume[:5], checkpoint=str(tiny_checkpoint), device="cpu"))
 
 
 def test_volume_segmentation_of_real_nuclei_finds_the_annotated_ones() -> None:

@@ -157,7 +157,7 @@ def stack_features(res: PlanesResult, labels: np.ndarray | None = None) -> dict[
     columns its first plane, ``n_planes`` counts its planes, and every other column (centroid, mean
     intensity, shape, agreement, flow error) is the area-weighted mean over its planes.
     """
-    from ..services.measure import measure_objects
+    from ..services.measure import measure_objects, merge_rows, plane_names
 
     lead = res.source.leading_shape
     tables, starts, offset = [], [], 0
@@ -167,7 +167,7 @@ def stack_features(res: PlanesResult, labels: np.ndarray | None = None) -> dict[
         t["label"] = t["label"] + offset
         starts.append(offset)
         offset += int(r.labels.max())
-        names = ["plane"] if len(lead) == 1 else [f"plane-{k}" for k in range(len(lead))]
+        names = plane_names(len(lead))
         tables.append({"index": t["label"], **{nm: np.full(n, i) for nm, i in zip(names, idx)}, **t})
     table = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
     if not (res.stitch_threshold > 0 and lead):
@@ -178,35 +178,7 @@ def stack_features(res: PlanesResult, labels: np.ndarray | None = None) -> dict[
     for idx, r, start in zip(res.source.planes(), res.results, starts):
         inside = r.labels > 0
         lut[r.labels[inside].astype(np.int64) + start] = stitched[idx][inside]
-    return _merge_rows(table, lut[table["index"]])
-
-
-def _merge_rows(table: dict[str, np.ndarray], key: np.ndarray) -> dict[str, np.ndarray]:
-    """One row per value of ``key`` (sorted), aggregating the rows of :func:`stack_features`."""
-    ids, group = np.unique(key, return_inverse=True)
-    area = table["area"].astype(np.float64)
-    total = np.bincount(group, weights=area, minlength=len(ids))
-    bbox = sorted(k for k in table if k.startswith("bbox-"))
-    lows = set(bbox[: len(bbox) // 2])
-    out: dict[str, np.ndarray] = {"index": ids, "n_planes": np.bincount(group, minlength=len(ids))}
-    for name, col in table.items():
-        if name == "index":
-            continue
-        if name == "label":
-            out[name] = ids
-        elif name == "area":
-            out[name] = total.astype(col.dtype)
-        elif name == "intensity_max" or (name in bbox and name not in lows):
-            out[name] = np.full(len(ids), -np.inf)
-            np.maximum.at(out[name], group, col)
-            out[name] = out[name].astype(col.dtype)
-        elif name in lows or name.startswith("plane"):
-            out[name] = np.full(len(ids), np.inf)
-            np.minimum.at(out[name], group, col)
-            out[name] = out[name].astype(col.dtype)
-        else:
-            out[name] = np.bincount(group, weights=area * col, minlength=len(ids)) / total
-    return out
+    return merge_rows(table, lut[table["index"]])
 
 
 def provenance(res: PlanesResult) -> dict[str, Any]:

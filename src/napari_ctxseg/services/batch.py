@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import InputError
-from .measure import measure_objects
+from .measure import measure_objects, measure_stack, measure_volume
 from .progress import run_to_end
 
 __all__ = ["IMAGE_SUFFIXES", "collect_inputs", "segment_file", "segment_files"]
@@ -115,8 +115,10 @@ def segment_file(
         labels = run_to_end(segment_stack_steps(image, normalize=normalize, **options))
     if planar:
         table = measure_objects(labels, image, sample_labels=result.sample_labels, flows=result.flows)
+    elif volume_3d:
+        table = measure_volume(labels, image)
     else:
-        table = {"label": np.unique(labels[labels > 0])}
+        table = measure_stack(labels, image, leading=labels.ndim - 2)
     _atomic_write(
         labels_path,
         # minisblack: a (3, H, W) or (H, W, 3) labels stack is planes of labels, never an RGB picture

@@ -11,7 +11,15 @@ from scipy import sparse
 
 from ..core.flows import flow_error
 
-__all__ = ["PROPERTIES", "best_iou_per_object", "measure_objects"]
+__all__ = [
+    "PROPERTIES",
+    "best_iou_per_object",
+    "measure_objects",
+    "measure_stack",
+    "measure_volume",
+    "merge_rows",
+    "plane_names",
+]
 
 PROPERTIES = (
     "label",
@@ -99,3 +107,78 @@ def measure_objects(
             [err.get(int(lab), np.nan) for lab in table["label"]], dtype=np.float64
         )
     return table
+
+
+def merge_rows(table: dict[str, np.ndarray], key: np.ndarray) -> dict[str, np.ndarray]:
+    """One row per value of ``key`` (sorted): the per-plane rows of objects that span several planes.
+
+    ``table`` holds one row per object and plane (an ``index`` column, ``plane``/``plane-k`` columns and
+    :func:`measure_objects` columns); ``key`` gives each row's object. ``area`` is summed,
+    ``intensity_max`` and the upper bounding-box columns take the maximum, the lower ones and the plane
+    columns the minimum (the first plane), ``n_planes`` counts the rows, and every other column is the
+    area-weighted mean.
+    """
+    ids, group = np.unique(key, return_inverse=True)
+    area = table["area"].astype(np.float64)
+    total = np.bincount(group, weights=area, minlength=len(ids))
+    bbox = sorted(k for k in table if k.startswith("bbox-"))
+    lows = set(bbox[: len(bbox) // 2])
+    out: dict[str, np.ndarray] = {"index": ids, "n_planes": np.bincount(group, minlength=len(ids))}
+    for name, col in table.items():
+        if name == "index":
+            continue
+        if name == "label":
+            out[name] = ids
+        elif name == "area":
+            out[name] = total.astype(col.dtype)
+        elif name == "intensity_max" or (name in bbox and name not in lows):
+            out[name] = np.full(len(ids), -np.inf)
+            np.maximum.at(out[name], group, col)
+            out[name] = out[name].astype(col.dtype)
+        elif name in lows or name.startswith("plane"):
+            out[name] = np.full(len(ids), np.inf)
+            np.minimum.at(out[name], group, col)
+            out[name] = out[name].astype(col.dtype)
+        else:
+            out[name] = np.bincount(group, weights=area * col, minlength=len(ids)) / total
+    return out
+
+
+def plane_names(leading: int) -> list[str]:
+    """The plane columns of a stack with ``leading`` leading axes: ``plane`` or ``plane-0``, ``plane-1``..."""
+    return ["plane"] if leading == 1 else [f"plane-{k}" for k in range(leading)]
+
+
+def measure_stack(labels: np.ndarray, image: np.ndarray, leading: int) -> dict[str, np.ndarray]:
+    """Measurements of a stack labelled slice by slice (labels unique over the stack, e.g. stitched).
+
+    Every plane is measured in 2D (:func:`measure_objects`) and the planes of one object are merged into
+    one row (:func:`merge_rows`): ``area`` in pixels over all its planes, ``n_planes``, its first
+    plane in the plane columns. ``image`` has the stack's shape (plus a colour axis for RGB).
+    """
+    lead = labels.shape[:leading]
+    names = plane_names(leading)
+    tables = []
+    for idx in np.ndindex(*lead):
+        t = measure_objects(labels[idx], image[idx])
+        n = len(t["label"])
+        tables.append({"index": t["label"], **{nm: np.full(n, i) for nm, i in zip(names, idx)}, **t})
+    table = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
+    merged = merge_rows(table, table["index"])
+    del merged["index"]
+    return merged
+
+
+def measure_volume(labels: np.ndarray, image: np.ndarray) -> dict[str, np.ndarray]:
+    """Measurements of objects labelled in 3D (Z, H, W).
+
+    Columns ``label``, ``area`` (voxels), ``centroid-0..2`` (z, y, x), ``bbox-0..5``, ``intensity_mean``
+    and ``intensity_max``; the 2D shape measures (eccentricity, solidity) are left out.
+    """
+    from skimage.measure import regionprops_table
+
+    props = ["label", "area", "centroid", "bbox", "intensity_mean", "intensity_max"]
+    table = regionprops_table(
+        np.asarray(labels).astype(np.int32), intensity_image=np.asarray(image, np.float32), properties=props
+    )
+    return {k: np.asarray(v) for k, v in table.items()}

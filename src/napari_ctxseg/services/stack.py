@@ -320,6 +320,11 @@ def segment_volume_steps(
     volume = np.asarray(volume)
     if volume.ndim != 3:
         raise InputError(f"3D segmentation needs a grey (Z, H, W) volume, got shape {volume.shape}")
+    if min(volume.shape) < 8:
+        raise InputError(
+            f"3D segmentation slices the volume along every axis and needs at least 8 pixels along each; "
+            f"got shape {volume.shape} (segment it slice by slice instead)"
+        )
     base = SegmentRequest(image=np.zeros((8, 8)), follow_flows=False, **options)
     zs = [(z,) for z in range(len(volume))]
     base = _normalized(base, normalize, volume, zs)
