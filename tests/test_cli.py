@@ -117,20 +117,33 @@ def test_segment_stack_normalize_flag_and_a_blank_plane(tmp_path, tiny_checkpoin
     assert tifffile.imread(tmp_path / "b" / "vol_labels.tif").shape == (3, 40, 40)
 
 
-@pytest.mark.parametrize("mode", ["stack", "3d"])
-def test_segment_measures_the_objects_of_stacks_and_volumes(tmp_path, mode) -> None:
+@pytest.mark.parametrize(
+    ("mode", "flags"),
+    [("stack", []), ("unstitched", ["--stitch-threshold", "0"]), ("3d", ["--3d"])],
+)
+def test_segment_measures_the_objects_of_stacks_and_volumes(tmp_path, mode, flags) -> None:
     img, _ = blobs((64, 64), n=4, seed=5)
     volume = np.stack([img] * 5 + [np.roll(img, 20, axis=1)] * 5).astype(np.float32)
     tifffile.imwrite(tmp_path / "vol.tif", volume, photometric="minisblack")
     args = [str(tmp_path / "vol.tif"), "-o", str(tmp_path / "out"), "--device", "cpu"]
-    assert main(["segment", *args, *(["--3d"] if mode == "3d" else [])]) == 0  # the bundled model
+    assert main(["segment", *args, *flags]) == 0  # the bundled model
     labels = tifffile.imread(tmp_path / "out" / "vol_labels.tif")
     with open(tmp_path / "out" / "vol_objects.csv") as f:
         rows = list(csv.DictReader(f))
     assert labels.shape == (10, 64, 64) and len(rows) == len(np.unique(labels)) - 1 > 0  # a row per object
     assert sum(int(r["area"]) for r in rows) == int((labels > 0).sum())
     assert {"intensity_mean", "centroid-1"} <= set(rows[0])
-    assert ("n_planes" in rows[0]) == (mode == "stack") and ("centroid-2" in rows[0]) == (mode == "3d")
+    assert ("n_planes" in rows[0]) == (mode != "3d") and ("centroid-2" in rows[0]) == (mode == "3d")
+    if mode == "unstitched":
+        assert {int(r["n_planes"]) for r in rows} == {1}
+    elif mode == "stack":  # a disc through 5 identical planes is one object
+        assert max(int(r["n_planes"]) for r in rows) == 5
+
+
+def test_segment_refuses_a_stitch_threshold_outside_0_1(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["segment", "x.tif", "--stitch-threshold", "2"])
+    assert "from 0 to 1" in capsys.readouterr().err
 
 
 def test_segment_warns_when_sampler_settings_exceed_the_checkpoints_declaration(

@@ -67,6 +67,16 @@ def parse_diameter(text: str) -> float | str | None:
     return value
 
 
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
 def _segment_options(args: argparse.Namespace) -> dict:
     from .services.segment import FlowParams
 
@@ -104,6 +114,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     if args.volume_3d:
         options["volume_3d"] = True
     options["stack_normalize"] = args.normalize
+    options["stitch_threshold"] = args.stitch_threshold
     if args.context_image is not None:
         if args.context_labels is None:
             from .core.errors import InputError
@@ -196,6 +207,13 @@ def add_segment_parsers(sub: argparse._SubParsersAction, register: Callable) -> 
         action="store_true",
         help="(Z, H, W) volumes: 2D flows on all three slice orientations, followed in 3D "
         "(default: slice by slice, stitched)",
+    )
+    p.add_argument(
+        "--stitch-threshold",
+        type=_unit_interval,
+        default=0.25,
+        help="stacks slice by slice: objects of consecutive planes with at least this IoU share a label "
+        "(default 0.25; 0 keeps every plane's labels apart)",
     )
     p.add_argument(
         "--normalize",

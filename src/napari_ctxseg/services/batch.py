@@ -105,6 +105,7 @@ def segment_file(
         options["context_region"] = None if ctx[2] is None else read_array(ctx[2]) != 0
     volume_3d = bool(options.pop("volume_3d", False))
     normalize = options.pop("stack_normalize", "plane")  # stacks only: a 2D image has one plane
+    stitch_threshold = options.pop("stitch_threshold", 0.25)  # stacks slice by slice only
     planar = image.ndim == 2 or (image.ndim == 3 and is_rgb(image.shape))
     if planar:
         result = run_to_end(segment_steps(SegmentRequest(image=image, **options)))
@@ -112,7 +113,9 @@ def segment_file(
     elif volume_3d:
         labels, _ = run_to_end(segment_volume_steps(image, normalize=normalize, **options))
     else:
-        labels = run_to_end(segment_stack_steps(image, normalize=normalize, **options))
+        labels = run_to_end(
+            segment_stack_steps(image, normalize=normalize, stitch_threshold=stitch_threshold, **options)
+        )
     if planar:
         table = measure_objects(labels, image, sample_labels=result.sample_labels, flows=result.flows)
     elif volume_3d:
