@@ -375,3 +375,13 @@ def test_diameter_option_takes_auto_none_or_pixels(capsys) -> None:
             parser.parse_args([*base, "--diameter", bad])
         assert exc.value.code == 2
         assert "diameter" in capsys.readouterr().err
+
+
+def test_min_contrast_option_reaches_the_flow_settings() -> None:
+    from napari_ctxseg.cli import build_parser
+    from napari_ctxseg.cli_segment import _segment_options
+
+    parser = build_parser()
+    assert _segment_options(parser.parse_args(["segment", "x.tif"]))["flow"].min_contrast == 0.0
+    args = parser.parse_args(["segment", "x.tif", "--min-contrast", "3"])
+    assert _segment_options(args)["flow"].min_contrast == 3.0

@@ -45,6 +45,14 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="pixels with a shorter predicted flow are background (0 = the original)",
     )
+    p.add_argument(
+        "--min-contrast",
+        type=float,
+        default=0.0,
+        help="drop objects fainter than this many noise levels against their surroundings, e.g. 3 for "
+        "screens with empty fields (objects found in pure noise are ~1); default 0 = off. Not for "
+        "faint, low-SNR cells",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
     p.add_argument(
         "--tile-size", type=int, default=1024, help="images larger than this are processed in tiles"
@@ -80,7 +88,7 @@ def _unit_interval(text: str) -> float:
 def _segment_options(args: argparse.Namespace) -> dict:
     from .services.segment import FlowParams
 
-    flow = FlowParams(min_size=args.min_size)
+    flow = FlowParams(min_size=args.min_size, min_contrast=args.min_contrast)
     if args.flow_threshold is not None:
         flow = replace(flow, flow_threshold=args.flow_threshold)
     return dict(

@@ -11,8 +11,11 @@ from napari_ctxseg.core.errors import InputError
 from napari_ctxseg.core.postprocess import (
     clean_up_mask,
     fill_holes,
+    noise_sigma,
+    object_contrast,
     relabel_sequential,
     remove_border_instances,
+    remove_low_contrast_instances,
     remove_small_instances,
 )
 
@@ -94,3 +97,25 @@ def test_bad_masks_raise(bad: np.ndarray) -> None:
     for fn in (remove_border_instances, fill_holes, lambda m: remove_small_instances(m, 3)):
         with pytest.raises(InputError):
             fn(bad)
+
+
+def test_low_contrast_objects_are_removed_in_units_of_the_noise() -> None:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:128, :128]
+    mask = np.zeros((128, 128), np.int32)
+    mask[(yy - 30) ** 2 + (xx - 30) ** 2 <= 15**2] = 1  # bright: 10 sigma
+    mask[(yy - 90) ** 2 + (xx - 90) ** 2 <= 15**2] = 2  # faint: 1 sigma, as objects found in noise
+    mask[(yy - 30) ** 2 + (xx - 95) ** 2 <= 10**2] = 5  # 4 sigma, darker than its surroundings
+    level = np.select([mask == 1, mask == 2, mask == 5], [10.0, 1.0, -4.0], 0.0)
+    image = 100.0 + 2.0 * (level + rng.normal(0, 1, mask.shape))  # noise sigma 2
+    assert noise_sigma(image) == pytest.approx(2.0, rel=0.05)
+    c = object_contrast(mask, image)
+    assert c[0] == pytest.approx(10, rel=0.1) and c[1] == pytest.approx(1, abs=0.2)
+    assert c[4] == pytest.approx(4, rel=0.1) and np.isnan(c[2:4]).all()  # labels 3, 4 do not occur
+    out = remove_low_contrast_instances(mask, image, 3.0)
+    assert sorted(np.unique(out)) == [0, 1, 5] and out.dtype == mask.dtype
+    np.testing.assert_array_equal(remove_low_contrast_instances(mask, image, 0.0), mask)
+    rgb = np.repeat(image[..., None], 3, axis=-1)  # colour: the channel mean
+    np.testing.assert_allclose(object_contrast(mask, rgb), c, rtol=1e-4)
+    with pytest.raises(InputError, match="does not match"):
+        object_contrast(mask, image[:64])

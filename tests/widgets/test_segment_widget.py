@@ -243,6 +243,11 @@ def test_rethreshold_updates_labels_without_the_network(
     assert 0 < n_after < n_before and len(labels.features) == n_after
     assert labels.features["area"].min() >= widget.min_size.value
     assert labels.metadata["ctxseg"]["flow_params"]["min_size"] == widget.min_size.value
+    widget.min_contrast.value = 100.0  # the random model's objects are not 100 noise levels bright
+    widget.apply_button.native.click()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    assert widget.error.value == "" and labels.data.max() == 0 and len(labels.features) == 0
+    assert labels.metadata["ctxseg"]["flow_params"]["min_contrast"] == 100.0
 
 
 def test_field_of_view_and_add_labels_to_context(qtbot: Any, segment_widget: Any) -> None:

@@ -119,8 +119,9 @@ def rethreshold_steps(res: PlanesResult, flow: FlowParams) -> Generator[int, Non
     from ..services.segment import labels_from_flows
 
     out = []
-    for i, r in enumerate(res.results):
-        labels, samples = labels_from_flows(r.flows_model_scale, flow, out_shape=r.labels.shape)
+    for i, (idx, r) in enumerate(zip(res.source.planes(), res.results)):
+        image = res.source.data[idx]
+        labels, samples = labels_from_flows(r.flows_model_scale, flow, out_shape=r.labels.shape, image=image)
         out.append(
             replace(
                 r, labels=labels, sample_labels=samples, metadata={**r.metadata, "flow_params": asdict(flow)}

@@ -180,6 +180,15 @@ class SegmentWidget(Container):
             step=0.05,
             tooltip="Drop objects whose flow disagrees with their shape; 0: off",
         )
+        self.min_contrast = FloatSpinBox(
+            label="min contrast",
+            value=FlowParams.min_contrast,
+            min=0.0,
+            max=100.0,
+            step=0.5,
+            tooltip="Drop objects fainter than this many noise levels against their surroundings "
+            "(objects found in empty, noisy fields are ~1); 0: off. Keep off for faint, low-SNR cells",
+        )
         self.apply_button = PushButton(text="Apply to last result")
         self.corrected = combo("corrected labels", Labels)
         self.add_context_button = PushButton(text="Add labels to context")
@@ -214,6 +223,7 @@ class SegmentWidget(Container):
                 self.min_size,
                 self.min_seeds,
                 self.max_flow_err,
+                self.min_contrast,
                 self.apply_button,
                 Label(value="<b>Interactive loop</b>"),
                 self.corrected,
@@ -266,6 +276,7 @@ class SegmentWidget(Container):
             min_seed_cnts=self.min_seeds.value,
             max_flow_err=self.max_flow_err.value,
             flow_threshold=self.min_flow.value,
+            min_contrast=self.min_contrast.value,
         )
         return RunSettings(
             checkpoint=self.checkpoint.value,
@@ -414,6 +425,7 @@ class SegmentWidget(Container):
             min_seed_cnts=self.min_seeds.value,
             max_flow_err=self.max_flow_err.value,
             flow_threshold=self.min_flow.value,
+            min_contrast=self.min_contrast.value,
         )
         self._start(rethreshold_job, (res, flow), self._on_rethresholded)
 

@@ -42,6 +42,7 @@ from ..core.postprocess import (
     median_diameter,
     relabel_sequential,
     remove_border_instances,
+    remove_low_contrast_instances,
     remove_small_instances,
 )
 from ..core.sampling import num_model_calls, sample_steps
@@ -115,6 +116,9 @@ class FlowParams:
     max_flow_err: float = 0.0
     min_size: int = 15
     remove_border: bool = False
+    # objects fainter than this many noise sigmas against their surroundings are dropped (0: off);
+    # see core.postprocess.remove_low_contrast_instances and docs/model_card.md
+    min_contrast: float = 0.0
 
     def following(self) -> dict[str, Any]:
         """The settings of :func:`~napari_ctxseg.core.flow_following.flow_to_mask` among these."""
@@ -411,13 +415,21 @@ def strong_flow_mask(flows: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def labels_from_flows(
-    flows: np.ndarray, params: FlowParams, *, out_shape: tuple[int, int] | None = None
+    flows: np.ndarray,
+    params: FlowParams,
+    *,
+    out_shape: tuple[int, int] | None = None,
+    image: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Instance labels from flows (N, 2, h, w): (fused labels of the mean flow, labels per sample).
 
-    Labels are computed at the flows' resolution, cleaned (small objects removed, border objects
-    optionally removed, relabelled 1..n) and resized to ``out_shape`` with nearest neighbours.
+    Labels are computed at the flows' resolution, resized to ``out_shape`` with nearest neighbours and
+    cleaned: small objects removed, objects fainter than ``params.min_contrast`` noise sigmas in
+    ``image`` (the input image, of ``out_shape``; needed only then) removed, border objects optionally
+    removed, relabelled 1..n.
     """
+    if params.min_contrast > 0 and image is None:
+        raise ConfigError("min_contrast needs the image the flows were predicted for")
     stack = np.concatenate([flows.mean(axis=0, keepdims=True), flows]) if len(flows) > 1 else flows
     stack = np.asarray(stack, dtype=np.float32)
     if params.flow_threshold > 0:
@@ -441,6 +453,8 @@ def labels_from_flows(
                 .numpy()
             )
         lab = remove_small_instances(lab, params.min_size)
+        if params.min_contrast > 0:
+            lab = remove_low_contrast_instances(lab, np.asarray(image), params.min_contrast)
         if params.remove_border:
             lab = remove_border_instances(lab)
         out.append(relabel_sequential(lab).astype(np.uint32))
@@ -553,7 +567,7 @@ def segment_steps(
     del x  # the network's inputs and intermediates are freed before flow following
     if req.follow_flows:
         yield SegmentProgress("labels", total, total, "following flows")
-        labels, sample_labels = labels_from_flows(flows_s.numpy(), req.flow, out_shape=(h0, w0))
+        labels, sample_labels = labels_from_flows(flows_s.numpy(), req.flow, out_shape=(h0, w0), image=image)
     else:
         labels = np.zeros((h0, w0), np.uint32)
         sample_labels = np.zeros((len(flows_s), h0, w0), np.uint32)

@@ -23,7 +23,7 @@ import numpy as np
 from scipy import sparse
 
 from ..core.errors import ConfigError, InputError
-from ..core.postprocess import remove_small_instances
+from ..core.postprocess import remove_low_contrast_instances, remove_small_instances
 from ..core.preprocess import intensity_limits
 from .progress import relay, run_to_end
 from .segment import (
@@ -271,7 +271,9 @@ def combine_axis_flows(xy: np.ndarray, zx: np.ndarray, zy: np.ndarray) -> np.nda
     return np.stack([dz, dy, dx]).astype(np.float32)
 
 
-def volume_labels(flow3d: np.ndarray, params: FlowParams | None = None) -> np.ndarray:
+def volume_labels(
+    flow3d: np.ndarray, params: FlowParams | None = None, image: np.ndarray | None = None
+) -> np.ndarray:
     """Instance labels (Z, H, W) from 3D flows (3, Z, H, W), with the 2D rules of ``params`` in 3D.
 
     Each 3D component is the sum of two 2D predictions (:func:`combine_axis_flows`), so flows are about
@@ -279,7 +281,8 @@ def volume_labels(flow3d: np.ndarray, params: FlowParams | None = None) -> np.nd
     shorter than ``2 * flow_threshold`` are background, with the holes of the foreground filled in 3D
     (:func:`~napari_ctxseg.services.segment.strong_flow_mask`); ``flow_threshold=0`` follows every voxel,
     as the original does. Objects of fewer than ``min_size ** 1.5`` voxels (the 2D minimum area's side,
-    cubed) are removed, and those touching a face of the volume with ``remove_border``.
+    cubed) are removed, those fainter than ``min_contrast`` noise sigmas in ``image`` (the volume; needed
+    only then), and those touching a face of the volume with ``remove_border``.
     """
     from skimage.segmentation import relabel_sequential
 
@@ -296,6 +299,10 @@ def volume_labels(flow3d: np.ndarray, params: FlowParams | None = None) -> np.nd
     if foreground is not None:
         labels *= foreground
     labels = remove_small_instances(labels, int(round(params.min_size**1.5)))
+    if params.min_contrast > 0:
+        if image is None:
+            raise ConfigError("min_contrast needs the volume the flows were predicted for")
+        labels = remove_low_contrast_instances(labels, image, params.min_contrast)
     if params.remove_border:
         labels = remove_border_instances(labels)
     return relabel_sequential(labels)[0].astype(np.uint32)
@@ -343,4 +350,4 @@ def segment_volume_steps(
         flows.append(np.stack(out))
     flow3d = combine_axis_flows(*flows)
     yield SegmentProgress("labels", total, total, "following flows in 3D")
-    return volume_labels(flow3d, base.flow), flow3d
+    return volume_labels(flow3d, base.flow, volume), flow3d
