@@ -128,6 +128,8 @@ def test_blank_planes_are_segmented_as_empty_instead_of_stopping_the_stack(norma
         assert m.tp >= 4, m
     with pytest.raises(InputError, match="every plane"):
         run_to_end(segment_stack_steps(np.zeros((3, 32, 32)), normalize=normalize, device="cpu"))
+    with pytest.raises(InputError, match="image is constant"):  # a 2D image is refused as segment() does
+        run_to_end(segment_stack_steps(np.zeros((32, 32)), normalize=normalize, device="cpu"))
 
 
 def test_dask_stack(tiny_checkpoint) -> None:

@@ -9,7 +9,8 @@ independent labels per plane (offset so they stay unique).
 Intensities: ``normalize="plane"`` maps each plane's own 1st and 99.8th percentiles to 0 and 1 (as a 2D
 image); ``"stack"`` uses the percentiles of the whole stack for every plane (as cellpose's ``norm3D``), so
 that planes above and below the objects stay dim instead of having their blur and noise stretched into
-false objects, and blank planes are segmented as empty instead of being refused as constant images.
+false objects. In both modes a blank (constant) plane is segmented as empty instead of being refused as
+a constant image would be (:func:`plane_request`).
 """
 
 from __future__ import annotations
@@ -152,8 +153,8 @@ def probe_plane(image: Any, planes: Sequence[tuple[int, ...]]) -> np.ndarray:
 def _normalized(base: SegmentRequest, normalize: str, image: Any, planes: list) -> SegmentRequest:
     if normalize not in ("plane", "stack"):
         raise ConfigError(f"normalize must be 'plane' or 'stack', got {normalize!r}")
-    if normalize == "plane" or base.intensity_limits is not None:
-        return base
+    if normalize == "plane" or base.intensity_limits is not None or list(planes) == [()]:
+        return base  # (a 2D image is one plane: its own percentiles are the stack's)
     return replace(base, intensity_limits=stack_intensity_limits(image, planes))
 
 
@@ -180,8 +181,9 @@ def segment_stack_steps(
     lead = shape[: len(shape) - spatial_nd]
     planes = list(np.ndindex(*lead)) if lead else [()]
     base = _normalized(SegmentRequest(image=np.zeros((8, 8)), **options), normalize, image, planes)
-    if planes:
-        base = yield from _one_scale(base, lambda: probe_plane(image, planes), loaded)
+    # a 2D image is one plane: a constant one is refused as segment() refuses it
+    middle = (lambda: probe_plane(image, planes)) if lead else (lambda: np.asarray(image))
+    base = yield from _one_scale(base, middle, loaded)
     labels = []
     for i, index in enumerate(planes):
         # one plane at a time: dask/zarr arrays (lazy napari layers) are read plane by plane
@@ -191,8 +193,8 @@ def segment_stack_steps(
             message = f"plane {i + 1}/{len(planes)}: {p.message}"
             return SegmentProgress(p.stage, i * p.total + p.done, len(planes) * p.total, message)
 
-        req = plane_request(replace(base, image=plane))
-        result = yield from relay(segment_steps(req, loaded=loaded), restate)
+        req = replace(base, image=plane)
+        result = yield from relay(segment_steps(plane_request(req) if lead else req, loaded=loaded), restate)
         labels.append(result.labels)
     out = np.stack(labels).reshape((*lead, *labels[0].shape)) if labels else np.zeros(0, np.uint32)
     return stitch_planes(out, len(lead), stitch_threshold) if lead else out
