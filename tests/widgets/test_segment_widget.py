@@ -216,6 +216,47 @@ def test_stack_contrast_choice_and_a_blank_slice(
     assert not widget.error.value and viewer.layers[-1].data.shape == (3, 64, 64) and len(calls) == 1
 
 
+def test_3d_mode_segments_a_real_z_stack_into_3d_objects(qtbot: Any, segment_widget: Any) -> None:
+    import tifffile
+
+    from tests.conftest import DATA
+
+    path = DATA / "cells3d_nuclei" / "image.tif"
+    if not path.is_file():
+        pytest.skip(f"shared data not found at {path}")
+    volume = tifffile.imread(path)[14:50, 64:160, 64:160]
+    viewer, widget, layer = segment_widget(volume, scale=(0.29, 0.26, 0.26))
+    widget.checkpoint.value = "default"
+    widget.steps.value, widget.solver.value = 1, "edf"
+    widget.volume_3d.value = True
+    run_and_wait(qtbot, widget)
+    assert widget.error.value == "", widget.error.value
+    labels = viewer.layers["cells ctxseg labels"]
+    assert labels.data.shape == volume.shape and labels.data.max() >= 3
+    np.testing.assert_allclose(labels.scale, (0.29, 0.26, 0.26))
+    assert len(labels.features) == labels.data.max() and "centroid-2" in labels.features
+    z_extent = labels.features["bbox-3"] - labels.features["bbox-0"]
+    assert z_extent.max() > 10  # objects are followed through z, not one plane each
+    assert labels.metadata["ctxseg"]["mode"] == "3d" and "3D" in widget.status.value
+    np.testing.assert_array_equal(layer.data, volume)  # the user's layer is untouched
+    widget.apply_button.native.click()
+    assert "slice-by-slice" in widget.error.value
+
+
+def test_3d_mode_refuses_2d_layers_and_contexts(qtbot: Any, segment_widget: Any) -> None:
+    viewer, widget, layer = segment_widget()  # a 2D image
+    widget.volume_3d.value = True
+    run_and_wait(qtbot, widget)
+    assert "3D mode needs a grey (Z, Y, X) stack" in widget.error.value
+    stack = viewer.add_image(np.stack([nuclei_crop(64)] * 8), name="stack")
+    widget.image.value = stack
+    annotation = np.zeros((128, 128), int)
+    annotation[10:20, 10:20] = 1
+    widget.ctx_image.value, widget.ctx_labels.value = layer, viewer.add_labels(annotation)
+    widget.run_button.native.click()
+    assert "without a context" in widget.error.value and widget._worker is None
+
+
 def test_rethreshold_updates_labels_without_the_network(
     qtbot: Any, segment_widget: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

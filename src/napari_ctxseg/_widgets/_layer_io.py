@@ -16,6 +16,7 @@ import numpy as np
 
 from ..core.errors import InputError
 from ..services.segment import FlowParams, SegmentRequest, Solver, validate_context
+from ..services.stack import Normalize
 
 __all__ = [
     "ContextData",
@@ -168,7 +169,8 @@ class RunSettings:
     diameter: float = 0.0
     flow: FlowParams = field(default_factory=FlowParams)
     stitch_threshold: float = 0.25  # stacks: see PlanesResult.stitch_threshold
-    normalize: str = "plane"  # stacks: "plane" or "stack" percentiles (services.stack)
+    normalize: Normalize = "plane"  # stacks: each plane's or the stack's percentiles (services.stack)
+    volume_3d: bool = False  # grey (Z, Y, X) stacks: flows of all three orientations followed in 3D
 
     def request(self, image: np.ndarray, context: ContextData | None = None) -> SegmentRequest:
         """A :class:`SegmentRequest` for one 2D plane."""

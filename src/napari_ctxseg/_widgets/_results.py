@@ -11,13 +11,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..core.errors import CtxSegError
+from ..core.errors import CtxSegError, InputError
 from ..services.segment import FlowParams, SegmentProgress, SegmentRequest, SegmentResult
 from ._layer_io import ContextData, LayerSnapshot, RunSettings
 
 __all__ = [
     "PlanesProgress",
     "PlanesResult",
+    "VolumeResult",
     "flow_rgb",
     "plane_labels",
     "provenance",
@@ -27,6 +28,7 @@ __all__ = [
     "segment_job",
     "segment_planes",
     "stack_features",
+    "volume_job",
 ]
 
 LayerDataTuple = tuple[np.ndarray, dict[str, Any], str]
@@ -274,3 +276,74 @@ def rethreshold_job(res: PlanesResult, flow: FlowParams) -> Generator[tuple[int,
             labels = plane_labels(new)
             return new, labels, stack_features(new, labels)
         yield done, n
+
+
+@dataclass
+class VolumeResult:
+    """A 3D run (``RunSettings.volume_3d``): there are no per-plane flows to re-threshold."""
+
+    source: LayerSnapshot
+    labels: np.ndarray
+    metadata: dict[str, Any]
+
+
+def volume_job(
+    snap: LayerSnapshot, settings: RunSettings, field_of_view: tuple[int, ...] | None = None
+) -> Generator[PlanesProgress, None, tuple[VolumeResult, list[LayerDataTuple]]]:
+    """Worker body of a 3D run: segment a grey (Z, Y, X) snapshot in 3D, then build its labels layer.
+
+    Runs :func:`~napari_ctxseg.services.stack.segment_volume_steps` and the 3D measurements off the GUI
+    thread; contexts, flow images and re-thresholding belong to slice-by-slice runs.
+
+    Raises
+    ------
+    InputError
+        For a 2D, RGB or more than 3D layer.
+    """
+    from .. import __version__
+    from ..services.measure import measure_volume
+    from ..services.models import load_model
+    from ..services.stack import segment_volume_steps
+
+    if snap.rgb or snap.data.ndim != 3:
+        kind = "an RGB" if snap.rgb else f"a {snap.data.ndim}D"
+        raise InputError(f"3D mode needs a grey (Z, Y, X) stack; {snap.name!r} is {kind} layer")
+    try:
+        loaded = load_model(settings.checkpoint, device=settings.device)
+        req = settings.request(snap.data[0])
+        options = {k: getattr(req, k) for k in ("steps", "solver", "num_samples", "tta", "seed", "diameter")}
+        labels, _ = yield from _relay(
+            segment_volume_steps(
+                snap.data, normalize=settings.normalize, loaded=loaded, flow=settings.flow, **options
+            ),
+            0,
+            1,
+        )
+    except RuntimeError as exc:
+        raise CtxSegError(f"{type(exc).__name__}: {exc}") from exc
+    features = measure_volume(labels, snap.data)
+    meta = {
+        "mode": "3d",
+        "checkpoint": loaded.name,
+        "checkpoint_sha256": loaded.info.sha256,
+        "device": str(loaded.device),
+        "normalize": settings.normalize,
+        "flow_params": asdict(settings.flow),
+        **options,
+        "napari_ctxseg_version": __version__,
+        "source_layer": snap.name,
+        "planes": int(snap.data.shape[0]),
+        "field_of_view": field_of_view,
+    }
+    layer = (
+        labels,
+        {
+            "name": f"{snap.name} ctxseg labels",
+            "features": {"index": features["label"], **features},
+            "metadata": {"ctxseg": meta},
+            "scale": snap.scale,
+            "translate": snap.translate,
+        },
+        "labels",
+    )
+    return VolumeResult(snap, labels, meta), [layer]

@@ -34,7 +34,15 @@ from ..services.recent import add_recent_checkpoint, on_recent_changed, recent_c
 from ..services.segment import SOLVERS, FlowParams
 from ._dock import show_features_table, tidy
 from ._layer_io import RunSettings, context_from_layers, crop_to_view, snapshot_layer
-from ._results import PlanesProgress, PlanesResult, provenance, rethreshold_job, segment_job
+from ._results import (
+    PlanesProgress,
+    PlanesResult,
+    VolumeResult,
+    provenance,
+    rethreshold_job,
+    segment_job,
+    volume_job,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -74,6 +82,7 @@ class SegmentWidget(Container):
         self._worker: Any = None
         self._closed = False
         self._last: tuple[PlanesResult, Any] | None = None  # (result, the labels layer it made)
+        self._last_was_3d = False
 
         def combo(label: str, kind: Any, nullable: bool = False, tip: str = "") -> ComboBox:
             return ComboBox(label=label, choices=_layers(viewer, kind), nullable=nullable, tooltip=tip)
@@ -145,6 +154,13 @@ class SegmentWidget(Container):
             "brightness drifts) or the whole stack's (z-stacks: out-of-focus slices stay dim). Blank "
             "slices are segmented as empty either way",
         )
+        self.volume_3d = CheckBox(
+            label="3D (volume)",
+            value=RunSettings.volume_3d,
+            tooltip="Grey (Z, Y, X) stacks: predict flows on every z-, y- and x-slice and follow them in 3D "
+            "(Z + Y + X model calls; assumes isotropic voxels). Without a context; re-thresholding and "
+            "the flow images are for slice-by-slice runs",
+        )
         self.ctx_image = combo("context image", Image, True, "An annotated example (may be the image itself)")
         self.ctx_labels = combo("context labels", Labels, True, "The labels of the context image")
         self.ctx_region = combo(
@@ -207,6 +223,7 @@ class SegmentWidget(Container):
                 self.device,
                 self.stitch,
                 self.normalize,
+                self.volume_3d,
                 Label(value="<b>Context</b> (optional)"),
                 self.ctx_image,
                 self.ctx_labels,
@@ -290,6 +307,7 @@ class SegmentWidget(Container):
             flow=flow,
             stitch_threshold=self.stitch.value,
             normalize=self.normalize.value,
+            volume_3d=self.volume_3d.value,
         )
 
     def _set_busy(self, busy: bool) -> None:
@@ -329,6 +347,13 @@ class SegmentWidget(Container):
             job = self._prepare()
         except CtxSegError as exc:
             self._show_error(exc)
+            return
+        snap, settings, context, fov = job[:4]
+        if settings.volume_3d:
+            if context is not None:
+                self._show_error("3D mode runs without a context; clear the context layers or untick 3D")
+                return
+            self._start(volume_job, (snap, settings, fov), self._on_segmented)
             return
         self._start(segment_job, job, self._on_segmented)
 
@@ -384,16 +409,27 @@ class SegmentWidget(Container):
         if self._alive():
             self._set_busy(False)
 
-    def _on_segmented(self, out: tuple[PlanesResult, list[Any]]) -> None:
+    def _on_segmented(self, out: tuple[PlanesResult | VolumeResult, list[Any]]) -> None:
         if not self._alive():
             return
         res, layer_data = out
         labels: Any = None  # the last layer added: the labels (layer_data is never empty)
         for data, kwargs, kind in layer_data[1:] + layer_data[:1]:  # labels last: it ends up selected
             labels = getattr(self._viewer, f"add_{kind}")(data, **kwargs)
-        self._last = (res, labels)
         self.corrected.reset_choices()
         self.corrected.value = labels
+        self._last_was_3d = isinstance(res, VolumeResult)
+        if isinstance(res, VolumeResult):
+            self._last = None  # no per-plane flows to re-threshold
+            meta = res.metadata
+            self.status.value = (
+                f"{len(labels.features)} objects in 3D ({meta['planes']} planes) on {meta['device']} "
+                f"with {meta['checkpoint']}"
+            )
+            self._viewer.layers.selection.active = labels
+            show_features_table(self._viewer)
+            return
+        self._last = (res, labels)
         meta = res.results[0].metadata
         size = ""
         if meta.get("measured_diameter"):  # diameter "auto": say what was measured and done
@@ -413,7 +449,11 @@ class SegmentWidget(Container):
     def _on_apply(self) -> None:
         self.error.value = ""
         if self._last is None:
-            self._show_error("run a segmentation first: re-thresholding uses the flows of the last run")
+            self._show_error(
+                "re-thresholding works on slice-by-slice runs; the last run was 3D"
+                if self._last_was_3d
+                else "run a segmentation first: re-thresholding uses the flows of the last run"
+            )
             return
         res, layer = self._last
         if layer not in self._viewer.layers:
