@@ -243,6 +243,30 @@ def test_3d_mode_segments_a_real_z_stack_into_3d_objects(qtbot: Any, segment_wid
     assert "slice-by-slice" in widget.error.value
 
 
+def test_cancelling_a_3d_run_leaves_no_layer(
+    qtbot: Any, segment_widget: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import napari_ctxseg.services.stack as stack_service
+
+    seen = {"slices": 0}
+    real = stack_service.run_to_end
+
+    def slow(gen: Any, *args: Any) -> Any:  # each slice's prediction, paused
+        seen["slices"] += 1
+        time.sleep(0.05)
+        return real(gen, *args)
+
+    monkeypatch.setattr(stack_service, "run_to_end", slow)
+    viewer, widget, _ = segment_widget(np.stack([nuclei_crop(64)] * 12))
+    widget.volume_3d.value = True
+    widget.run_button.native.click()
+    qtbot.waitUntil(lambda: seen["slices"] >= 3, timeout=30_000)
+    widget.run_button.native.click()  # Cancel
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=30_000)
+    assert [lay.name for lay in viewer.layers] == ["cells"]
+    assert "cancelled" in widget.status.value and seen["slices"] < 12 + 64 + 64
+
+
 def test_3d_mode_refuses_2d_layers_and_contexts(qtbot: Any, segment_widget: Any) -> None:
     viewer, widget, layer = segment_widget()  # a 2D image
     widget.volume_3d.value = True
