@@ -16,7 +16,7 @@ DSB = DATA / "dsb2018_train"
 
 def test_bundled_model_segments_unseen_fluorescence_nuclei_out_of_the_box() -> None:
     """The first 8 fluorescence images of ``val`` (split order), default settings: pooled AP@0.5 well
-    above the Otsu + watershed baseline. Phase-17 weights (shipped): 0.84 against the baseline's 0.66."""
+    above the Otsu + watershed baseline. Phase-22 weights (shipped): 0.84 against the baseline's 0.66."""
     if not (DSB / "split.json").is_file():
         pytest.skip(f"shared data not found at {DSB}")
     if not bundled_model_path().is_file():
