@@ -80,25 +80,24 @@ def segment_planes(
     as :class:`CtxSegError`, because a Qt worker swallows ``RuntimeError``.
     """
     from ..services.models import load_model
-    from ..services.segment import MODEL_DIAMETER, resolve_diameter, segment_steps
-    from ..services.stack import plane_request, probe_plane, stack_intensity_limits
+    from ..services.segment import MODEL_DIAMETER, segment_steps
+    from ..services.stack import plane_request, stack_request
 
     try:
         loaded = load_model(settings.checkpoint, device=settings.device)
         planes = snap.planes()
         stack = len(planes) > 1
-        shared = stack and settings.normalize == "stack"
-        limits = stack_intensity_limits(snap.data, planes) if shared else None
+        base = settings.request(snap.data[planes[0]], context)
+        if stack:  # the stack's contrast (if asked) and one scale for all planes, as the stack service does
+            base = yield from _relay(
+                stack_request(base, snap.data, planes, settings.normalize, loaded), 0, len(planes)
+            )
+            base = replace(base, diameter=base.diameter or MODEL_DIAMETER)  # None: the model's scale
 
         def request(plane: np.ndarray) -> SegmentRequest:
-            req = replace(settings.request(plane, context), intensity_limits=limits)
+            req = replace(base, image=plane)
             return plane_request(req) if stack else req
 
-        if stack and not settings.diameter:  # auto: one scale for all planes, from the middle one
-            measured = yield from _relay(
-                resolve_diameter(request(probe_plane(snap.data, planes)), loaded=loaded), 0, len(planes)
-            )
-            settings = replace(settings, diameter=measured or MODEL_DIAMETER)
         results = []
         for i, idx in enumerate(planes):
             res = yield from _relay(segment_steps(request(snap.data[idx]), loaded=loaded), i, len(planes))
@@ -160,19 +159,17 @@ def stack_features(res: PlanesResult, labels: np.ndarray | None = None) -> dict[
     columns its first plane, ``n_planes`` counts its planes, and every other column (centroid, mean
     intensity, shape, agreement, flow error) is the area-weighted mean over its planes.
     """
-    from ..services.measure import measure_objects, merge_rows, plane_names
+    from ..services.measure import measure_objects, merge_rows, plane_rows
 
     lead = res.source.leading_shape
     tables, starts, offset = [], [], 0
     for idx, r in zip(res.source.planes(), res.results):
         t = measure_objects(r.labels, res.source.data[idx], sample_labels=r.sample_labels, flows=r.flows)
-        n = len(t["label"])
         t["label"] = t["label"] + offset
+        tables.append((idx, t))
         starts.append(offset)
         offset += int(r.labels.max())
-        names = plane_names(len(lead))
-        tables.append({"index": t["label"], **{nm: np.full(n, i) for nm, i in zip(names, idx)}, **t})
-    table = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
+    table = plane_rows(tables)
     if not (res.stitch_threshold > 0 and lead):
         return table
     # each per-plane (offset) label belongs to one stitched object

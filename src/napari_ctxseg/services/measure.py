@@ -6,6 +6,8 @@ The table is a dict of equal-length numpy columns (what napari's ``Labels.featur
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 from scipy import sparse
 
@@ -18,7 +20,7 @@ __all__ = [
     "measure_stack",
     "measure_volume",
     "merge_rows",
-    "plane_names",
+    "plane_rows",
 ]
 
 PROPERTIES = (
@@ -144,9 +146,18 @@ def merge_rows(table: dict[str, np.ndarray], key: np.ndarray) -> dict[str, np.nd
     return out
 
 
-def plane_names(leading: int) -> list[str]:
-    """The plane columns of a stack with ``leading`` leading axes: ``plane`` or ``plane-0``, ``plane-1``..."""
-    return ["plane"] if leading == 1 else [f"plane-{k}" for k in range(leading)]
+def plane_rows(tables: Iterable[tuple[tuple[int, ...], dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+    """The per-plane tables of a stack as one table, each row with ``index`` (its label) and its plane.
+
+    ``tables`` holds ``(leading index, measure_objects table)`` per plane; the plane columns are
+    ``plane`` for one leading axis, else ``plane-0``, ``plane-1``...
+    """
+    rows = []
+    for idx, t in tables:
+        names = ["plane"] if len(idx) == 1 else [f"plane-{k}" for k in range(len(idx))]
+        n = len(t["label"])
+        rows.append({"index": t["label"], **{nm: np.full(n, i) for nm, i in zip(names, idx)}, **t})
+    return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
 
 
 def measure_stack(labels: np.ndarray, image: np.ndarray, leading: int) -> dict[str, np.ndarray]:
@@ -156,14 +167,9 @@ def measure_stack(labels: np.ndarray, image: np.ndarray, leading: int) -> dict[s
     one row (:func:`merge_rows`): ``area`` in pixels over all its planes, ``n_planes``, its first
     plane in the plane columns. ``image`` has the stack's shape (plus a colour axis for RGB).
     """
-    lead = labels.shape[:leading]
-    names = plane_names(leading)
-    tables = []
-    for idx in np.ndindex(*lead):
-        t = measure_objects(labels[idx], image[idx])
-        n = len(t["label"])
-        tables.append({"index": t["label"], **{nm: np.full(n, i) for nm, i in zip(names, idx)}, **t})
-    table = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
+    table = plane_rows(
+        (idx, measure_objects(labels[idx], image[idx])) for idx in np.ndindex(*labels.shape[:leading])
+    )
     merged = merge_rows(table, table["index"])
     del merged["index"]
     return merged

@@ -16,7 +16,7 @@ a constant image would be (:func:`plane_request`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -24,7 +24,12 @@ import numpy as np
 from scipy import sparse
 
 from ..core.errors import ConfigError, InputError
-from ..core.postprocess import remove_low_contrast_instances, remove_small_instances
+from ..core.postprocess import (
+    relabel_sequential,
+    remove_border_instances,
+    remove_low_contrast_instances,
+    remove_small_instances,
+)
 from ..core.preprocess import intensity_limits
 from .progress import relay, run_to_end
 from .segment import (
@@ -44,6 +49,7 @@ __all__ = [
     "segment_stack_steps",
     "segment_volume_steps",
     "stack_intensity_limits",
+    "stack_request",
     "stitch_labels",
     "stitch_planes",
     "volume_labels",
@@ -104,16 +110,25 @@ def stitch_labels(planes: np.ndarray, threshold: float = 0.25) -> np.ndarray:
     return out
 
 
+def _plane(image: Any, index: tuple[int, ...]) -> np.ndarray:
+    """One plane of ``image`` as numpy (the image itself for ``()``); lazy arrays read only that plane."""
+    return np.asarray(image[index] if index else image)
+
+
+def _constant(a: np.ndarray) -> bool:
+    return bool(a.size) and a.min() == a.max()
+
+
 def stack_intensity_limits(image: Any, planes: Sequence[tuple[int, ...]]) -> tuple[float, float]:
     """Intensity percentiles of a stack, pooled over up to ``LIMIT_PLANES`` evenly spaced ``planes``.
 
     ``image`` may be lazy (dask, zarr): only the sampled planes are read.
     """
     pick = np.unique(np.linspace(0, len(planes) - 1, min(len(planes), LIMIT_PLANES)).round().astype(int))
-    sample = np.stack([np.asarray(image[planes[i]] if planes[i] else image) for i in pick])
-    if sample.size and sample.min() == sample.max() and len(pick) < len(planes):
-        sample = np.stack([np.asarray(image[p] if p else image) for p in planes])  # all sampled were blank
-    if sample.size and sample.min() == sample.max():
+    sample = np.stack([_plane(image, planes[i]) for i in pick])
+    if _constant(sample) and len(pick) < len(planes):
+        sample = np.stack([_plane(image, p) for p in planes])  # all sampled were blank
+    if _constant(sample):
         raise _constant_stack(image)
     return intensity_limits(sample)
 
@@ -133,8 +148,7 @@ def plane_request(req: SegmentRequest) -> SegmentRequest:
     if req.intensity_limits is not None:
         return req
     plane = np.asarray(req.image)
-    lo = float(plane.min()) if plane.size else math.nan
-    if math.isfinite(lo) and lo == float(plane.max()):
+    if _constant(plane) and math.isfinite(lo := float(plane.min())):
         return replace(req, intensity_limits=(lo, lo + 1.0))
     return req
 
@@ -144,18 +158,31 @@ def probe_plane(image: Any, planes: Sequence[tuple[int, ...]]) -> np.ndarray:
     mid = len(planes) // 2
     order = sorted(range(len(planes)), key=lambda i: (abs(i - mid), i))
     for i in order:
-        plane = np.asarray(image[planes[i]] if planes[i] else image)
-        if plane.size and plane.min() != plane.max():
+        plane = _plane(image, planes[i])
+        if plane.size and not _constant(plane):
             return plane
     raise _constant_stack(image)
 
 
-def _normalized(base: SegmentRequest, normalize: str, image: Any, planes: list) -> SegmentRequest:
+def stack_request(
+    base: SegmentRequest, image: Any, planes: Sequence[tuple[int, ...]], normalize: str, loaded: Any = None
+) -> Generator[SegmentProgress, None, SegmentRequest]:
+    """``base`` made one for every plane of a stack (apply :func:`plane_request` per plane).
+
+    With ``normalize="stack"`` it carries the stack's intensity limits, and ``diameter="auto"`` is
+    resolved once, on :func:`probe_plane` (yielding that pass's progress), so every plane shares a
+    scale. A 2D image (``planes == [()]``) is one plane: its own percentiles are the stack's, and a
+    constant one is refused as ``segment()`` refuses it.
+    """
     if normalize not in ("plane", "stack"):
         raise ConfigError(f"normalize must be 'plane' or 'stack', got {normalize!r}")
-    if normalize == "plane" or base.intensity_limits is not None or list(planes) == [()]:
-        return base  # (a 2D image is one plane: its own percentiles are the stack's)
-    return replace(base, intensity_limits=stack_intensity_limits(image, planes))
+    lead = list(planes) != [()]
+    if normalize == "stack" and lead and base.intensity_limits is None:
+        base = replace(base, intensity_limits=stack_intensity_limits(image, planes))
+    if base.diameter != "auto":
+        return base
+    probe = replace(base, image=probe_plane(image, planes) if lead else _plane(image, ()))
+    return replace(base, diameter=(yield from resolve_diameter(probe, loaded=loaded)))
 
 
 def segment_stack_steps(
@@ -180,14 +207,12 @@ def segment_stack_steps(
     spatial_nd = 3 if rgb else 2
     lead = shape[: len(shape) - spatial_nd]
     planes = list(np.ndindex(*lead)) if lead else [()]
-    base = _normalized(SegmentRequest(image=np.zeros((8, 8)), **options), normalize, image, planes)
-    # a 2D image is one plane: a constant one is refused as segment() refuses it
-    middle = (lambda: probe_plane(image, planes)) if lead else (lambda: np.asarray(image))
-    base = yield from _one_scale(base, middle, loaded)
+    base = SegmentRequest(image=np.zeros((8, 8)), **options)
+    base = yield from stack_request(base, image, planes, normalize, loaded)
     labels = []
     for i, index in enumerate(planes):
         # one plane at a time: dask/zarr arrays (lazy napari layers) are read plane by plane
-        plane = np.asarray(image[index] if index else image)
+        plane = _plane(image, index)
 
         def restate(p: SegmentProgress, i: int = i) -> SegmentProgress:
             message = f"plane {i + 1}/{len(planes)}: {p.message}"
@@ -227,16 +252,6 @@ def stitch_planes(labels: np.ndarray, leading: int, threshold: float = 0.25) -> 
         out.append(np.where(g > 0, g + np.uint32(offset), 0).astype(np.uint32))
         offset += int(g.max())
     return np.stack(out).reshape(shape)
-
-
-def _one_scale(
-    base: SegmentRequest, middle_plane: Callable[[], np.ndarray], loaded: Any
-) -> Generator[SegmentProgress, None, SegmentRequest]:
-    """``base`` with ``diameter="auto"`` resolved once, on the middle plane, so every plane shares a scale."""
-    if base.diameter != "auto":
-        return base
-    probe = replace(base, image=middle_plane())
-    return replace(base, diameter=(yield from resolve_diameter(probe, loaded=loaded)))
 
 
 def _offset(planes: np.ndarray) -> np.ndarray:
@@ -286,10 +301,7 @@ def volume_labels(
     cubed) are removed, those fainter than ``min_contrast`` noise sigmas in ``image`` (the volume; needed
     only then), and those touching a face of the volume with ``remove_border``.
     """
-    from skimage.segmentation import relabel_sequential
-
     from ..core.flow_following import flow_to_mask
-    from ..core.postprocess import remove_border_instances
 
     params = params or FlowParams()
     flow3d = np.asarray(flow3d, dtype=np.float32)
@@ -307,7 +319,7 @@ def volume_labels(
         labels = remove_low_contrast_instances(labels, image, params.min_contrast)
     if params.remove_border:
         labels = remove_border_instances(labels)
-    return relabel_sequential(labels)[0].astype(np.uint32)
+    return relabel_sequential(labels).astype(np.uint32)
 
 
 def segment_volume_steps(
@@ -335,9 +347,7 @@ def segment_volume_steps(
             f"got shape {volume.shape} (segment it slice by slice instead)"
         )
     base = SegmentRequest(image=np.zeros((8, 8)), follow_flows=False, **options)
-    zs = [(z,) for z in range(len(volume))]
-    base = _normalized(base, normalize, volume, zs)
-    base = yield from _one_scale(base, lambda: probe_plane(volume, zs), loaded)
+    base = yield from stack_request(base, volume, [(z,) for z in range(len(volume))], normalize, loaded)
     views = [(volume, "z"), (volume.transpose(1, 0, 2), "y"), (volume.transpose(2, 0, 1), "x")]
     total = sum(v.shape[0] for v, _ in views)
     done = 0
