@@ -76,6 +76,10 @@ class TrainConfig:
     p_other_reference
         Probability that a reference comes from another image of the same acquisition group
         (:func:`~napari_ctxseg.core.training_data.acquisition_key`) instead of the sample's own image.
+    p_subset
+        Probability that a sample with a context is a subset task (only the larger or only the smaller
+        objects annotated, in the sample and its reference; see
+        :class:`~napari_ctxseg.core.training_data.CropSampler`). 0 (default) draws nothing.
     augment
         Crop augmentation.
     image_sampling
@@ -112,6 +116,7 @@ class TrainConfig:
     p_no_context: float = 0.5
     partial_prob: float = 0.5
     p_other_reference: float = 0.0
+    p_subset: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     image_sampling: str = "sqrt-area"
     val_every: int = 100
@@ -130,9 +135,11 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if not all(0 <= p <= 1 for p in (self.p_sigma_max, self.p_no_context, self.p_other_reference)):
+        if not all(
+            0 <= p <= 1 for p in (self.p_sigma_max, self.p_no_context, self.p_other_reference, self.p_subset)
+        ):
             raise ConfigError(
-                "p_sigma_max, p_no_context and p_other_reference must be probabilities in [0, 1]"
+                "p_sigma_max, p_no_context, p_other_reference and p_subset must be probabilities in [0, 1]"
             )
         if not self.time_budget_s >= 0:
             raise ConfigError(f"time_budget_s must be >= 0 (0 = none), got {self.time_budget_s}")

@@ -318,6 +318,15 @@ class CropSampler:
         so roughly every object, is equally likely to fall in a crop (pooled metrics count objects; with
         ``"sqrt-area"`` an object of a large image of small nuclei is drawn several times less often than
         one of a small image).
+    image_weights
+        Optional factor per image multiplying the ``image_sampling`` weight, e.g. to give each data set
+        of a mixture a fixed share of the crops whatever its number of images.
+    p_subset
+        Probability that a sample *with* a context is a subset task: only the objects larger (or, at
+        even odds, not larger) than the median object of the sample's image are annotated, in the
+        sample and in its reference alike, so that only the context says which objects are wanted.
+        Objects within 25 % of the median area are left out of the loss and of the reference's region.
+        Samples without a context always keep every object. The default 0 draws nothing.
     """
 
     def __init__(
@@ -332,6 +341,8 @@ class CropSampler:
         groups: Sequence[Hashable] | None = None,
         p_other_reference: float = 0.0,
         image_sampling: str = "sqrt-area",
+        image_weights: Sequence[float] | None = None,
+        p_subset: float = 0.0,
     ) -> None:
         if not images:
             raise InputError("no training images")
@@ -345,6 +356,14 @@ class CropSampler:
         check_image_sampling(image_sampling)
         self.rng = np.random.default_rng(seed)
         self.p_other_reference = float(p_other_reference)
+        if not 0.0 <= p_subset <= 1.0:
+            raise ConfigError(f"p_subset must be within [0, 1], got {p_subset}")
+        self.p_subset = float(p_subset)
+        # object areas per label id (original pixels) and the median object area of each image
+        self._areas = [np.bincount(im.labels.ravel()).astype(np.float32) for im in self.images]
+        self._median_area = [
+            float(np.median(a[1:][a[1:] > 0])) if (a[1:] > 0).sum() >= 4 else 0.0 for a in self._areas
+        ]
         # per-image rescale that brings its median object diameter to augment.target_diameter
         target = self.augment.target_diameter
         self._base_scale = np.ones(len(self.images))
@@ -354,6 +373,14 @@ class CropSampler:
                 self._base_scale[i] = float(np.clip(target / d, 0.25, 4.0)) if d > 0 else 1.0
         areas = np.array([im.labels.size for im in self.images], dtype=np.float64)
         weights = np.sqrt(areas) if image_sampling == "sqrt-area" else areas * self._base_scale**2
+        if image_weights is not None:
+            factors = np.asarray(image_weights, dtype=np.float64)
+            if factors.shape != weights.shape or not np.all(factors >= 0) or not factors.sum() > 0:
+                raise InputError(
+                    f"image_weights must be {len(weights)} non-negative numbers, not all 0; "
+                    f"got shape {factors.shape}"
+                )
+            weights = weights * factors
         self._p = weights / weights.sum()
         keys = list(groups) if groups is not None else list(range(len(self.images)))
         members: dict[Hashable, list[int]] = {}
@@ -473,12 +500,27 @@ class CropSampler:
             region[y : y + hh, x : x + ww] = True
         return region
 
+    def _subset(
+        self, index: int, labels: torch.Tensor, large: bool, threshold: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Objects of a crop kept by a subset task, and those too close to the threshold to teach.
+
+        Returns two (S, S) bool masks: the kept objects' pixels, and the ambiguous objects' pixels.
+        """
+        area = torch.from_numpy(self._areas[index])[labels.long()]
+        inside = labels > 0
+        log_ratio = torch.log(area.clamp_min(1.0) / threshold)
+        keep = inside & ((log_ratio > 0) if large else (log_ratio <= 0))
+        ambiguous = inside & (log_ratio.abs() < float(np.log(1.25)))
+        return keep, ambiguous
+
     # ---- batches ---------------------------------------------------------------------------------
     def sample(self, batch_size: int, *, context: bool = True) -> Batch:
         """Draw a batch; with ``context`` every sample also gets a reference crop at the same scale.
 
         The reference is a crop of the same image, or of another image of its group with probability
-        ``p_other_reference``.
+        ``p_other_reference``. With ``p_subset``, some samples with a context are subset tasks (see the
+        class notes).
 
         A sample drawn without a context (probability ``p_no_context``; ``context_weight`` 0) gets an
         all-zero reference instead: the model skips references of weight 0, so none is cropped.
@@ -502,13 +544,23 @@ class CropSampler:
                     r_masks.append(torch.zeros_like(region))
                     cw.append(0.0)
                     continue
-                ref = im
+                ref_index = index
                 others = self._others[index]
                 if others and self.p_other_reference and self.rng.random() < self.p_other_reference:
-                    ref = self.images[others[int(self.rng.integers(len(others)))]]
+                    ref_index = others[int(self.rng.integers(len(others)))]
+                ref = self.images[ref_index]
                 r_image, r_flow, r_labels, r_region = self._crop(ref, scale, self._geometry(index)[1])
                 if self.rng.random() < self.partial_prob:
                     r_region = r_region & self._partial_region(r_labels)
+                threshold = self._median_area[index]
+                if self.p_subset and self.rng.random() < self.p_subset and threshold > 0:
+                    large = bool(self.rng.integers(2))
+                    keep, ambiguous = self._subset(index, labels, large, threshold)
+                    flows[-1] = flow * keep[None]
+                    weights[-1] = weights[-1] * (~ambiguous)[None]
+                    r_keep, r_ambiguous = self._subset(ref_index, r_labels, large, threshold)
+                    r_flow = r_flow * r_keep[None]
+                    r_region = r_region & ~r_ambiguous
                 r_imgs.append(self._intensity(r_image))
                 r_flows.append(torch.where(r_region[None], r_flow, torch.zeros_like(r_flow)))
                 r_masks.append(r_region)

@@ -118,6 +118,11 @@ class TrainRequest:
         Also write the checkpoint every N steps (0: only at the end).
     workers
         Processes drawing training batches (see :class:`~napari_ctxseg.core.training.Trainer`).
+    groups
+        One key per training image: images with equal keys serve as context references for each other
+        (e.g. the data set folder). ``None``: :func:`~napari_ctxseg.core.training_data.acquisition_key`.
+    image_weights
+        Optional sampling factor per training image (e.g. a fixed share of crops per data set).
     """
 
     output: str | os.PathLike
@@ -134,6 +139,8 @@ class TrainRequest:
     half: bool = False
     checkpoint_every: int = 0
     workers: int = 0
+    groups: list[Any] | None = None
+    image_weights: list[float] | None = None
 
 
 def _initial_model(req: TrainRequest) -> tuple[SegP, dict[str, Any], float, dict[str, Any] | None]:
@@ -189,9 +196,13 @@ def run_training(req: TrainRequest) -> Generator[TrainProgress, None, Path]:
         p_no_context=cfg.p_no_context,
         partial_prob=cfg.partial_prob,
         seed=cfg.seed,
-        groups=[acquisition_key(im) for im in req.train_images] if cfg.p_other_reference else None,
+        groups=req.groups
+        if req.groups is not None
+        else ([acquisition_key(im) for im in req.train_images] if cfg.p_other_reference else None),
         p_other_reference=cfg.p_other_reference,
         image_sampling=cfg.image_sampling,
+        image_weights=req.image_weights,
+        p_subset=cfg.p_subset,
     )
     val_sampler = (
         CropSampler(

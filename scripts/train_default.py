@@ -1,0 +1,139 @@
+"""Rebuild the bundled default model: nuclei and whole cells, with contexts from the same data set.
+
+One command, fixed step count, fixed seed, named data (see docs/model_card.md, *Recipe*):
+
+    python scripts/train_default.py --data ../shared/data -o runs/default.safetensors
+
+It continues from the nuclei-only weights of release 226fe68 (read from git, SHA-256 a8c84923..., itself the
+end of a chain of DSB-only runs; docs/history/) and trains 2000 steps of batch 32 on 192 x 192 crops on the
+folders that may train the shipped model (licences: ../shared/data/README.md):
+
+- ``dsb2018_train`` (CC0) ``train`` split: fluorescence, H&E and bright-field nuclei, half of the crops;
+- ``usiigaci_3t3_phase`` (MIT) and ``bbbc030_cho_dic`` (BBBC) ``train`` splits: phase-contrast and DIC whole
+  cells, a quarter of the crops each.
+
+What makes the context necessary:
+
+- half of the samples get a context (the rest train the no-context use), and 80 % of those contexts come
+  from *another* image of the same data set (DSB: same size and modality), so that the context says what
+  an object is in this data set rather than offering pixels to copy;
+- a quarter of the samples with a context are *subset tasks*: only the larger (or only the smaller) objects
+  are annotated, in the sample and in its context alike, so only the context says which are wanted.
+
+Everything else is the DSB recipe: median object diameter rescaled to 20 px, random rescaling 0.35-2x, 90 %
+of the samples at sigma_max (one-step inference), a cosine cycle from 2e-4, bfloat16 autocast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_COMMIT = "226fe68"  # the last nuclei-only release; its weights are the starting point
+MODEL_PATH = "src/napari_ctxseg/models/default.safetensors"
+#: data set folder -> share of the training crops
+MIXTURE = {"dsb2018_train": 0.5, "usiigaci_3t3_phase": 0.25, "bbbc030_cho_dic": 0.25}
+STEPS = 2000
+
+
+def train_names(folder: Path) -> list[str]:
+    """Names of the ``train`` split of a data set folder (split.json or meta.json)."""
+    split = folder / "split.json"
+    if split.is_file():
+        return [str(n) for n in json.loads(split.read_text())["train"]]
+    return [str(n) for n in json.loads((folder / "meta.json").read_text())["split"]["train"]]
+
+
+def base_weights(out: Path) -> Path:
+    """Write the weights of ``BASE_COMMIT`` to ``out`` (from git) and return the path."""
+    blob = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{BASE_COMMIT}:{MODEL_PATH}"], check=True, capture_output=True
+    ).stdout
+    out.write_bytes(blob)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data", help="the shared data folder")
+    ap.add_argument("-o", "--output", type=Path, default=Path("runs/default.safetensors"))
+    ap.add_argument("--steps", type=int, default=STEPS, help="optimiser steps (the recipe: %(default)s)")
+    ap.add_argument("--base", type=Path, help=f"weights to start from (default: those of {BASE_COMMIT})")
+    ap.add_argument("--checkpoint-every", type=int, default=250, help="also write the weights every N steps")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
+    ap.add_argument("--loader-workers", type=int, default=2, help="batch-drawing processes (%(default)s)")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from napari_ctxseg.core.training import TrainConfig
+    from napari_ctxseg.core.training_data import AugmentConfig, acquisition_key
+    from napari_ctxseg.services.training import TrainRequest, load_folder_pairs, run_training
+
+    torch.set_num_threads(args.threads)
+    images, groups, weights = [], [], []
+    for name, share in MIXTURE.items():
+        folder = args.data / name
+        pairs = load_folder_pairs(
+            folder / "images", folder / "labels", train_names(folder), workers=args.loader_workers
+        )
+        area = sum(float(p.labels.size) ** 0.5 for p in pairs)  # the sampler's sqrt-area weights
+        for p in pairs:
+            images.append(p)
+            # DSB mixes modalities and sizes: its acquisition key; the other folders: one kind each
+            groups.append((name, *acquisition_key(p)) if name == "dsb2018_train" else (name,))
+            weights.append(share / area)
+        print(f"{name}: {len(pairs)} training images, {share:.0%} of the crops", flush=True)
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=32,
+        crop_size=192,
+        lr=2e-4,
+        warmup=100,
+        seed=25,
+        val_every=0,
+        p_sigma_max=0.9,
+        p_no_context=0.5,
+        p_other_reference=0.8,
+        p_subset=0.25,
+        augment=AugmentConfig(scale_range=(0.35, 2.0), target_diameter=20.0),
+        precision="bf16",
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        base = args.base or base_weights(Path(tmp) / "base.safetensors")
+        req = TrainRequest(
+            output=args.output,
+            train_images=images,
+            base=str(base),
+            config=cfg,
+            device=args.device,
+            half=True,
+            checkpoint_every=args.checkpoint_every,
+            workers=args.loader_workers,
+            groups=groups,
+            image_weights=weights,
+            provenance={"recipe": "scripts/train_default.py", "mixture": MIXTURE, "base_commit": BASE_COMMIT},
+        )
+        gen = run_training(req)
+        try:
+            while True:
+                p = next(gen)
+                if p.step == 1 or p.step % 25 == 0:
+                    print(
+                        f"step {p.step}/{p.total} loss {p.loss:.4f} {p.samples_per_s:.1f} samples/s "
+                        f"ETA {p.eta_s / 60:.1f} min",
+                        flush=True,
+                    )
+        except StopIteration as stop:
+            print(f"wrote {stop.value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
