@@ -5,7 +5,7 @@ One command, fixed step count, fixed seed, named data (see docs/model_card.md, *
     python scripts/train_default.py --data ../shared/data -o runs/default.safetensors
 
 It continues from the nuclei-only weights of release 226fe68 (read from git, SHA-256 a8c84923..., itself the
-end of a chain of DSB-only runs; docs/history/) and trains 2000 steps of batch 32 on 192 x 192 crops on the
+end of a chain of DSB-only runs; docs/history/) and trains 1400 steps of batch 32 on 192 x 192 crops on the
 folders that may train the shipped model (licences: ../shared/data/README.md):
 
 - ``dsb2018_train`` (CC0) ``train`` split: fluorescence, H&E and bright-field nuclei, half of the crops;
@@ -38,7 +38,7 @@ BASE_COMMIT = "226fe68"  # the last nuclei-only release; its weights are the sta
 MODEL_PATH = "src/napari_ctxseg/models/default.safetensors"
 #: data set folder -> share of the training crops
 MIXTURE = {"dsb2018_train": 0.5, "usiigaci_3t3_phase": 0.25, "bbbc030_cho_dic": 0.25}
-STEPS = 2000
+STEPS = 1400
 
 
 def train_names(folder: Path) -> list[str]:
