@@ -60,7 +60,9 @@ def base_weights(out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data", help="the shared data folder")
+    ap.add_argument(
+        "--data", type=Path, default=ROOT.parent / "shared" / "data", help="the shared data folder"
+    )
     ap.add_argument("-o", "--output", type=Path, default=Path("runs/default.safetensors"))
     ap.add_argument("--steps", type=int, default=STEPS, help="optimiser steps (the recipe: %(default)s)")
     ap.add_argument("--base", type=Path, help=f"weights to start from (default: those of {BASE_COMMIT})")
