@@ -5,7 +5,7 @@ One command, fixed step count, fixed seed, named data (see docs/model_card.md, *
     python scripts/train_default.py --data ../shared/data -o runs/default.safetensors
 
 It continues from the nuclei-only weights of release 226fe68 (read from git, SHA-256 a8c84923..., itself the
-end of a chain of DSB-only runs; docs/history/) and trains 1400 steps of batch 32 on 192 x 192 crops on the
+end of a chain of DSB-only runs; docs/history/) and trains 1400 steps of batch 16 on 192 x 192 crops on the
 folders that may train the shipped model (licences: ../shared/data/README.md):
 
 - ``dsb2018_train`` (CC0) ``train`` split: fluorescence, H&E and bright-field nuclei, half of the crops;
@@ -28,11 +28,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+# OpenMP threads sleep instead of spinning while they wait: on a shared 2-core machine a spinning thread
+# starves its partner (only speed, never results, depends on this)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parents[1]
 BASE_COMMIT = "226fe68"  # the last nuclei-only release; its weights are the starting point
 MODEL_PATH = "src/napari_ctxseg/models/default.safetensors"
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {len(pairs)} training images, {share:.0%} of the crops", flush=True)
     cfg = TrainConfig(
         steps=args.steps,
-        batch_size=32,
+        batch_size=16,
         crop_size=192,
         lr=2e-4,
         warmup=100,

@@ -3,8 +3,8 @@
 Importing the package is cheap (no torch, no Qt): the public API below is loaded on first use.
 
 >>> import napari_ctxseg as ncs
->>> model = ncs.load_model("default")            # doctest: +SKIP
->>> result = ncs.segment(image, model=model)     # doctest: +SKIP
+>>> loaded = ncs.load_model("default")           # doctest: +SKIP
+>>> result = ncs.segment(image, loaded=loaded)   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_model": "napari_ctxseg.services.models",
     "segment": "napari_ctxseg.services.segment",
+    "adapt": "napari_ctxseg.services.adapt",
     "SegmentRequest": "napari_ctxseg.services.segment",
     "mask_to_flow": "napari_ctxseg.core.flows",
     "flow_to_mask": "napari_ctxseg.core.flow_following",

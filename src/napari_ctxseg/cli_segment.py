@@ -133,18 +133,80 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             str(args.context_labels),
             None if args.context_region is None else str(args.context_region),
         )
-    done = segment_files(
-        inputs,
-        args.output,
-        options=options,
-        overwrite=args.overwrite,
-        workers=args.workers,
-        scheduler=args.scheduler,
-        progress=_progress,
-    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ctxseg-adapted-") as tmp:
+        if args.adapt:
+            if args.context_image is None:
+                from .core.errors import InputError
+
+                raise InputError("--adapt needs a context: --context-image and --context-labels")
+            # one adapted copy of the model serves the whole batch
+            options["checkpoint"] = str(_adapt_from_args(args, Path(tmp) / "adapted.safetensors"))
+        done = segment_files(
+            inputs,
+            args.output,
+            options=options,
+            overwrite=args.overwrite,
+            workers=args.workers,
+            scheduler=args.scheduler,
+            progress=_progress,
+        )
     for record in done:
         print(f"{record['input']} -> {record['labels']} ({record['objects']} objects, {record['status']})")
     return 0
+
+
+def _adapt_from_args(args: argparse.Namespace, output: Path) -> Path:
+    """Run ``adapt`` on the context files of ``args`` (seconds: ``args.adapt``), with a progress line."""
+    from .services.adapt import adapt
+    from .services.training import read_array
+
+    region = None if args.context_region is None else read_array(args.context_region)
+    seconds = float(args.adapt)
+    _progress(f"adapting {args.checkpoint} to the context for {seconds:g} s ...")
+
+    def report(p) -> None:
+        if p.step == 1 or p.step % 25 == 0:
+            _progress(f"  adapt step {p.step}, loss {p.loss:.3f}, {p.elapsed_s:.0f} s")
+
+    path = adapt(
+        read_array(args.context_image),
+        read_array(args.context_labels),
+        region,
+        checkpoint=args.checkpoint,
+        seconds=seconds,
+        seed=args.seed,
+        output=output,
+        device=args.device,
+        diameter=args.diameter,
+        on_progress=report,
+    )
+    _progress(f"adapted model: {path}")
+    return path
+
+
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    from .core.errors import InputError
+
+    if args.output.suffix != ".safetensors":
+        raise InputError(f"the adapted checkpoint must be a .safetensors file, got {args.output}")
+    if args.output.exists() and not args.overwrite:
+        raise InputError(f"{args.output} exists; pass --overwrite to replace it")
+    args.adapt = args.seconds
+    path = _adapt_from_args(args, args.output)
+    print(f"wrote {path}")
+    return 0
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"expected seconds between 0 and 86400, got {text!r}")
+    return value
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -230,10 +292,45 @@ def add_segment_parsers(sub: argparse._SubParsersAction, register: Callable) -> 
         help="stacks and volumes: map each plane's own intensity percentiles to 0-1 (plane, the default; "
         "for time series) or the whole stack's (stack: z-stacks, whose out-of-focus planes then stay dim)",
     )
+    p.add_argument(
+        "--adapt",
+        type=_positive_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="first fine-tune a copy of the model on the context for this many seconds (about 90 on 2 CPU "
+        "cores), then segment every input with it (default: off)",
+    )
     p.add_argument("--workers", type=int, default=0, help="run on a local dask cluster with N workers")
     p.add_argument("--scheduler", help="address of an existing dask.distributed scheduler")
     _add_sampler_args(p)
     register("segment")(_cmd_segment)
+
+    p = sub.add_parser(
+        "adapt", help="fine-tune a copy of a model on one annotated context image (for segment --checkpoint)"
+    )
+    p.add_argument("--context-image", type=Path, required=True, help="the annotated reference image")
+    p.add_argument("--context-labels", type=Path, required=True, help="its instance labels")
+    p.add_argument("--context-region", type=Path, help="where its annotation is complete (non-zero)")
+    p.add_argument(
+        "--seconds",
+        type=_positive_seconds,
+        default=90.0,
+        help="training time budget in seconds (default: %(default)s; setup comes on top)",
+    )
+    p.add_argument(
+        "-o", "--output", type=Path, required=True, help="adapted checkpoint to write (.safetensors)"
+    )
+    p.add_argument("--checkpoint", default="default", help="the model to adapt (default: the bundled model)")
+    p.add_argument(
+        "--diameter",
+        type=parse_diameter,
+        default="auto",
+        help="the object diameter segmentation will use ('auto', the default: measured from the labels)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    register("adapt")(_cmd_adapt)
 
     p = sub.add_parser("convert", help="convert an original ctxseg (Flax) checkpoint to .safetensors")
     p.add_argument("source", type=Path, help="pickle (nnx State, Module, Optimizer/EMA) or flattened .npz")

@@ -79,6 +79,9 @@ class FinetuneSettings:
     precision
         ``"fp32"`` or ``"bf16"`` (bfloat16 autocast: faster on CPUs with AVX-512 BF16 or AMX and on recent
         GPUs; the saved weights are the same float32 model either way).
+    target_diameter, scale_range
+        With ``augment``: each image is first rescaled so that its median object diameter becomes
+        ``target_diameter`` pixels (``None``: as it is), then by a random factor within ``scale_range``.
     """
 
     steps: int = 300
@@ -95,6 +98,8 @@ class FinetuneSettings:
     ring: int = 6
     margin: int = 32
     precision: Literal["fp32", "bf16"] = "fp32"
+    target_diameter: float | None = None
+    scale_range: tuple[float, float] = (0.5, 2.0)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "crop_size", "ring"):
@@ -110,6 +115,8 @@ class FinetuneSettings:
             raise ConfigError(f"validation fraction must be in [0, 1), got {self.val_fraction}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.target_diameter is not None and not self.target_diameter > 0:
+            raise ConfigError(f"target diameter must be > 0 pixels, got {self.target_diameter}")
         if self.annotation not in ("complete", "partial"):
             raise ConfigError(f"annotation must be 'complete' or 'partial', got {self.annotation!r}")
 
@@ -125,7 +132,14 @@ class FinetuneSettings:
             lr=self.lr,
             warmup=min(100, max(1, self.steps // 10)),
             ema_decay=min(0.999, max(0.9, 1 - 10 / self.steps)),
-            augment=AugmentConfig() if self.augment else AugmentConfig.none(),
+            augment=(
+                AugmentConfig(
+                    scale_range=(float(self.scale_range[0]), float(self.scale_range[1])),
+                    target_diameter=self.target_diameter,
+                )
+                if self.augment
+                else AugmentConfig.none()
+            ),
             val_every=max(1, min(50, self.steps // 20)),
             val_batches=2,
             seed=self.seed,

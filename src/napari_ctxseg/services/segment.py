@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Generator
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -161,6 +162,8 @@ class SegmentRequest:
     follow_flows: bool = True
     sigma_min: float = 0.002
     sigma_max: float = 80.0
+    # > 0: first fine-tune a copy of the model on the context for this many seconds (services.adapt)
+    adapt_seconds: float = 0.0
 
 
 @dataclass
@@ -221,6 +224,10 @@ def _validate(req: SegmentRequest) -> None:
             raise ConfigError(f"diameter must be a positive number of pixels or 'auto', got {req.diameter!r}")
     if (req.context_image is None) != (req.context_labels is None):
         raise InputError("a context needs both an image and its labels")
+    if not (math.isfinite(req.adapt_seconds) and 0 <= req.adapt_seconds <= 86400):
+        raise ConfigError(f"adapt_seconds must be between 0 and 86400, got {req.adapt_seconds}")
+    if req.adapt_seconds and req.context_image is None:
+        raise InputError("adapting to a context needs a context: an image and its labels")
     if req.context_image is not None:
         for image, labels, region in _references(req):
             validate_context(image, labels, region)
@@ -544,6 +551,8 @@ def segment_steps(
         Bad settings or checkpoint.
     """
     _validate(req)
+    if req.adapt_seconds:
+        return (yield from _segment_adapted(req))
     image = _as_image(req.image, "image")
     x = torch.from_numpy(model_input(image, limits=req.intensity_limits))[None]  # (1, 3, H, W)
     loaded = loaded or load_model(req.checkpoint, device=req.device)
@@ -603,6 +612,47 @@ def segment_steps(
         meta,
         flows_s.numpy(),
     )
+
+
+def _segment_adapted(req: SegmentRequest) -> Generator[SegmentProgress, None, SegmentResult]:
+    """Adapt a copy of the model to the context (``req.adapt_seconds``), then segment with it."""
+    import tempfile
+
+    from .adapt import adapt_request, adapt_steps
+
+    if req.context_image is None:
+        raise InputError("adapting to a context needs a context: an image and its labels")
+    images, labels, regions = zip(*_references(req))
+    with tempfile.TemporaryDirectory(prefix="ctxseg-adapted-") as tmp:
+        areq = adapt_request(
+            list(images),
+            list(labels),
+            list(regions),
+            checkpoint=req.checkpoint or "default",
+            seconds=req.adapt_seconds,
+            seed=req.seed,
+            output=Path(tmp) / "adapted.safetensors",
+            device=req.device,
+            diameter=req.diameter,
+        )
+        done = yield from relay(
+            adapt_steps(areq),
+            lambda p: SegmentProgress(
+                "adapt", min(p.step, p.total), p.total, f"adapting to the context (loss {p.loss:.3f})"
+            ),
+        )
+        if done.path is None:
+            raise ConfigError("the adaptation ended before its first step; give it more time")
+        adapted = load_model(str(done.path), device=req.device)
+        result: SegmentResult = yield from segment_steps(
+            replace(req, adapt_seconds=0.0, checkpoint=str(done.path)), loaded=adapted
+        )
+    result.metadata["adapted"] = {
+        "base": req.checkpoint,
+        "seconds": float(req.adapt_seconds),
+        "steps": done.steps_done,
+    }
+    return result
 
 
 def auto_scale(diameter: float) -> float:
