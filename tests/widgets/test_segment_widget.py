@@ -398,3 +398,63 @@ def test_sampler_note_flags_settings_outside_the_checkpoints_declaration(
     assert widget._run_settings().steps == 4  # the note only advises: a run uses the settings as they are
     widget.checkpoint.value = str(plain.resolve())
     assert note.value == "" and note.native.isHidden()
+
+
+def _context_labels() -> np.ndarray:
+    ctx = np.zeros((128, 128), np.uint16)
+    for i, (y, x) in enumerate([(20, 20), (20, 70), (60, 40), (90, 90), (100, 30)], 1):
+        ctx[y : y + 14, x : x + 14] = i
+    return ctx
+
+
+def test_adapt_to_context_adapts_a_saved_copy_then_segments(
+    qtbot: Any, segment_widget: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))  # the adapted copy goes to ~/.napari-ctxseg/models
+    viewer, widget, layer = segment_widget()
+    labels = viewer.add_labels(_context_labels(), name="annotated")
+    widget.ctx_image.value, widget.ctx_labels.value = layer, labels
+    widget.adapt.value, widget.adapt_seconds.value = True, 5
+    stages: list[str] = []
+    widget.run_button.native.click()
+    widget._worker.yielded.connect(lambda p: stages.append(getattr(getattr(p, "step", None), "stage", "")))
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+    assert widget.error.value == ""
+    assert "adapt" in stages
+    out = viewer.layers["cells ctxseg labels"]
+    meta = out.metadata["ctxseg"]
+    saved = list((tmp_path / ".napari-ctxseg" / "models").glob("adapted-*.safetensors"))
+    assert len(saved) == 1
+    assert "adapted for 5 s" in widget.status.value and saved[0].name in widget.status.value
+    # the copy is offered for later runs, and the layer records it
+    assert str(saved[0]) in widget.checkpoint.choices
+    assert saved[0].name in str(meta)
+    np.testing.assert_array_equal(labels.data, _context_labels())  # the user's layer is untouched
+
+
+def test_adapt_to_context_needs_a_context(qtbot: Any, segment_widget: Any) -> None:
+    viewer, widget, _ = segment_widget()
+    widget.adapt.value = True
+    widget.run_button.native.click()
+    assert widget._worker is None
+    assert "needs a context" in widget.error.value
+    assert len(viewer.layers) == 1
+
+
+def test_cancelling_an_adaptation_adds_no_layer_and_keeps_no_copy(
+    qtbot: Any, segment_widget: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    viewer, widget, layer = segment_widget()
+    labels = viewer.add_labels(_context_labels(), name="annotated")
+    widget.ctx_image.value, widget.ctx_labels.value = layer, labels
+    widget.adapt.value, widget.adapt_seconds.value = True, 600
+    seen: list[Any] = []
+    widget.run_button.native.click()
+    widget._worker.yielded.connect(seen.append)
+    qtbot.waitUntil(lambda: len(seen) >= 2, timeout=60_000)
+    widget.run_button.native.click()  # Cancel
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    assert "cancelled" in widget.status.value
+    assert [type(x).__name__ for x in viewer.layers] == ["Image", "Labels"]
+    assert not list((tmp_path / ".napari-ctxseg" / "models").glob("adapted-*.safetensors"))

@@ -171,6 +171,7 @@ class RunSettings:
     stitch_threshold: float = 0.25  # stacks: see PlanesResult.stitch_threshold
     normalize: Normalize = "plane"  # stacks: each plane's or the stack's percentiles (services.stack)
     volume_3d: bool = False  # grey (Z, Y, X) stacks: flows of all three orientations followed in 3D
+    adapt_seconds: float = 0.0  # > 0 with a context: adapt a copy of the model to it first (services.adapt)
 
     def request(self, image: np.ndarray, context: ContextData | None = None) -> SegmentRequest:
         """A :class:`SegmentRequest` for one 2D plane."""

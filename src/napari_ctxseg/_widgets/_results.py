@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
 from ..core.errors import CtxSegError, InputError
+from ..services.progress import relay
 from ..services.segment import FlowParams, SegmentProgress, SegmentRequest, SegmentResult
 from ._layer_io import ContextData, LayerSnapshot, RunSettings
 
@@ -84,6 +86,10 @@ def segment_planes(
     from ..services.stack import plane_request, stack_request
 
     try:
+        adapted_from = None
+        if settings.adapt_seconds and context is not None:
+            adapted = yield from adapt_to_context(settings, context)
+            adapted_from, settings = settings.checkpoint, replace(settings, checkpoint=str(adapted))
         loaded = load_model(settings.checkpoint, device=settings.device)
         planes = snap.planes()
         stack = len(planes) > 1
@@ -101,17 +107,71 @@ def segment_planes(
         results = []
         for i, idx in enumerate(planes):
             res = yield from _relay(segment_steps(request(snap.data[idx]), loaded=loaded), i, len(planes))
+            if adapted_from is not None:
+                res.metadata["adapted"] = {
+                    "base": adapted_from,
+                    "seconds": settings.adapt_seconds,
+                    "path": settings.checkpoint,
+                }
             results.append(res)
     except RuntimeError as exc:
         raise CtxSegError(f"{type(exc).__name__}: {exc}") from exc
     return PlanesResult(snap, results, settings.flow, field_of_view, settings.stitch_threshold)
 
 
+def adapt_to_context(
+    settings: RunSettings, context: ContextData, output: Path | None = None
+) -> Generator[PlanesProgress, None, Path]:
+    """Adapt a copy of ``settings.checkpoint`` to ``context`` for ``settings.adapt_seconds``; its path.
+
+    The copy is written to ``output`` (default: ``~/.napari-ctxseg/models/adapted-<time>.safetensors``) and
+    listed among the recent checkpoints, so it can segment other images (or a batch) later. Progress is
+    by time. Closed (Cancel) before it ends, the partial copy is deleted.
+    """
+    from ..services.adapt import adapt_request, adapt_steps, default_adapted_path
+    from ..services.recent import add_recent_checkpoint
+
+    seconds = float(settings.adapt_seconds)
+    req = adapt_request(
+        context.image,
+        context.labels,
+        context.region,
+        checkpoint=settings.checkpoint,
+        seconds=seconds,
+        seed=settings.seed,
+        output=output or default_adapted_path(),
+        device=settings.device,
+        diameter=settings.diameter or "auto",
+    )
+    path = Path(req.output)
+    finished = False
+    try:
+        done = yield from relay(
+            adapt_steps(req),
+            lambda p: PlanesProgress(
+                0,
+                1,
+                SegmentProgress(
+                    "adapt",
+                    int(min(p.elapsed_s, seconds)),
+                    max(1, int(seconds)),
+                    f"adapting to the context: step {p.step}, loss {p.loss:.3f}",
+                ),
+            ),
+        )
+        finished = done.path is not None
+    finally:
+        if not finished:
+            path.unlink(missing_ok=True)
+    if not finished:
+        raise CtxSegError("the adaptation ended before its first step; give it more time")
+    add_recent_checkpoint(path)
+    return path
+
+
 def _relay(
     gen: Generator[SegmentProgress, None, R], plane: int, planes: int
 ) -> Generator[PlanesProgress, None, R]:
-    from ..services.progress import relay
-
     return (yield from relay(gen, lambda step: PlanesProgress(plane, planes, step)))
 
 

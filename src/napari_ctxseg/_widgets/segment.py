@@ -169,6 +169,20 @@ class SegmentWidget(Container):
             True,
             "Where the context annotation is complete (shapes or non-zero labels)",
         )
+        self.adapt = CheckBox(
+            label="adapt to context",
+            value=False,
+            tooltip="With a context: first fine-tune a copy of the model on the context for the time "
+            "below, then segment with it. The copy is saved and listed under 'model' for later runs",
+        )
+        self.adapt_seconds = SpinBox(
+            label="adapt for (s)",
+            value=90,
+            min=5,
+            max=3600,
+            step=15,
+            tooltip="Training time of the adaptation (about 90 s on 2 CPU cores; setup comes on top)",
+        )
         self.fov = CheckBox(label="visible field of view only", value=False)
         self.out_flow = CheckBox(label="flow image", value=False)
         self.out_disagreement = CheckBox(label="sample disagreement image", value=False)
@@ -228,6 +242,8 @@ class SegmentWidget(Container):
                 self.ctx_image,
                 self.ctx_labels,
                 self.ctx_region,
+                self.adapt,
+                self.adapt_seconds,
                 self.fov,
                 self.out_flow,
                 self.out_disagreement,
@@ -308,6 +324,7 @@ class SegmentWidget(Container):
             stitch_threshold=self.stitch.value,
             normalize=self.normalize.value,
             volume_3d=self.volume_3d.value,
+            adapt_seconds=float(self.adapt_seconds.value) if self.adapt.value else 0.0,
         )
 
     def _set_busy(self, busy: bool) -> None:
@@ -372,6 +389,8 @@ class SegmentWidget(Container):
             if ci is None or cl is None:
                 raise InputError("a context needs both a context image and its labels")
             context = context_from_layers(ci, cl, cr, point=tuple(self._viewer.dims.point))
+        if self.adapt.value and context is None:
+            raise InputError("'adapt to context' needs a context: choose a context image and its labels")
         return snap, self._run_settings(), context, fov, self.out_flow.value, self.out_disagreement.value
 
     def _start(self, func: Any, args: tuple[Any, ...], on_done: Any) -> None:
@@ -437,9 +456,13 @@ class SegmentWidget(Container):
             size = f"; objects ~{meta['measured_diameter']:.0f} px"
             if scale != 1.0:
                 size += f", upscaled {scale:.1f}x" if scale > 1.0 else f", downscaled {1 / scale:.1f}x"
+        adapted = ""
+        if meta.get("adapted"):  # the adapted copy is listed under 'model' for later runs
+            info = meta["adapted"]
+            adapted = f" (adapted for {info['seconds']:g} s; saved as {Path(info['path']).name})"
         self.status.value = (
             f"{len(labels.features)} objects in {len(res.results)} plane(s) on "
-            f"{meta['device']} with {meta['checkpoint']}{size}"
+            f"{meta['device']} with {meta['checkpoint']}{size}{adapted}"
         )
         self._viewer.layers.selection.active = labels
         show_features_table(self._viewer)
