@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -158,8 +159,10 @@ def _train_request(
 ):
     from .core.training import TrainConfig
     from .core.training_data import AugmentConfig
+    from .services.outputs import check_checkpoint_output
     from .services.training import TrainRequest, load_folder_pairs, read_split
 
+    check_checkpoint_output(args.output)  # before any image is read or any step is trained
     # the settings are checked (ConfigError) before any image is read
     cfg = TrainConfig(
         steps=args.steps,
@@ -288,21 +291,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(command: str, fallback: Callable[..., None]) -> Callable[..., None]:
+    """``warnings.showwarning`` that prints a :class:`CtxSegWarning` as one line (others as Python does)."""
+    from .core.errors import CtxSegWarning
+
+    def show(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+        if issubclass(category, CtxSegWarning):
+            print(f"ctxseg {command}: warning: {message}", file=sys.stderr)
+        else:
+            fallback(message, category, *args, **kwargs)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ctxseg`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .core.errors import CtxSegError
+    from .core.errors import CtxSegError, CtxSegWarning
 
     t0 = time.perf_counter()
     try:
-        return _COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", CtxSegWarning)
+            warnings.showwarning = _one_line_warning(args.command, warnings.showwarning)
+            return _COMMANDS[args.command](args)
     except CtxSegError as exc:
         print(f"ctxseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:
         print(f"ctxseg {args.command}: error: file not found: {exc.filename}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a folder that cannot be read or written, a full disk
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"ctxseg {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"ctxseg {args.command}: interrupted; every output written so far is complete (a re-run resumes)",
+            file=sys.stderr,
+        )
+        return 130
     finally:
         if getattr(args, "verbose", False):
             print(f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)

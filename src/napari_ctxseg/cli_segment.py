@@ -114,8 +114,11 @@ def _warn_sampler(args: argparse.Namespace) -> None:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
+    from .core.errors import InputError
     from .services.batch import collect_inputs, segment_files
 
+    if args.context_image is None and (args.context_labels is not None or args.context_region is not None):
+        raise InputError("--context-labels and --context-region need --context-image (the annotated image)")
     inputs = collect_inputs(args.inputs)
     _warn_sampler(args)
     options = _segment_options(args)
@@ -125,8 +128,6 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     options["stitch_threshold"] = args.stitch_threshold
     if args.context_image is not None:
         if args.context_labels is None:
-            from .core.errors import InputError
-
             raise InputError("--context-image needs --context-labels")
         options["context_paths"] = (
             str(args.context_image),
@@ -138,8 +139,6 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="ctxseg-adapted-") as tmp:
         if args.adapt:
             if args.context_image is None:
-                from .core.errors import InputError
-
                 raise InputError("--adapt needs a context: --context-image and --context-labels")
             # one adapted copy of the model serves the whole batch
             options["checkpoint"] = str(_adapt_from_args(args, Path(tmp) / "adapted.safetensors"))
@@ -152,9 +151,25 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             scheduler=args.scheduler,
             progress=_progress,
         )
+    failed = [r for r in done if r["status"] == "failed"]
     for record in done:
-        print(f"{record['input']} -> {record['labels']} ({record['objects']} objects, {record['status']})")
-    return 0
+        if record["status"] != "failed":
+            print(
+                f"{record['input']} -> {record['labels']} ({record['objects']} objects, {record['status']})"
+            )
+    if not failed:
+        return 0
+    if len(done) == 1:
+        raise InputError(f"{failed[0]['input']}: {failed[0]['error']}")
+    reasons = "; ".join(f"{r['input']}: {r['error']}" for r in failed[:3]) + (
+        "; ..." if len(failed) > 3 else ""
+    )
+    print(
+        f"ctxseg segment: error: {len(done) - len(failed)} of {len(done)} files done, {len(failed)} failed "
+        f"({reasons})",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def _adapt_from_args(args: argparse.Namespace, output: Path) -> Path:
@@ -237,6 +252,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .services.evaluate import evaluate_folder, format_report
 
+    if args.json is not None:
+        from .services.outputs import check_file_output
+
+        check_file_output(args.json, "JSON report")
+        _check_replaceable_json(args.json)
     _warn_sampler(args)
     report = evaluate_folder(
         args.images,
@@ -252,8 +272,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         import json
 
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        from .services.batch import _atomic_write
+
+        text = json.dumps(report, indent=1)
+        _atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(text))
     return 0
+
+
+def _check_replaceable_json(path: Path) -> None:
+    """An existing ``--json`` file is replaced only when it is a JSON report (never an image or a script)."""
+    import json
+
+    from .core.errors import InputError
+
+    if not path.exists():
+        return
+    try:
+        ok = isinstance(json.loads(path.read_text()), dict)
+    except (OSError, UnicodeDecodeError, ValueError):
+        ok = False
+    if not ok:
+        raise InputError(
+            f"{path} exists and is not a JSON report; it is never replaced (choose another --json)"
+        )
 
 
 def add_segment_parsers(sub: argparse._SubParsersAction, register: Callable) -> None:

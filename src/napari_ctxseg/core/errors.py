@@ -9,7 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-__all__ = ["CheckpointError", "ConfigError", "CtxSegError", "InputError", "resolve_named"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "CtxSegError",
+    "CtxSegWarning",
+    "InputError",
+    "resolve_named",
+]
 
 F = TypeVar("F", bound=Callable)
 
@@ -28,6 +35,13 @@ class ConfigError(CtxSegError, ValueError):
 
 class CheckpointError(CtxSegError):
     """A checkpoint that is missing, corrupt, truncated or incompatible."""
+
+
+class CtxSegWarning(UserWarning):
+    """Something a user should know that does not stop the work (a slow run, a file left out).
+
+    The CLI prints it as one line (``ctxseg <command>: warning: ...``).
+    """
 
 
 def resolve_named(

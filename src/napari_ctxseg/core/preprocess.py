@@ -116,23 +116,37 @@ def normalize_image(
         lo, hi = (float(v) for v in limits)
         if not (np.isfinite([lo, hi]).all() and hi > lo):
             raise InputError(f"intensity limits must be finite with low < high, got {tuple(limits)}")
-    out = (values - np.float32(lo)) / np.float32(hi - lo)
+    if values.dtype == np.float64:  # beyond float32's range: scaled in float64 (halved: hi - lo stays finite)
+        out = ((values / 2 - lo / 2) / (hi / 2 - lo / 2)).astype(np.float32)
+    else:
+        out = (values - np.float32(lo)) / np.float32(hi - lo)
     return np.clip(out, 0, 1) if clip else out
 
 
 def _checked_values(image: np.ndarray) -> np.ndarray:
-    """``image`` as float32, refusing non-numeric, empty and non-finite arrays."""
+    """``image`` as float32, refusing non-numeric, empty and non-finite arrays.
+
+    Finite values beyond float32's range (e.g. 1e300 in a float64 image) are kept as float64 instead of
+    becoming infinite.
+    """
     image = np.asarray(image)
-    if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool) or np.iscomplexobj(image):
+    if np.iscomplexobj(image):
+        raise InputError(
+            f"image has complex values (dtype {image.dtype}); expected real intensities (take the "
+            f"magnitude or the real part first)"
+        )
+    if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
         raise InputError(f"image must be a real numeric array, got dtype {image.dtype}")
     if image.size == 0:
         raise InputError(f"image is empty, got shape {image.shape}")
-    values = image.astype(np.float32)
-    finite = np.isfinite(values)
-    if not finite.all():
-        bad = int((~finite).sum())
-        raise InputError(f"image contains {bad} NaN or infinite values; expected finite intensities")
-    return values
+    if np.issubdtype(image.dtype, np.floating):
+        finite = np.isfinite(image)
+        if not finite.all():
+            bad = int((~finite).sum())
+            raise InputError(f"image contains {bad} NaN or infinite values; expected finite intensities")
+        if image.dtype.itemsize > 4 and float(np.abs(image).max()) > float(np.finfo(np.float32).max) / 4:
+            return image.astype(np.float64)
+    return image.astype(np.float32)
 
 
 def _flat(lo: float, hi: float) -> bool:

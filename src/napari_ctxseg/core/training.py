@@ -31,6 +31,7 @@ from .models import CtxSegP, SegP
 from .training_data import AugmentConfig, Batch, BatchStream, CropSampler, check_image_sampling
 
 __all__ = [
+    "MAX_CROP_SIZE",
     "PRECISIONS",
     "TrainConfig",
     "TrainProgress",
@@ -42,6 +43,8 @@ __all__ = [
 ]
 
 PRECISIONS = ("fp32", "bf16")  # training arithmetic: float32, or bfloat16 autocast
+#: larger training crops hold too much memory per batch (and teach nothing that tiles of this size do not)
+MAX_CROP_SIZE = 2048
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,14 @@ class TrainConfig:
         for name in ("steps", "batch_size", "crop_size"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= int(self.seed) <= 2**63 - 1:
+            raise ConfigError(f"seed must be from 0 to 2**63 - 1, got {self.seed}")
+        if self.crop_size > MAX_CROP_SIZE:
+            raise ConfigError(
+                f"crop_size must be at most {MAX_CROP_SIZE} pixels, got {self.crop_size} (a batch of "
+                f"{self.batch_size} crops that size needs about "
+                f"{self.batch_size * self.crop_size**2 * 64 / 2**30:.3g} GiB before the network's own memory)"
+            )
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not all(

@@ -68,7 +68,7 @@ def model_input(
     c = image.shape[-1]
     if c > channels:
         raise InputError(f"image has {c} channels; expected at most {channels} (H, W, C) with C last")
-    norm = normalize_image(image.astype(np.float32, copy=False), limits=limits)
+    norm = normalize_image(image, limits=limits)  # refuses complex values (a cast would drop them)
     if c == 1:
         norm = np.repeat(norm, channels, axis=-1)
     elif c < channels:

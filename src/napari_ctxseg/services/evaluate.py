@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.errors import ConfigError
 from ..core.metrics import MatchScores
 from ..core.preprocess import normalize_image
 from .measure import best_iou_per_object
@@ -122,6 +123,8 @@ def evaluate_folder(
     from .segment import SegmentRequest, segment_steps
     from .training import _find, read_array, read_split
 
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ConfigError(f"limit must be a whole number >= 0 (0: every image), got {limit!r}")
     images, labels = Path(images), Path(labels)
     names = (
         read_split(names_file, subset)

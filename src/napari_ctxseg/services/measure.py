@@ -35,6 +35,18 @@ PROPERTIES = (
 )
 
 
+def _intensity(image: np.ndarray) -> np.ndarray:
+    """Intensities as float32, or float64 where they exceed float32's range (they would become infinite)."""
+    image = np.asarray(image)
+    if (
+        image.dtype.itemsize > 4
+        and image.size
+        and float(np.abs(image).max()) > float(np.finfo(np.float32).max)
+    ):
+        return image.astype(np.float64)
+    return image.astype(np.float32, copy=False)
+
+
 def best_iou_per_object(labels: np.ndarray, other: np.ndarray) -> np.ndarray:
     """For each object 1..n of ``labels``, its best IoU with any object of ``other`` (0 if none)."""
     n = int(labels.max())
@@ -88,7 +100,7 @@ def measure_objects(
     props = list(PROPERTIES)
     intensity = None
     if image is not None:
-        intensity = np.asarray(image, dtype=np.float32)
+        intensity = _intensity(image)
         if intensity.ndim == 3:
             intensity = intensity.mean(axis=-1)
         if intensity.shape != labels.shape:
@@ -185,6 +197,6 @@ def measure_volume(labels: np.ndarray, image: np.ndarray) -> dict[str, np.ndarra
 
     props = ["label", "area", "centroid", "bbox", "intensity_mean", "intensity_max"]
     table = regionprops_table(
-        np.asarray(labels).astype(np.int32), intensity_image=np.asarray(image, np.float32), properties=props
+        np.asarray(labels).astype(np.int32), intensity_image=_intensity(image), properties=props
     )
     return {k: np.asarray(v) for k, v in table.items()}

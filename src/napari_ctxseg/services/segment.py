@@ -24,6 +24,7 @@ result is exactly flip-equivariant for a single tile only).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Generator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -49,6 +50,7 @@ from ..core.postprocess import (
 from ..core.sampling import num_model_calls, sample_steps
 from ..core.tiling import Tile, blend_weight, pad_to_multiple, plan_tiles
 from ..core.training_data import model_input
+from .limits import check_run_size, check_segment_settings
 from .models import LoadedModel, load_model
 from .progress import relay, run_to_end
 
@@ -120,6 +122,18 @@ class FlowParams:
     # objects fainter than this many noise sigmas against their surroundings are dropped (0: off);
     # see core.postprocess.remove_low_contrast_instances and docs/model_card.md
     min_contrast: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("flow_threshold", "step_size", "max_flow_err", "min_contrast"):
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Real) and math.isfinite(value) and float(value) >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not self.step_size > 0:
+            raise ConfigError(f"step_size must be > 0, got {self.step_size!r}")
+        for name in ("niter", "min_seed_cnts", "expand_min_cnts", "min_size"):
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Integral) and int(value) >= 0):
+                raise ConfigError(f"{name} must be a whole number >= 0, got {value!r}")
 
     def following(self) -> dict[str, Any]:
         """The settings of :func:`~napari_ctxseg.core.flow_following.flow_to_mask` among these."""
@@ -222,6 +236,13 @@ def _validate(req: SegmentRequest) -> None:
     if req.diameter is not None and req.diameter != "auto":
         if isinstance(req.diameter, str) or not (req.diameter > 0 and math.isfinite(req.diameter)):
             raise ConfigError(f"diameter must be a positive number of pixels or 'auto', got {req.diameter!r}")
+    check_segment_settings(
+        num_samples=req.num_samples,
+        diameter=req.diameter,
+        tile_size=req.tile_size,
+        tile_overlap=req.tile_overlap,
+        seed=req.seed,
+    )
     if (req.context_image is None) != (req.context_labels is None):
         raise InputError("a context needs both an image and its labels")
     if not (math.isfinite(req.adapt_seconds) and 0 <= req.adapt_seconds <= 86400):
@@ -273,9 +294,16 @@ def validate_context(
             f"the context labels must cover the context image pixel for pixel"
         )
     if not np.issubdtype(labels.dtype, np.integer):
-        raise InputError(f"{names[1]!r} must hold integer instance labels, got dtype {labels.dtype}")
+        nan = " with NaN values" if np.issubdtype(labels.dtype, np.inexact) and np.isnan(labels).any() else ""
+        raise InputError(
+            f"{names[1]!r} must hold integer instance labels, got dtype {labels.dtype}{nan} (save the "
+            f"labels as integers: 0 background, 1, 2, ... one per object)"
+        )
     if region is not None:
-        region = np.asarray(region).astype(bool)
+        region = np.asarray(region)
+        if np.issubdtype(region.dtype, np.inexact) and np.isnan(region).any():
+            raise InputError("the context region holds NaN values; expected a mask (non-zero: complete)")
+        region = region.astype(bool)
         if region.shape != labels.shape:
             raise InputError(f"the context region has shape {region.shape}; expected {labels.shape}")
         if not region.any():
@@ -572,6 +600,7 @@ def segment_steps(
         req = replace(req, diameter=diameter)
     scale = 1.0 if req.diameter is None else MODEL_DIAMETER / float(req.diameter)
     h0, w0 = image.shape[:2]
+    check_run_size((h0, w0), scale, num_samples=req.num_samples, views=len(TTA_FLIPS) if req.tta else 1)
     flows_s, n_tiles, total = yield from _network_flows(req, loaded, x, scale)  # (N, 2, h, w)
     del x  # the network's inputs and intermediates are freed before flow following
     if req.follow_flows:

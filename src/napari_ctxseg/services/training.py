@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +21,13 @@ import torch
 
 from ..core.checkpoint import CheckpointInfo, save_checkpoint
 from ..core.config import ModelConfig
-from ..core.errors import ConfigError, InputError
+from ..core.errors import ConfigError, CtxSegWarning, InputError
 from ..core.models import SegP, build_model
 from ..core.training import TrainConfig, Trainer, TrainProgress
 from ..core.training_data import AnnotatedImage, AugmentConfig, CropSampler, acquisition_key, annotate
 from .devices import resolve_device
 from .models import PRESETS, load_model
+from .outputs import check_checkpoint_output
 
 __all__ = ["TrainRequest", "load_folder_pairs", "read_split", "run_training"]
 
@@ -47,18 +49,42 @@ def _find(folder: Path, name: str) -> Path:
 
 
 def read_array(path: str | os.PathLike) -> np.ndarray:
-    """Read a TIFF, PNG or .npy file into a numpy array."""
+    """Read a TIFF, PNG or .npy file into a numpy array.
+
+    Raises
+    ------
+    InputError
+        A missing file, a folder, or a file that cannot be read as an image of its kind (not an image,
+        truncated, an object array), or an array of fewer than two dimensions.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; expected an image file")
+    if not path.is_file():
+        raise InputError(f"file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix in (".tif", ".tiff"):
-        import tifffile
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
 
-        return tifffile.imread(path)
-    if suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    from skimage.io import imread
+            array = tifffile.imread(path)
+        elif suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+        else:
+            from skimage.io import imread
 
-    return imread(path)
+            array = imread(path)
+    except MemoryError:
+        raise
+    except Exception as exc:  # readers raise many types for a foreign, corrupt or truncated file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(
+            f"cannot read {path} as an image (corrupt, truncated or not an image?): {reason}"
+        ) from exc
+    array = np.asarray(array)
+    if array.ndim < 2:
+        raise InputError(f"{path} holds an array of shape {array.shape}; expected an image of 2 or more axes")
+    return array
 
 
 def _load_pair(images: Path, labels: Path, name: str) -> AnnotatedImage:
@@ -77,10 +103,25 @@ def load_folder_pairs(
     ``workers`` > 0 reads and computes flows in that many processes (same result, in ``names`` order).
     """
     images, labels = Path(images), Path(labels)
+    for folder in (images, labels):
+        if not folder.is_dir():
+            raise InputError(f"{folder} is not a folder; expected a folder of images")
     if names is None:
         names = sorted(
             p.stem for p in labels.iterdir() if p.suffix.lower() in (".tif", ".tiff", ".png", ".npy")
         )
+        unlabelled = sorted(
+            {p.stem for p in images.iterdir() if p.suffix.lower() in (".tif", ".tiff", ".png", ".npy")}
+            - set(names)
+        )
+        if unlabelled:
+            shown = ", ".join(unlabelled[:5]) + (", ..." if len(unlabelled) > 5 else "")
+            warnings.warn(
+                f"{len(unlabelled)} image(s) in {images} have no label file in {labels} and are left "
+                f"out: {shown}",
+                CtxSegWarning,
+                stacklevel=2,
+            )
     if not names:
         raise InputError(f"no label images found in {labels}")
     if workers > 0 and len(names) > 1:
@@ -183,6 +224,7 @@ def run_training(req: TrainRequest) -> Generator[TrainProgress, None, Path]:
         raise InputError("no training images")
     if not any(int(im.labels.max()) > 0 for im in req.train_images):
         raise InputError("the training labels contain no annotated objects")
+    check_checkpoint_output(req.output)  # before any training: a user's file is never replaced
     cfg = req.config
     model, prov, sigma_data, sampling = _initial_model(req)
     if abs(sigma_data - cfg.sigma_data) > 1e-12:
