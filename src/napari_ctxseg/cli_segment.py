@@ -142,6 +142,10 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                 raise InputError("--adapt needs a context: --context-image and --context-labels")
             # one adapted copy of the model serves the whole batch
             options["checkpoint"] = str(_adapt_from_args(args, Path(tmp) / "adapted.safetensors"))
+        if args.calibrate:
+            if args.context_image is None:
+                raise InputError("--calibrate needs a context: --context-image and --context-labels")
+            options.update(_calibrate_from_args(args, options))
         done = segment_files(
             inputs,
             args.output,
@@ -199,6 +203,32 @@ def _adapt_from_args(args: argparse.Namespace, output: Path) -> Path:
     )
     _progress(f"adapted model: {path}")
     return path
+
+
+def _calibrate_from_args(args: argparse.Namespace, options: dict) -> dict:
+    """Calibrate diameter and flow settings on the context files once for the batch; print the self-score."""
+    from .services.calibrate import calibrate_steps
+    from .services.progress import run_to_end
+    from .services.segment import SegmentRequest
+    from .services.training import read_array
+
+    image = read_array(args.context_image)
+    region = None if args.context_region is None else read_array(args.context_region)
+    req = SegmentRequest(
+        image=image,
+        **{k: v for k, v in options.items() if k in SegmentRequest.__dataclass_fields__ and k != "image"},
+        context_image=image,
+        context_labels=read_array(args.context_labels),
+        context_region=region,
+    )
+    _progress("calibrating on the context ...")
+    cal = run_to_end(calibrate_steps(req))
+    _progress(
+        f"context self-score AP@0.5 {cal.self_score:.3f} (with the given settings {cal.default_score:.3f}): "
+        f"diameter {cal.diameter:.1f} px, flow threshold {cal.flow.flow_threshold}, "
+        f"min size {cal.flow.min_size}"
+    )
+    return {"diameter": cal.diameter, "flow": cal.flow}
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
@@ -340,6 +370,12 @@ def add_segment_parsers(sub: argparse._SubParsersAction, register: Callable) -> 
         metavar="SECONDS",
         help="first fine-tune a copy of the model on the context for this many seconds (about 90 on 2 CPU "
         "cores), then segment every input with it (default: off)",
+    )
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="with a context: pick the diameter, flow threshold and min size that score best on the context "
+        "itself, print that self-score (AP@0.5), and segment with them (default: off)",
     )
     p.add_argument("--workers", type=int, default=0, help="run on a local dask cluster with N workers")
     p.add_argument("--scheduler", help="address of an existing dask.distributed scheduler")

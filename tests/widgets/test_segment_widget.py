@@ -458,3 +458,23 @@ def test_cancelling_an_adaptation_adds_no_layer_and_keeps_no_copy(
     assert "cancelled" in widget.status.value
     assert [type(x).__name__ for x in viewer.layers] == ["Image", "Labels"]
     assert not list((tmp_path / ".napari-ctxseg" / "models").glob("adapted-*.safetensors"))
+
+
+def test_calibrating_on_the_context_reports_its_self_score(qtbot: Any, segment_widget: Any) -> None:
+    from napari_ctxseg._sample_data import read_sample
+
+    viewer, widget, _ = segment_widget()
+    widget.checkpoint.value = "default"  # the bundled nuclei model on a bundled annotated nuclei crop
+    widget.steps.value, widget.solver.value = 1, "edf"
+    image = viewer.add_image(read_sample("context")[:128, :128], name="ref")
+    labels = viewer.add_labels(read_sample("context_labels")[:128, :128], name="ref labels")
+    widget.ctx_image.value, widget.ctx_labels.value = image, labels
+    assert widget.calibrate.value  # on by default when a context is given
+    run_and_wait(qtbot, widget, timeout=180_000)
+    assert widget.error.value == ""
+    cal = viewer.layers["cells ctxseg labels"].metadata["ctxseg"]["calibration"]
+    assert 0.5 < cal["self_score_ap50"] <= 1.0
+    assert f"context self-score AP@0.5 {cal['self_score_ap50']:.2f}" in widget.status.value
+    # the chosen flow settings are now the re-threshold controls' values
+    assert widget.min_flow.value == pytest.approx(cal["flow_threshold"])
+    assert widget.min_size.value == cal["min_size"]

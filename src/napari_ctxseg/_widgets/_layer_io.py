@@ -172,6 +172,7 @@ class RunSettings:
     normalize: Normalize = "plane"  # stacks: each plane's or the stack's percentiles (services.stack)
     volume_3d: bool = False  # grey (Z, Y, X) stacks: flows of all three orientations followed in 3D
     adapt_seconds: float = 0.0  # > 0 with a context: adapt a copy of the model to it first (services.adapt)
+    calibrate: bool = False  # with a context: diameter and flow settings that score best on it (calibrate)
 
     def request(self, image: np.ndarray, context: ContextData | None = None) -> SegmentRequest:
         """A :class:`SegmentRequest` for one 2D plane."""

@@ -91,6 +91,14 @@ def segment_planes(
             adapted = yield from adapt_to_context(settings, context)
             adapted_from, settings = settings.checkpoint, replace(settings, checkpoint=str(adapted))
         loaded = load_model(settings.checkpoint, device=settings.device)
+        calibration = None
+        if settings.calibrate and context is not None:
+            from ..services.calibrate import calibrate_steps
+
+            probe = settings.request(snap.data[snap.planes()[0]], context)
+            cal = yield from _relay(calibrate_steps(probe, loaded=loaded), 0, 1)
+            calibration = cal.summary()
+            settings = replace(settings, diameter=cal.diameter, flow=cal.flow)
         planes = snap.planes()
         stack = len(planes) > 1
         base = settings.request(snap.data[planes[0]], context)
@@ -107,6 +115,8 @@ def segment_planes(
         results = []
         for i, idx in enumerate(planes):
             res = yield from _relay(segment_steps(request(snap.data[idx]), loaded=loaded), i, len(planes))
+            if calibration is not None:
+                res.metadata["calibration"] = calibration
             if adapted_from is not None:
                 res.metadata["adapted"] = {
                     "base": adapted_from,

@@ -183,6 +183,13 @@ class SegmentWidget(Container):
             step=15,
             tooltip="Training time of the adaptation (about 90 s on 2 CPU cores; setup comes on top)",
         )
+        self.calibrate = CheckBox(
+            label="calibrate on context",
+            value=True,
+            tooltip="With a context: segment the context image itself at three object sizes and a few "
+            "flow settings, keep those that match its labels best, and report that context self-score "
+            "(AP@0.5) so you know before a batch whether the settings fit",
+        )
         self.fov = CheckBox(label="visible field of view only", value=False)
         self.out_flow = CheckBox(label="flow image", value=False)
         self.out_disagreement = CheckBox(label="sample disagreement image", value=False)
@@ -242,6 +249,7 @@ class SegmentWidget(Container):
                 self.ctx_image,
                 self.ctx_labels,
                 self.ctx_region,
+                self.calibrate,
                 self.adapt,
                 self.adapt_seconds,
                 self.fov,
@@ -325,6 +333,7 @@ class SegmentWidget(Container):
             normalize=self.normalize.value,
             volume_3d=self.volume_3d.value,
             adapt_seconds=float(self.adapt_seconds.value) if self.adapt.value else 0.0,
+            calibrate=self.calibrate.value,
         )
 
     def _set_busy(self, busy: bool) -> None:
@@ -457,9 +466,13 @@ class SegmentWidget(Container):
             if scale != 1.0:
                 size += f", upscaled {scale:.1f}x" if scale > 1.0 else f", downscaled {1 / scale:.1f}x"
         adapted = ""
+        if meta.get("calibration"):  # the chosen settings become the re-threshold controls' values
+            cal = meta["calibration"]
+            self.min_flow.value, self.min_size.value = cal["flow_threshold"], cal["min_size"]
+            adapted = f"; context self-score AP@0.5 {cal['self_score_ap50']:.2f}"
         if meta.get("adapted"):  # the adapted copy is listed under 'model' for later runs
             info = meta["adapted"]
-            adapted = f" (adapted for {info['seconds']:g} s; saved as {Path(info['path']).name})"
+            adapted += f" (adapted for {info['seconds']:g} s; saved as {Path(info['path']).name})"
         self.status.value = (
             f"{len(labels.features)} objects in {len(res.results)} plane(s) on "
             f"{meta['device']} with {meta['checkpoint']}{size}{adapted}"

@@ -178,6 +178,9 @@ class SegmentRequest:
     sigma_max: float = 80.0
     # > 0: first fine-tune a copy of the model on the context for this many seconds (services.adapt)
     adapt_seconds: float = 0.0
+    # with a context: pick the diameter, flow threshold and min size that score best on the context itself
+    # (services.calibrate); the result's metadata then holds the context self-score
+    calibrate: bool = False
 
 
 @dataclass
@@ -249,6 +252,8 @@ def _validate(req: SegmentRequest) -> None:
         raise ConfigError(f"adapt_seconds must be between 0 and 86400, got {req.adapt_seconds}")
     if req.adapt_seconds and req.context_image is None:
         raise InputError("adapting to a context needs a context: an image and its labels")
+    if req.calibrate and req.context_image is None:
+        raise InputError("calibrating on the context needs a context: an image and its labels")
     if req.context_image is not None:
         for image, labels, region in _references(req):
             validate_context(image, labels, region)
@@ -590,6 +595,8 @@ def segment_steps(
             f"{loaded.name} is a {loaded.info.kind} model without a context path; use a "
             f"ctxseg-p checkpoint for in-context segmentation"
         )
+    if req.calibrate:
+        return (yield from _segment_calibrated(req, loaded))
     measured = None
     if req.diameter == "auto":
         measured, probe = yield from _measure_diameter(req, loaded)
@@ -641,6 +648,20 @@ def segment_steps(
         meta,
         flows_s.numpy(),
     )
+
+
+def _segment_calibrated(
+    req: SegmentRequest, loaded: LoadedModel
+) -> Generator[SegmentProgress, None, SegmentResult]:
+    """Calibrate the diameter and flow settings on the context, then segment with them."""
+    from .calibrate import calibrate_steps
+
+    cal = yield from calibrate_steps(req, loaded=loaded)
+    result: SegmentResult = yield from segment_steps(
+        replace(req, calibrate=False, diameter=cal.diameter, flow=cal.flow), loaded=loaded
+    )
+    result.metadata["calibration"] = cal.summary()
+    return result
 
 
 def _segment_adapted(req: SegmentRequest) -> Generator[SegmentProgress, None, SegmentResult]:
