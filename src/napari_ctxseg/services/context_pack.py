@@ -139,7 +139,7 @@ def save_context_pack(
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
+            np.savez_compressed(f, **arrays)  # type: ignore[arg-type]  # numpy's stub reads allow_pickle
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
