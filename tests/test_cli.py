@@ -204,10 +204,11 @@ def test_bad_inputs_print_one_line_and_exit_2(tmp_path, image_dir, tiny_checkpoi
             str(tiny_checkpoint),
             "--device",
             "cpu",
+            "--quiet",
         ]
     )
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 2 and "constant" in err[-1] and "Traceback" not in "".join(err)
+    assert code == 2 and len(err) == 1 and "constant" in err[-1] and "Traceback" not in "".join(err)
     assert main(["segment", str(tmp_path / "missing*.tif"), "--device", "cpu"]) == 2
     assert "no image found" in capsys.readouterr().err
     (tmp_path / "bad.safetensors").write_bytes(b"\x80\x04junk")
@@ -385,3 +386,100 @@ def test_min_contrast_option_reaches_the_flow_settings() -> None:
     assert _segment_options(parser.parse_args(["segment", "x.tif"]))["flow"].min_contrast == 0.0
     args = parser.parse_args(["segment", "x.tif", "--min-contrast", "3"])
     assert _segment_options(args)["flow"].min_contrast == 3.0
+
+
+def _subparsers():
+    import argparse
+
+    from napari_ctxseg.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+@pytest.mark.parametrize("command", ["segment", "adapt", "train", "finetune", "convert", "eval"])
+def test_every_option_has_a_help_line_and_shows_its_default(command, capsys) -> None:
+    parser = _subparsers()[command]
+    for action in parser._actions:
+        assert action.help, f"ctxseg {command} {action.option_strings or action.dest} has no help"
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    optional = [a for a in parser._actions if a.option_strings and not a.required and a.dest != "help"]
+    formatter = parser._get_formatter()
+    for action in optional:
+        assert "%(default)" in (formatter._get_help_string(action) or ""), (command, action.option_strings)
+    for flag in ("--steps", "--seed", "--quiet" if command != "convert" else "--half"):
+        if any(flag in a.option_strings for a in optional):
+            action = next(a for a in optional if flag in a.option_strings)
+            assert f"(default: {action.default})" in text, (command, flag)
+
+
+def test_finetune_defaults_end_in_a_predictable_time(capsys) -> None:
+    from napari_ctxseg.cli import FINETUNE_BUDGET_MIN
+
+    args = _subparsers()["finetune"].parse_args(["--images", "i", "--labels", "l", "-o", "m.safetensors"])
+    assert args.time_budget_min == FINETUNE_BUDGET_MIN > 0 and args.lr == 3e-4
+    assert args.steps * args.batch_size <= 8000  # a 2-core CPU trains ~4 steps of 4 crops a second at best
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"trains for {FINETUNE_BUDGET_MIN:g} minutes" in text
+
+
+def test_segment_shows_a_progress_bar_unless_quiet(tmp_path, image_dir, tiny_checkpoint, capsys) -> None:
+    args = [str(image_dir / "im*.tif"), "--checkpoint", str(tiny_checkpoint), "--device", "cpu"]
+    assert main(["segment", *args, "-o", str(tmp_path / "a")]) == 0
+    captured = capsys.readouterr()
+    assert "2/2" in captured.err and "image/s" in captured.err  # tqdm's bar
+    assert captured.out.count("objects, done") == 2
+    assert main(["segment", *args, "-o", str(tmp_path / "b"), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.count("objects, done") == 2
+
+
+def test_segment_a_chosen_channel_of_channel_first_images(tmp_path, tiny_checkpoint, capsys) -> None:
+    img, _ = blobs((64, 72))
+    noise = (np.random.default_rng(0).random(img.shape) * 255).astype(img.dtype)
+    tifffile.imwrite(tmp_path / "grey.tif", img)
+    tifffile.imwrite(tmp_path / "two.tif", np.stack([noise, img]))  # (C, H, W): cells in channel 1
+    common = ["--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--diameter", "none", "-q"]
+    assert main(["segment", str(tmp_path / "grey.tif"), "-o", str(tmp_path / "g"), *common]) == 0
+    two = ["segment", str(tmp_path / "two.tif"), "-o", str(tmp_path / "c"), *common]
+    assert main([*two, "--channel", "1", "--channel-axis", "0"]) == 0
+    np.testing.assert_array_equal(
+        tifffile.imread(tmp_path / "c" / "two_labels.tif"),
+        tifffile.imread(tmp_path / "g" / "grey_labels.tif"),
+    )
+    capsys.readouterr()
+    assert main([*two, "--channel", "2", "--channel-axis", "0", "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "channel 2 does not exist" in err[0] and "2 channels" in err[0]
+    assert main([*two, "--nuclear-channel", "0"]) == 2
+    assert "--nuclear-channel needs --channel" in capsys.readouterr().err
+
+
+def test_segment_and_adapt_take_a_context_pack(tmp_path, image_dir, tiny_checkpoint, capsys) -> None:
+    from napari_ctxseg.services.context_pack import save_context_pack
+
+    img, lab = tifffile.imread(image_dir / "im1.tif"), tifffile.imread(image_dir / "lab1.tif")
+    pack = save_context_pack(tmp_path / "ctx.npz", img, lab)
+    common = [str(image_dir / "im0.tif"), "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "-q"]
+    assert main(["segment", *common, "-o", str(tmp_path / "p"), "--context", str(pack)]) == 0
+    files = ["--context-image", str(image_dir / "im1.tif"), "--context-labels", str(image_dir / "lab1.tif")]
+    assert main(["segment", *common, "-o", str(tmp_path / "f"), *files]) == 0
+    np.testing.assert_array_equal(
+        tifffile.imread(tmp_path / "p" / "im0_labels.tif"), tifffile.imread(tmp_path / "f" / "im0_labels.tif")
+    )
+    capsys.readouterr()
+    assert main(["segment", *common, "-o", str(tmp_path / "x"), "--context", str(pack), *files]) == 2
+    assert "not both" in capsys.readouterr().err
+    (tmp_path / "bad.npz").write_bytes(b"junk")
+    assert main(["segment", *common, "-o", str(tmp_path / "y"), "--context", str(tmp_path / "bad.npz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a readable context pack" in err[0]
+    out = tmp_path / "adapted.safetensors"
+    argv = ["adapt", "--context", str(pack), "--seconds", "2", "-o", str(out)]
+    assert main([*argv, "--checkpoint", str(tiny_checkpoint), "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert out.is_file() and "wrote" in captured.out and "adapt tiny.safetensors" in captured.err  # the bar

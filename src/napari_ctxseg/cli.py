@@ -28,18 +28,15 @@ def _command(name: str):
     return deco
 
 
-def _progress_line(text: str) -> None:
-    if sys.stderr.isatty():
-        sys.stderr.write("\r" + text[:150].ljust(150))
-    else:
-        sys.stderr.write(text + "\n")
-    sys.stderr.flush()
+#: ``ctxseg finetune`` defaults, sized to end in a predictable time on 2 CPU cores beside other work: the
+#: time budget ends the training (the learning rate decays by time), the steps bound it on a faster machine
+FINETUNE_BUDGET_MIN = 10.0
+FINETUNE_STEPS = 1500
+FINETUNE_BATCH = 4
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--device", default="auto", help="auto (default: CUDA, then MPS, then CPU), cpu, cuda, mps"
-    )
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
 
 
 # ---- train / finetune -------------------------------------------------------------------------------------
@@ -55,19 +52,23 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--split", type=Path, help="JSON file with 'train' (and 'val') lists of names")
     p.add_argument("-o", "--output", required=True, type=Path, help="checkpoint to write (.safetensors)")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--crop-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-every", type=int, default=500)
+    p.add_argument(
+        "--steps", type=int, default=2000, help="optimiser steps (the most steps when a time budget is set)"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="samples (crops) per step")
+    p.add_argument("--crop-size", type=int, default=128, help="side of the square training crops (pixels)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (after a short warm-up)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    p.add_argument(
+        "--val-every", type=int, default=500, help="validate every N steps (with a --split 'val' list)"
+    )
     p.add_argument("--no-augment", action="store_true", help="no flips, rescaling or intensity changes")
     p.add_argument(
         "--target-diameter",
         type=float,
         default=None,
         help="rescale each image so its median object diameter is this many pixels before the "
-        "random rescaling of --scale-range (default: images as they are)",
+        "random rescaling of --scale-range (None: images as they are)",
     )
     p.add_argument(
         "--scale-range",
@@ -75,20 +76,20 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         nargs=2,
         default=(0.5, 2.0),
         metavar=("LOW", "HIGH"),
-        help="random rescale factors, drawn log-uniformly (default 0.5 2)",
+        help="random rescale factors, drawn log-uniformly",
     )
     p.add_argument(
         "--blur-prob",
         type=float,
         default=0.0,  # sigma: core.training_data.AugmentConfig
-        help="fraction of crops blurred by a Gaussian of 0.5-2 px (out-of-focus nuclei; default 0)",
+        help="fraction of crops blurred by a Gaussian of 0.5-2 px (out-of-focus nuclei)",
     )
     p.add_argument(
         "--dim-prob",
         type=float,
         default=0.0,  # factors: core.training_data.AugmentConfig
         help="fraction of crops in which about half of the objects are dimmed to 10-50 %% of their "
-        "contrast (faint nuclei among bright ones; default 0)",
+        "contrast (faint nuclei among bright ones)",
     )
     p.add_argument(
         "--p-sigma-max",
@@ -106,52 +107,60 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "--weighting",
         default="unit",
         choices=["unit", "schedule"],
-        help="loss weight: unit (1/c_out^2, default) or the schedule's (as the original)",
+        help="loss weight: unit (1/c_out^2) or the schedule's (as the original)",
     )
     p.add_argument(
         "--p-other-reference",
         type=float,
         default=0.0,
         help="fraction of context references taken from another image of the same size and "
-        "modality (default 0: a crop of the same image)",
+        "modality (0: a crop of the same image)",
     )
     p.add_argument(
         "--image-sampling",
         default="sqrt-area",
         choices=["sqrt-area", "area"],  # core.training_data.IMAGE_SAMPLING
-        help="how often each image is drawn: sqrt-area (default) or area (its area after "
+        help="how often each image is drawn: sqrt-area or area (its area after "
         "--target-diameter rescaling, so every object is about equally likely)",
     )
     p.add_argument("--resume", type=Path, help="training state to continue from")
     p.add_argument("--state", type=Path, help="where to write the resumable training state")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="also write the checkpoint every N steps")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="also write the checkpoint every N steps (0: at the end)",
+    )
     p.add_argument("--half", action="store_true", help="store weights as float16")
     p.add_argument(
         "--precision",
         default="fp32",
         choices=["fp32", "bf16"],  # core.training.PRECISIONS
-        help="training arithmetic: fp32 (default) or bf16 autocast (faster on CPUs with "
+        help="training arithmetic: fp32 or bf16 autocast (faster on CPUs with "
         "AVX-512 BF16 or AMX and on recent GPUs)",
     )
     p.add_argument(
         "--threads",
         type=int,
         default=0,
-        help="CPU threads for torch (default: all cores; 1 is faster on a busy machine)",
+        help="CPU threads for torch (0: all cores; 1 is faster on a busy machine)",
     )
     p.add_argument(
         "--loader-workers",
         type=int,
         default=0,
-        help="processes that load images and draw batches (default 0: none; use on a GPU)",
+        help="processes that load images and draw batches (0: none; use on a GPU)",
     )
     p.add_argument(
         "--time-budget-min",
         type=float,
         default=0.0,
-        help="stop after this many minutes of training (the learning rate decays by time)",
+        help="stop after this many minutes of training (the learning rate decays by time; 0: no budget)",
     )
     _add_device(p)
+    from .cli_segment import add_quiet
+
+    add_quiet(p)
 
 
 def _train_request(
@@ -221,7 +230,7 @@ def _train_request(
     )
 
 
-def _run_training(req, threads: int = 0) -> int:
+def _run_training(req, threads: int = 0, quiet: bool = False) -> int:
     import torch
 
     from .services.training import run_training
@@ -232,35 +241,39 @@ def _run_training(req, threads: int = 0) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
+    from tqdm import tqdm
+
     gen = run_training(req)
+    bar = tqdm(total=req.config.steps, unit="step", disable=quiet, dynamic_ncols=True, file=sys.stderr)
+    val = ""
     try:
         while True:
             p = next(gen)
-            val = f" val {p.val_loss:.4f}" if p.val_loss is not None else ""
-            if p.step == 1 or p.step % 10 == 0 or p.step == p.total or p.val_loss is not None:
-                _progress_line(
-                    f"step {p.step}/{p.total} loss {p.loss:.4f}{val} {p.samples_per_s:.1f} samples/s "
-                    f"ETA {p.eta_s / 60:.1f} min"
-                )
+            if p.val_loss is not None:
+                val = f"{p.val_loss:.4f}"
+            bar.total = p.total  # a time budget may end it sooner; the bar shows the steps' upper bound
+            bar.update(p.step - bar.n)
+            bar.set_postfix(loss=f"{p.loss:.4f}", val=val or "-", refresh=False)
     except StopIteration as stop:
-        sys.stderr.write("\n")
+        bar.close()
         print(f"wrote {stop.value}")
         return 0
     except KeyboardInterrupt:
         gen.close()
-        sys.stderr.write("\n")
+        bar.close()
         print(f"interrupted; best weights so far written to {req.output}")
         return 130
 
 
 @_command("train")
 def _cmd_train(args: argparse.Namespace) -> int:
-    return _run_training(_train_request(args, preset=args.preset, base=None), args.threads)
+    return _run_training(_train_request(args, preset=args.preset, base=None), args.threads, args.quiet)
 
 
 @_command("finetune")
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    return _run_training(_train_request(args, preset=None, base=getattr(args, "from")), args.threads)
+    req = _train_request(args, preset=None, base=getattr(args, "from"))
+    return _run_training(req, args.threads, args.quiet)
 
 
 # ---- parser ----------------------------------------------------------------------------------------------
@@ -268,24 +281,42 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``ctxseg`` (subcommands register their options here)."""
+    from .cli_segment import HelpFormatter, add_segment_parsers
+
     parser = argparse.ArgumentParser(
-        prog="ctxseg", description="In-context cell segmentation with diffusion models (napari-ctxseg)."
+        prog="ctxseg",
+        description="In-context cell segmentation with diffusion models (napari-ctxseg).",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"napari-ctxseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a model from scratch on folders of images and labels")
+    p = sub.add_parser(
+        "train",
+        help="train a model from scratch on folders of images and labels",
+        formatter_class=HelpFormatter,
+    )
     _add_train_args(p)
     p.add_argument(
-        "--preset", default="small", help="model size: tiny, small (the default model), medium, original"
+        "--preset", default="small", help="model size: tiny, small (the bundled model's), medium, original"
     )
 
-    p = sub.add_parser("finetune", help="adapt a model to your own annotated images")
+    p = sub.add_parser(
+        "finetune",
+        help="adapt a model to your own annotated images",
+        description=f"Fine-tune a model on folders of images and labels. With the defaults it trains for "
+        f"{FINETUNE_BUDGET_MIN:g} minutes ({FINETUNE_STEPS} steps of {FINETUNE_BATCH} crops at most; on 2 "
+        f"CPU cores the time budget ends it first); reading the images and saving come on top (seconds). "
+        f"Set --time-budget-min 0 to train for all --steps.",
+        formatter_class=HelpFormatter,
+    )
     _add_train_args(p)
-    p.add_argument("--from", default="default", help="checkpoint to start from (default: the bundled model)")
-    p.set_defaults(lr=3e-4)
-
-    from .cli_segment import add_segment_parsers
+    p.add_argument(
+        "--from", default="default", help="checkpoint to start from ('default': the bundled model)"
+    )
+    p.set_defaults(
+        lr=3e-4, steps=FINETUNE_STEPS, batch_size=FINETUNE_BATCH, time_budget_min=FINETUNE_BUDGET_MIN
+    )
 
     add_segment_parsers(sub, _command)
     return parser

@@ -355,3 +355,20 @@ def test_min_contrast_drops_objects_found_in_pure_noise_and_keeps_nuclei() -> No
     np.testing.assert_array_equal(filtered.labels, plain.labels)
     with pytest.raises(ConfigError, match="min_contrast needs the image"):
         labels_from_flows(plain.flows_model_scale, FlowParams(min_contrast=3.0))
+
+
+def test_channel_choice_segments_that_channel_and_is_recorded(tiny_checkpoint) -> None:
+    image, _ = blobs()
+    noise = np.random.default_rng(1).random(image.shape)
+    stack = np.stack([noise, image])  # (C, H, W): the cells are in channel 1
+    kw = dict(checkpoint=str(tiny_checkpoint), device="cpu", diameter=None)
+    chosen = segment(stack, channel=1, channel_axis=0, **kw)
+    plain = segment(image, **kw)
+    np.testing.assert_array_equal(chosen.labels, plain.labels)
+    assert chosen.metadata["channels"]["channel"] == 1 and plain.metadata["channels"] is None
+    both = segment(stack, channel=1, nuclear_channel=0, channel_axis=0, **kw)
+    assert both.metadata["channels"]["model_input"] == "(channel, nuclear, 0)"
+    with pytest.raises(InputError, match="does not exist"):
+        segment(stack, channel=2, channel_axis=0, **kw)
+    with pytest.raises(ConfigError, match="nuclear channel needs"):
+        segment(image, nuclear_channel=0, **kw)

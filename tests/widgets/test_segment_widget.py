@@ -478,3 +478,68 @@ def test_calibrating_on_the_context_reports_its_self_score(qtbot: Any, segment_w
     # the chosen flow settings are now the re-threshold controls' values
     assert widget.min_flow.value == pytest.approx(cal["flow_threshold"])
     assert widget.min_size.value == cal["min_size"]
+
+
+def test_channel_choice_of_a_channel_first_layer(qtbot: Any, segment_widget: Any) -> None:
+    cells = nuclei_crop()
+    noise = np.random.default_rng(0).integers(0, 255, cells.shape).astype(cells.dtype)
+    viewer, widget, _ = segment_widget(np.stack([noise, cells]), scale=(1.0, 0.5, 0.5))
+    widget.diameter.value = 20.0
+    assert list(widget.channel.choices) == [None, 0, 1]
+    widget.channel.value = 1
+    run_and_wait(qtbot, widget)
+    assert widget.error.value == ""
+    labels = viewer.layers["cells ctxseg labels"]
+    assert labels.data.shape == (128, 128)  # the channel axis is gone
+    np.testing.assert_allclose(labels.scale, (0.5, 0.5))
+    meta = labels.metadata["ctxseg"]
+    assert meta["channels"]["channel"] == 1 and meta["channels"]["channel_axis"] == 0
+    assert widget.progress.value == widget.progress.max  # the bar is full beside "N objects ..."
+    # the features table shows the label once: napari's row number "Index" is hidden beside "index"
+    table = viewer.window.dock_widgets["Features table widget (napari)"].table
+    model = table.model()
+    headers = {model.headerData(c, 1, 0): c for c in range(model.columnCount())}
+    assert "index" in headers and table.isColumnHidden(headers["Index"])
+    assert not table.isColumnHidden(headers["index"])
+
+
+def test_nuclear_channel_from_another_layer(qtbot: Any, segment_widget: Any) -> None:
+    viewer, widget, _ = segment_widget()
+    viewer.add_image(nuclei_crop()[::-1].copy(), name="dapi")
+    widget.diameter.value = 20.0
+    widget.nuclear.reset_choices()
+    widget.nuclear.value = viewer.layers["dapi"]
+    run_and_wait(qtbot, widget)
+    assert widget.error.value == ""
+    meta = viewer.layers["cells ctxseg labels"].metadata["ctxseg"]
+    assert meta["channels"]["nuclear_layer"] == "dapi"
+    assert meta["channels"]["model_input"] == "(channel, nuclear, 0)"
+
+
+def test_save_and_load_a_context_pack(qtbot: Any, segment_widget: Any, tmp_path: Any) -> None:
+    from napari_ctxseg.services.context_pack import load_context_pack
+
+    viewer, widget, layer = segment_widget()
+    lab = np.zeros((128, 128), np.uint16)
+    lab[10:20, 10:20], lab[40:52, 60:70] = 1, 2
+    labels = viewer.add_labels(lab, name="truth")
+    widget.ctx_image.value, widget.ctx_labels.value = layer, labels
+    widget._ask_path = lambda save: str(tmp_path / "ctx")  # no dialog in tests; ".npz" is added
+    widget.save_context_button.native.click()
+    assert widget.error.value == "" and "saved" in widget.status.value
+    pack = load_context_pack(tmp_path / "ctx.npz")
+    np.testing.assert_array_equal(pack.labels, lab)
+    assert pack.info["labels_layer"] == "truth" and pack.self_score is None
+
+    widget._ask_path = lambda save: str(tmp_path / "ctx.npz")
+    widget.load_context_button.native.click()
+    assert widget.error.value == "" and "loaded" in widget.status.value
+    assert widget.ctx_image.value.name == "ctx context image"
+    assert widget.ctx_labels.value.name == "ctx context labels"
+    np.testing.assert_array_equal(widget.ctx_labels.value.data, lab)
+
+    (tmp_path / "bad.npz").write_bytes(b"junk")
+    widget._ask_path = lambda save: str(tmp_path / "bad.npz")
+    n = len(viewer.layers)
+    widget.load_context_button.native.click()
+    assert "not a readable context pack" in widget.error.value and len(viewer.layers) == n

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["FEATURES_TABLE", "show_features_table", "tidy"]
+__all__ = ["FEATURES_TABLE", "hide_row_numbers", "show_features_table", "tidy"]
 
 #: The dock widget name napari gives the builtin table ("<widget> (<plugin>)").
 FEATURES_TABLE = "Features table widget (napari)"
@@ -20,12 +20,34 @@ def show_features_table(viewer: Any) -> None:
     from qtpy.QtWidgets import QMainWindow
 
     new = FEATURES_TABLE not in viewer.window.dock_widgets
-    dock, _ = viewer.window.add_plugin_dock_widget("napari", "Features table widget")
+    dock, table = viewer.window.add_plugin_dock_widget("napari", "Features table widget")
+    view = getattr(table, "table", None)
+    if new and view is not None:
+        # napari shows the row number as "Index"; our layers carry the label as "index": show one of them
+        view.model().layoutChanged.connect(lambda *_: hide_row_numbers(view))
+    if view is not None:
+        hide_row_numbers(view)
     main = dock.parentWidget()
     if new and isinstance(main, QMainWindow):
         main.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, dock)
         main.resizeDocks([dock], [260], Qt.Orientation.Vertical)
         dock.show()
+
+
+def hide_row_numbers(view: Any) -> None:
+    """Hide the table's row-number column ("Index") when the features have their own ``index`` (the label)."""
+    from qtpy.QtCore import Qt
+
+    try:
+        model = view.model()
+        names = [
+            str(model.headerData(c, Qt.Orientation.Horizontal, Qt.ItemDataRole.DisplayRole))
+            for c in range(model.columnCount())
+        ]
+        for c, name in enumerate(names):
+            view.setColumnHidden(c, name == "Index" and "index" in names)
+    except RuntimeError:  # the table was closed
+        pass
 
 
 def tidy(*containers: Any, chars: int = 14) -> None:

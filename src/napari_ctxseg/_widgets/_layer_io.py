@@ -22,6 +22,8 @@ __all__ = [
     "ContextData",
     "LayerSnapshot",
     "RunSettings",
+    "channel_axis",
+    "choose_channels",
     "context_from_layers",
     "crop_to_view",
     "current_plane",
@@ -43,7 +45,8 @@ class LayerSnapshot:
     name: str
     scale: tuple[float, ...]
     translate: tuple[float, ...]
-    rgb: bool = False
+    rgb: bool = False  # channels last: RGB, or the 2 chosen channels of choose_channels
+    channels: dict[str, Any] | None = None  # the channel choice that made ``data`` (provenance)
 
     @property
     def leading_shape(self) -> tuple[int, ...]:
@@ -78,6 +81,68 @@ def snapshot_layer(layer: Any) -> LayerSnapshot:
         raise InputError(f"layer {layer.name!r} has shape {data.shape}; expected {shape}")
     scale, translate = tuple(map(float, layer.scale)), tuple(map(float, layer.translate))
     return LayerSnapshot(data, str(layer.name), scale, translate, rgb)
+
+
+def channel_axis(layer: Any) -> int | None:
+    """The axis of ``layer.data`` that holds channels (None for a 2D grey layer).
+
+    The last axis of an RGB layer, else the first of a layer with 3 or more axes (``(C, H, W)``,
+    ``(C, Z, H, W)``).
+    """
+    ndim = np.ndim(layer.data)
+    if getattr(layer, "rgb", False):
+        return ndim - 1
+    return 0 if ndim >= 3 else None
+
+
+def choose_channels(
+    snap: LayerSnapshot,
+    channel: int | None,
+    nuclear: int | np.ndarray | None = None,
+    *,
+    axis: int | None = None,
+    nuclear_name: str = "",
+) -> LayerSnapshot:
+    """The snapshot of the chosen channel(s) (see :mod:`napari_ctxseg.core.channels`).
+
+    ``channel`` is the channel to segment; ``nuclear`` a nuclear channel of the same layer (an index) or
+    of another layer (its data, of the shape of the chosen channel).
+
+    Returns ``snap`` itself when nothing is chosen; the channel axis leaves the scale and translate.
+
+    Raises
+    ------
+    InputError
+        A channel that does not exist, or a nuclear layer of another shape.
+    """
+    from ..core.channels import channel_record, select_channels
+
+    if channel is None and nuclear is None:
+        return snap
+    data, scale, translate = snap.data, snap.scale, snap.translate
+    record: dict[str, Any] = {}
+    if channel is not None:
+        if axis is None:
+            raise InputError(f"layer {snap.name!r} has no channel axis; choose 'all' as its channel")
+        index = nuclear if isinstance(nuclear, int) else None
+        data = select_channels(snap.data, channel, index, channel_axis=axis)
+        record = channel_record(channel, index, axis) or {}
+        if not snap.rgb:  # the channel axis was a layer axis
+            scale, translate = scale[:axis] + scale[axis + 1 :], translate[:axis] + translate[axis + 1 :]
+    elif snap.rgb:
+        raise InputError("choose the channel to segment of an RGB layer before adding a nuclear layer")
+    if isinstance(nuclear, np.ndarray):
+        nuc = np.asarray(nuclear)
+        if nuc.shape != data.shape:
+            raise InputError(
+                f"the nuclear layer {nuclear_name!r} has shape {nuc.shape}; expected {data.shape}, the shape "
+                f"of the channel to segment"
+            )
+        data = np.stack([data, nuc.astype(data.dtype, copy=False)], axis=-1)
+        record = {**(record or {"channel": None, "channel_axis": None}), "nuclear_layer": nuclear_name}
+        record["model_input"] = "(channel, nuclear, 0)"
+    two = data.ndim > len(scale)
+    return replace(snap, data=data, scale=scale, translate=translate, rgb=two, channels=record)
 
 
 def crop_to_view(snap: LayerSnapshot, corner_pixels: np.ndarray) -> tuple[LayerSnapshot, tuple[int, ...]]:
@@ -219,15 +284,21 @@ def shapes_mask(shapes: Any, image: Any, shape: tuple[int, int]) -> np.ndarray:
 
 
 def context_from_layers(
-    image: Any, labels: Any, region: Any = None, *, point: tuple[float, ...] = ()
+    image: Any,
+    labels: Any,
+    region: Any = None,
+    *,
+    point: tuple[float, ...] = (),
+    image_plane: np.ndarray | None = None,
 ) -> ContextData:
     """A :class:`ContextData` from layers at the viewer's ``point`` (planes of stacks are taken there).
 
     ``labels`` may be a labels layer made by a field-of-view run of this plugin on the same grid: it is
     pasted at its place in ``image`` and the annotation counts as complete inside its footprint only.
     ``region`` is a shapes layer (rasterised through world coordinates) or a labels layer (non-zero).
+    ``image_plane``: the context image's plane when it is not the layer's data as it is (its chosen channels).
     """
-    img = layer_plane(image, point)
+    img = layer_plane(image, point) if image_plane is None else image_plane
     lab = layer_plane(labels, point)
     shape = img.shape[:2]
     footprint = None

@@ -263,6 +263,8 @@ def provenance(res: PlanesResult) -> dict[str, Any]:
         field_of_view=res.field_of_view,
         flow_params=asdict(res.flow),
     )
+    if res.source.channels is not None:
+        meta["channels"] = res.source.channels
     return meta
 
 

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
@@ -33,7 +34,14 @@ from ..services.models import sampler_warning
 from ..services.recent import add_recent_checkpoint, on_recent_changed, recent_checkpoints
 from ..services.segment import SOLVERS, FlowParams
 from ._dock import show_features_table, tidy
-from ._layer_io import RunSettings, context_from_layers, crop_to_view, snapshot_layer
+from ._layer_io import (
+    RunSettings,
+    channel_axis,
+    choose_channels,
+    context_from_layers,
+    crop_to_view,
+    snapshot_layer,
+)
 from ._results import (
     PlanesProgress,
     PlanesResult,
@@ -83,11 +91,26 @@ class SegmentWidget(Container):
         self._closed = False
         self._last: tuple[PlanesResult, Any] | None = None  # (result, the labels layer it made)
         self._last_was_3d = False
+        self._last_context: Any = None  # the ContextData of the last run (for its self-score)
 
         def combo(label: str, kind: Any, nullable: bool = False, tip: str = "") -> ComboBox:
             return ComboBox(label=label, choices=_layers(viewer, kind), nullable=nullable, tooltip=tip)
 
         self.image = combo("image", Image, tip=STACK_TIP)
+        self.channel = ComboBox(
+            label="channel",
+            choices=self._channel_choices,
+            tooltip="The channel to segment (cytoplasm, membrane or nuclei), along the first axis of a "
+            "(C, H, W) layer or the colours of an RGB layer; 'all' reads the layer as grey or RGB. One "
+            "channel is given to the model as grey (repeated 3 times, as it was trained)",
+        )
+        self.nuclear = ComboBox(
+            label="nuclear channel",
+            choices=self._nuclear_choices,
+            tooltip="Optional: a nuclear channel of the same layer or another image layer; the model then "
+            "sees (channel, nuclear, 0), a red/green picture. The bundled model was trained on grey and "
+            "RGB images: try it, compare with 'none'",
+        )
         self.checkpoint = ComboBox(
             label="model",
             choices=self._checkpoints,
@@ -169,6 +192,15 @@ class SegmentWidget(Container):
             True,
             "Where the context annotation is complete (shapes or non-zero labels)",
         )
+        self.save_context_button = PushButton(text="Save context...")
+        self.save_context_button.tooltip = (
+            "Save the context (image, labels, region, and the self-score of the last calibrated run on it) "
+            "to one .npz file: for later sessions and `ctxseg segment --context PACK`"
+        )
+        self.load_context_button = PushButton(text="Load context...")
+        self.load_context_button.tooltip = (
+            "Add the layers of a saved context pack and use them as the context"
+        )
         self.adapt = CheckBox(
             label="adapt to context",
             value=False,
@@ -232,6 +264,8 @@ class SegmentWidget(Container):
         self._settings = Container(
             widgets=[
                 self.image,
+                self.channel,
+                self.nuclear,
                 self.checkpoint,
                 self.browse,
                 self.diameter,
@@ -249,6 +283,7 @@ class SegmentWidget(Container):
                 self.ctx_image,
                 self.ctx_labels,
                 self.ctx_region,
+                Container(widgets=[self.save_context_button, self.load_context_button], layout="horizontal"),
                 self.calibrate,
                 self.adapt,
                 self.adapt_seconds,
@@ -278,6 +313,9 @@ class SegmentWidget(Container):
         self.apply_button.changed.connect(self._on_apply)
         self.add_context_button.changed.connect(self._on_add_context)
         self.browse.changed.connect(self._on_browse)
+        self.image.changed.connect(self._on_image_changed)
+        self.save_context_button.changed.connect(self._on_save_context)
+        self.load_context_button.changed.connect(self._on_load_context)
         for control in (self.checkpoint, self.steps, self.solver):
             control.changed.connect(self._update_sampler_note)
         on_recent_changed.connect(self._on_recent)
@@ -289,6 +327,30 @@ class SegmentWidget(Container):
 
     def _checkpoints(self, _widget: Any = None) -> list[tuple[str, str]]:
         return [("default (bundled)", "default")] + [(p.name, str(p)) for p in recent_checkpoints()]
+
+    def _channel_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
+        layer: Any = self.image.value if hasattr(self, "image") else None
+        choices: list[tuple[str, Any]] = [("all (grey / RGB)", None)]
+        axis = None if layer is None else channel_axis(layer)
+        if axis is not None:
+            n = np.shape(layer.data)[axis]
+            names = "RGBA" if layer.rgb else None
+            choices += [(names[c] if names else f"{c} (axis {axis})", c) for c in range(n)]
+        return choices
+
+    def _nuclear_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
+        layer = self.image.value if hasattr(self, "image") else None
+        own = [(name, c) for name, c in self._channel_choices()[1:]]
+        others = [
+            (f"layer {other.name}", other)
+            for other in self._viewer.layers
+            if isinstance(other, Image) and other is not layer and not other.rgb
+        ]
+        return [("none", None), *own, *others]
+
+    def _on_image_changed(self, _layer: Any = None) -> None:
+        self.channel.reset_choices()
+        self.nuclear.reset_choices()
 
     def _on_recent(self, _paths: list[Path]) -> None:
         if not self._closed:
@@ -388,6 +450,16 @@ class SegmentWidget(Container):
         if layer is None:
             raise InputError("choose an image layer to segment")
         snap, fov = snapshot_layer(layer), None
+        nuclear = self.nuclear.value
+        if self.channel.value is not None or nuclear is not None:
+            is_layer = nuclear is not None and not isinstance(nuclear, int)
+            snap = choose_channels(
+                snap,
+                self.channel.value,
+                np.asarray(nuclear.data) if is_layer else nuclear,
+                axis=channel_axis(layer),
+                nuclear_name=str(nuclear.name) if is_layer else "",
+            )
         if self.fov.value:
             if self._viewer.dims.ndisplay != 2:
                 raise InputError("the visible field of view needs the 2D view (the canvas is in 3D)")
@@ -397,10 +469,34 @@ class SegmentWidget(Container):
         if ci is not None or cl is not None or cr is not None:
             if ci is None or cl is None:
                 raise InputError("a context needs both a context image and its labels")
-            context = context_from_layers(ci, cl, cr, point=tuple(self._viewer.dims.point))
+            context = context_from_layers(
+                ci, cl, cr, point=tuple(self._viewer.dims.point), image_plane=self._context_plane(ci, layer)
+            )
+        self._last_context = context
         if self.adapt.value and context is None:
             raise InputError("'adapt to context' needs a context: choose a context image and its labels")
         return snap, self._run_settings(), context, fov, self.out_flow.value, self.out_disagreement.value
+
+    def _context_plane(self, ci: Any, layer: Any) -> np.ndarray | None:
+        """The context image with the image's channel choice, when it has the image's channels (else None)."""
+        if (ci.metadata or {}).get("ctxseg_context_pack"):
+            return np.asarray(ci.data)  # a loaded pack: its image has the chosen channels already
+        if self.channel.value is None and self.nuclear.value is None:
+            return None
+        if ci is not layer and (np.shape(ci.data) != np.shape(layer.data) or ci.rgb != layer.rgb):
+            return None  # another layer: taken as it is (e.g. a context loaded from a pack)
+        nuclear = self.nuclear.value
+        is_layer = nuclear is not None and not isinstance(nuclear, int)
+        snap = choose_channels(
+            snapshot_layer(ci),
+            self.channel.value,
+            np.asarray(nuclear.data) if is_layer else nuclear,
+            axis=channel_axis(ci),
+            nuclear_name=str(nuclear.name) if is_layer else "",
+        )
+        if snap.leading_shape:
+            raise InputError("a context with a channel choice must be one 2D image (no stack axes)")
+        return snap.data
 
     def _start(self, func: Any, args: tuple[Any, ...], on_done: Any) -> None:
         worker = create_worker(func, *args, _start_thread=False, _ignore_errors=True)
@@ -454,10 +550,12 @@ class SegmentWidget(Container):
                 f"{len(labels.features)} objects in 3D ({meta['planes']} planes) on {meta['device']} "
                 f"with {meta['checkpoint']}"
             )
+            self.progress.value = self.progress.max
             self._viewer.layers.selection.active = labels
             show_features_table(self._viewer)
             return
         self._last = (res, labels)
+        self.progress.value = self.progress.max  # done: the bar reads 100 % beside the result
         meta = res.results[0].metadata
         size = ""
         if meta.get("measured_diameter"):  # diameter "auto": say what was measured and done
@@ -479,6 +577,105 @@ class SegmentWidget(Container):
         )
         self._viewer.layers.selection.active = labels
         show_features_table(self._viewer)
+
+    # ---- context packs -----------------------------------------------------------------------------------
+
+    def _ask_path(self, save: bool) -> str:
+        """A file dialog for a context pack ('' when cancelled); tests replace it."""
+        from qtpy.QtWidgets import QFileDialog
+
+        ask = QFileDialog.getSaveFileName if save else QFileDialog.getOpenFileName
+        title = "Save context pack" if save else "Load context pack"
+        path, _ = ask(self.native, title, "context.npz" if save else "", "Context packs (*.npz)")
+        return str(path)
+
+    def _on_save_context(self) -> None:
+        from ..services.context_pack import save_context_pack
+
+        self.error.value = ""
+        ci, cl, cr = self.ctx_image.value, self.ctx_labels.value, self.ctx_region.value
+        try:
+            if ci is None or cl is None:
+                raise InputError("choose a context image and its labels to save them as a context pack")
+            layer = self.image.value
+            context = context_from_layers(
+                ci, cl, cr, point=tuple(self._viewer.dims.point), image_plane=self._context_plane(ci, layer)
+            )
+            path = self._ask_path(save=True)
+            if not path:
+                return
+            if not path.lower().endswith(".npz"):
+                path += ".npz"
+            score = self._self_score(context)
+            info = {
+                "image_layer": str(ci.name),
+                "labels_layer": str(cl.name),
+                "channels": self._channel_info(),
+            }
+            save_context_pack(
+                path, context.image, context.labels, context.region, self_score=score, info=info
+            )
+        except CtxSegError as exc:
+            self._show_error(exc)
+            return
+        except OSError as exc:
+            self._show_error(f"cannot write {exc.filename or path}: {exc.strerror or exc}")
+            return
+        with_score = "" if score is None else f" (self-score AP@0.5 {score:.2f})"
+        self.status.value = f"context saved to {Path(path).name}{with_score}"
+
+    def _channel_info(self) -> dict[str, Any] | None:
+        nuclear = self.nuclear.value
+        if self.channel.value is None and nuclear is None:
+            return None
+        return {
+            "channel": self.channel.value,
+            "nuclear": nuclear if nuclear is None or isinstance(nuclear, int) else f"layer {nuclear.name}",
+        }
+
+    def _self_score(self, context: Any) -> float | None:
+        """The calibration self-score of the last run, when it ran with this very context."""
+        last = self._last_context
+        if self._last is None or last is None:
+            return None
+        cal = self._last[0].results[0].metadata.get("calibration")
+        same = (
+            np.array_equal(last.image, context.image)
+            and np.array_equal(last.labels, context.labels)
+            and (last.region is None) == (context.region is None)
+            and (last.region is None or np.array_equal(last.region, context.region))
+        )
+        return float(cal["self_score_ap50"]) if cal and same else None
+
+    def _on_load_context(self) -> None:
+        from ..services.context_pack import load_context_pack
+
+        self.error.value = ""
+        path = self._ask_path(save=False)
+        if not path:
+            return
+        try:
+            pack = load_context_pack(path)
+        except CtxSegError as exc:
+            self._show_error(exc)
+            return
+        stem = Path(path).stem
+        rgb = pack.image.ndim == 3 and pack.image.shape[-1] in (3, 4)
+        image = self._viewer.add_image(
+            pack.image,
+            name=f"{stem} context image",
+            rgb=rgb,
+            metadata={"ctxseg_context_pack": str(path), "info": pack.info},
+        )
+        labels = self._viewer.add_labels(pack.labels, name=f"{stem} context labels")
+        region = None
+        if pack.region is not None:
+            region = self._viewer.add_labels(pack.region.astype(np.uint8), name=f"{stem} context region")
+        for combo in (self.ctx_image, self.ctx_labels, self.ctx_region):
+            combo.reset_choices()
+        self.ctx_image.value, self.ctx_labels.value, self.ctx_region.value = image, labels, region
+        score = "" if pack.self_score is None else f" (saved self-score AP@0.5 {pack.self_score:.2f})"
+        self.status.value = f"context loaded from {Path(path).name}{score}; used by the next run"
 
     # ---- re-threshold and the interactive loop -----------------------------------------------------------
 
@@ -514,6 +711,7 @@ class SegmentWidget(Container):
         layer.features = features
         layer.metadata = {**layer.metadata, "ctxseg": provenance(res)}
         self._last = (res, layer)
+        self.progress.value = self.progress.max
         self.status.value = f"re-thresholded: {len(features['index'])} objects"
 
     def _on_add_context(self) -> None:

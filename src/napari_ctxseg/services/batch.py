@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.channels import select_channels
 from ..core.errors import CheckpointError, ConfigError, CtxSegError, InputError
 from .measure import measure_objects, measure_stack, measure_volume
 from .progress import run_to_end
@@ -170,9 +171,13 @@ def run_settings(options: dict[str, Any]) -> dict[str, Any]:
             default = f.default_factory() if callable(f.default_factory) else f.default
             settings[f.name] = default
     settings.update({"volume_3d": False, "stack_normalize": "plane", "stitch_threshold": 0.25})
-    settings.update({k: v for k, v in options.items() if k not in skip and k != "context_paths"})
+    settings.update(
+        {k: v for k, v in options.items() if k not in skip and k not in ("context_paths", "context_pack")}
+    )
     settings["checkpoint_sha256"] = file_sha256(resolve_checkpoint(options.get("checkpoint", "default")))
     ctx = options.get("context_paths")
+    if options.get("context_pack") is not None:
+        ctx = (options["context_pack"],)
     settings["context_sha256"] = None
     if ctx is not None:
         try:
@@ -267,17 +272,41 @@ def _write_csv(path: Path, table: dict[str, np.ndarray]) -> None:
 # ---- one file --------------------------------------------------------------------------------------------
 
 
-def _read_context(ctx: tuple[str, str, str | None]) -> dict[str, Any]:
-    """The context files as request fields, checked (float or NaN labels are refused, never truncated)."""
+def _read_context(
+    ctx: tuple[str, str, str | None] | None, pack: str | None = None, channels: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The context (files, or a context pack) as request fields, checked (float or NaN labels are refused).
+
+    ``channels`` (``channel``, ``nuclear_channel``, ``channel_axis``): the channel choice of the inputs,
+    applied to a context image file as to every input; a pack holds its image with the channels chosen.
+    """
     from .segment import validate_context
     from .training import read_array
 
+    if pack is not None:
+        from .context_pack import load_context_pack
+
+        return load_context_pack(pack).as_request()
+    assert ctx is not None
     image, labels = read_array(ctx[0]), read_array(ctx[1])
+    if channels and channels.get("channel") is not None:
+        image = select_channels(
+            image, channels["channel"], channels.get("nuclear_channel"), channel_axis=channels["channel_axis"]
+        )
     region = None if ctx[2] is None else read_array(ctx[2])
     names = (f"context image {ctx[0]}", f"context labels {ctx[1]}")
     validate_context(image, labels, region, names=names)
     region = None if region is None else region != 0
     return {"context_image": image, "context_labels": labels, "context_region": region}
+
+
+def _channel_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Pop the channel choice out of ``options`` (applied to whole files, stacks included)."""
+    return {
+        "channel": options.pop("channel", None),
+        "nuclear_channel": options.pop("nuclear_channel", None),
+        "channel_axis": options.pop("channel_axis", -1),
+    }
 
 
 def _is_planar(image: np.ndarray) -> bool:
@@ -330,9 +359,14 @@ def segment_file(
             raise InputError(f"{why}; the existing outputs are not replaced without overwrite")
     image = read_array(path)
     options = dict(options)
-    ctx = options.pop("context_paths", None)
-    if ctx is not None:
-        options.update(_read_context(ctx))
+    channels = _channel_options(options)
+    if channels["channel"] is not None:
+        image = select_channels(
+            image, channels["channel"], channels["nuclear_channel"], channel_axis=channels["channel_axis"]
+        )
+    ctx, pack = options.pop("context_paths", None), options.pop("context_pack", None)
+    if ctx is not None or pack is not None:
+        options.update(_read_context(ctx, pack, channels))
     volume_3d = bool(options.pop("volume_3d", False))
     normalize = options.pop("stack_normalize", "plane")  # stacks only: a 2D image has one plane
     stitch_threshold = options.pop("stitch_threshold", 0.25)  # stacks slice by slice only
@@ -403,7 +437,8 @@ def _check_checkpoint(options: dict[str, Any]) -> None:
     kind = read_info(path).kind
     if kind not in ("ctxseg-p", "seg-p"):
         raise CheckpointError(f"{path} holds a {kind} model; segmentation needs a ctxseg-p or seg-p model")
-    if options.get("context_paths") is not None and kind != "ctxseg-p":
+    has_context = options.get("context_paths") is not None or options.get("context_pack") is not None
+    if has_context and kind != "ctxseg-p":
         raise ConfigError(f"{path.name} is a {kind} model without a context path; use a ctxseg-p checkpoint")
 
 
@@ -472,11 +507,13 @@ def segment_files(
     workers: int = 0,
     scheduler: str | None = None,
     progress: Callable[[str], None] | None = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Segment many files, sequentially, on a local dask cluster (``workers``) or at ``scheduler``.
 
     Returns one record per input, in input order: ``status`` is ``done``, ``skipped (exists)`` or
-    ``failed`` (with ``error``, the reason); a failed file does not stop the batch.
+    ``failed`` (with ``error``, the reason); a failed file does not stop the batch. ``progress`` gets a line
+    of text per file, ``on_record`` each file's record as it is done (skipped files first), e.g. for a bar.
 
     Raises
     ------
@@ -509,17 +546,22 @@ def segment_files(
 
     resolve_device(options.get("device", "auto"))  # an unknown device stops the batch, not each file
     _check_checkpoint(options)
-    if options.get("context_paths") is not None:
-        _read_context(options["context_paths"])
+    if options.get("context_paths") is not None or options.get("context_pack") is not None:
+        channels = _channel_options(dict(options))
+        _read_context(options.get("context_paths"), options.get("context_pack"), channels)
     check_writable_folder(out_dir)
     settings = run_settings(options)
     todo, records = _check_batch(paths, out_dir, settings, overwrite)
     n = len(paths)
     for rec in records:
         say(f"{rec['input']}: skipped (its outputs exist)")
+        if on_record is not None:
+            on_record(rec)
 
     def add(rec: dict[str, Any]) -> None:
         records.append(rec)
+        if on_record is not None:
+            on_record(rec)
         status = rec["status"] if rec["status"] != "failed" else f"failed: {rec['error']}"
         say(f"[{len(records)}/{n}] {rec['input']}: {status}")
 

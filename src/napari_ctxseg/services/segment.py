@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core.channels import channel_record, select_channels
 from ..core.config import SOLVERS, Solver
 from ..core.edm import EDMDenoiser
 from ..core.errors import ConfigError, InputError
@@ -181,6 +182,12 @@ class SegmentRequest:
     # with a context: pick the diameter, flow threshold and min size that score best on the context itself
     # (services.calibrate); the result's metadata then holds the context self-score
     calibrate: bool = False
+    # the channel to segment and an optional nuclear channel along ``channel_axis`` of ``image`` (None: the
+    # image as it is, grey or RGB); see core.channels for how they become the model's 3 input channels.
+    # Context images are given with their channels already chosen (core.channels.select_channels)
+    channel: int | None = None
+    nuclear_channel: int | None = None
+    channel_axis: int = -1
 
 
 @dataclass
@@ -220,7 +227,8 @@ def _as_image(image: np.ndarray, what: str) -> np.ndarray:
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] > 3):
         raise InputError(
             f"{what} must be 2D: (H, W) grey or (H, W, C) with C <= 3 channels last; got shape "
-            f"{image.shape} (stacks are segmented slice by slice by the stack service)"
+            f"{image.shape} (stacks are segmented slice by slice by the stack service; for more channels, "
+            f"choose the channel to segment)"
         )
     if min(image.shape[:2]) < 8:
         raise InputError(f"{what} is too small ({image.shape[:2]}); expected at least 8 x 8 pixels")
@@ -248,6 +256,8 @@ def _validate(req: SegmentRequest) -> None:
     )
     if (req.context_image is None) != (req.context_labels is None):
         raise InputError("a context needs both an image and its labels")
+    if req.nuclear_channel is not None and req.channel is None:
+        raise ConfigError("a nuclear channel needs a channel to segment (channel=...)")
     if not (math.isfinite(req.adapt_seconds) and 0 <= req.adapt_seconds <= 86400):
         raise ConfigError(f"adapt_seconds must be between 0 and 86400, got {req.adapt_seconds}")
     if req.adapt_seconds and req.context_image is None:
@@ -584,6 +594,8 @@ def segment_steps(
         Bad settings or checkpoint.
     """
     _validate(req)
+    if req.channel is not None:
+        return (yield from _segment_channels(req, loaded))
     if req.adapt_seconds:
         return (yield from _segment_adapted(req))
     image = _as_image(req.image, "image")
@@ -638,6 +650,7 @@ def segment_steps(
         "tiles": n_tiles,
         "flow_params": asdict(req.flow),
         "context": None if req.context_image is None else _context_digest(req),
+        "channels": None,
     }
     return SegmentResult(
         labels,
@@ -648,6 +661,19 @@ def segment_steps(
         meta,
         flows_s.numpy(),
     )
+
+
+def _segment_channels(
+    req: SegmentRequest, loaded: LoadedModel | None
+) -> Generator[SegmentProgress, None, SegmentResult]:
+    """Segment the chosen channel(s) of ``req.image`` (core.channels); the choice goes into the metadata."""
+    assert req.channel is not None  # the caller checked
+    image = select_channels(req.image, req.channel, req.nuclear_channel, channel_axis=req.channel_axis)
+    result: SegmentResult = yield from segment_steps(
+        replace(req, image=image, channel=None, nuclear_channel=None, channel_axis=-1), loaded=loaded
+    )
+    result.metadata["channels"] = channel_record(req.channel, req.nuclear_channel, req.channel_axis)
+    return result
 
 
 def _segment_calibrated(
