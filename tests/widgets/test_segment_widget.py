@@ -543,3 +543,22 @@ def test_save_and_load_a_context_pack(qtbot: Any, segment_widget: Any, tmp_path:
     n = len(viewer.layers)
     widget.load_context_button.native.click()
     assert "not a readable context pack" in widget.error.value and len(viewer.layers) == n
+
+
+def test_diameter_in_the_layers_unit_is_converted_to_pixels(qtbot: Any, segment_widget: Any) -> None:
+    viewer, widget, layer = segment_widget(scale=(0.5, 0.5), units=("um", "um"))
+    assert widget.diameter_unit.choices == ("micrometer", "px")
+    assert widget.diameter_unit.value == "micrometer"  # the layer's own unit first
+    widget.diameter.value = 10.0  # 10 um at 0.5 um per pixel: 20 px, the model's scale
+    assert widget._run_settings().diameter == pytest.approx(20.0)
+    widget.diameter_unit.value = "px"
+    assert widget._run_settings().diameter == pytest.approx(10.0)
+    plain = viewer.add_image(np.zeros((64, 64), np.float32), name="plain")
+    widget.image.value = plain
+    assert widget.diameter_unit.choices == ("px",)
+    widget.image.value = layer
+    widget.diameter_unit.value = "micrometer"
+    run_and_wait(qtbot, widget)
+    assert widget.error.value == ""
+    # the run used the converted size: the model saw the image at 20 / 20 px = scale 1
+    assert viewer.layers["cells ctxseg labels"].metadata["ctxseg"]["scale"] == pytest.approx(1.0)

@@ -259,6 +259,33 @@ class RunSettings:
         )
 
 
+def spatial_unit(layer: Any) -> tuple[str, float] | None:
+    """The physical unit of ``layer``'s last (x) axis and its pixel size, or None for plain pixels.
+
+    napari layers carry ``units`` (pint units, ``pixel`` by default) and ``scale`` per axis; an object
+    diameter in that unit becomes pixels by dividing by the mean pixel size of the last two axes.
+    """
+    units = getattr(layer, "units", None)
+    if not units:
+        return None
+    unit = str(units[-1])
+    if unit in ("pixel", "px", ""):
+        return None
+    rgb = bool(getattr(layer, "rgb", False))
+    scale = np.abs(np.asarray(layer.scale, dtype=np.float64))
+    scale = scale[-3:-1] if rgb and len(scale) >= 3 else scale[-2:]
+    size = float(scale.mean())
+    return (unit, size) if size > 0 and np.isfinite(size) else None
+
+
+def diameter_in_pixels(value: float, unit: str, layer: Any) -> float:
+    """A diameter given in ``unit`` (``"px"`` or the layer's :func:`spatial_unit`) in pixels (0 stays 0)."""
+    found = spatial_unit(layer)
+    if unit == "px" or not value or found is None or found[0] != unit:
+        return float(value)
+    return float(value) / found[1]
+
+
 def layer_plane(layer: Any, point: tuple[float, ...]) -> np.ndarray:
     """The 2D plane of ``layer`` shown at the viewer's world ``point`` (the whole data for a 2D layer)."""
     data = np.asarray(layer.data)

@@ -40,7 +40,9 @@ from ._layer_io import (
     choose_channels,
     context_from_layers,
     crop_to_view,
+    diameter_in_pixels,
     snapshot_layer,
+    spatial_unit,
 )
 from ._results import (
     PlanesProgress,
@@ -122,14 +124,19 @@ class SegmentWidget(Container):
             tooltip="A .safetensors checkpoint (Flax pickles: `ctxseg convert` first)",
         )
         self.diameter = FloatSpinBox(
-            label="diameter (px)",
+            label="diameter",
             value=0.0,
             min=0.0,
             max=1000.0,
             step=1.0,
-            tooltip="Typical object diameter in pixels; 0 = auto (measured from "
-            "the context labels, or from a quick first pass); 20 = the "
-            "model's training scale",
+            tooltip="Typical object diameter, in the unit chosen below; 0 = auto (measured from "
+            "the context labels, or from a quick first pass); 20 px = the model's training scale",
+        )
+        self.diameter_unit = ComboBox(
+            label="diameter unit",
+            choices=self._diameter_units,
+            tooltip="Pixels, or the image layer's own unit where its scale has one (e.g. micrometer): "
+            "the diameter is then converted with the layer's pixel size",
         )
         self.steps = SpinBox(
             label="sampler steps",
@@ -269,6 +276,7 @@ class SegmentWidget(Container):
                 self.checkpoint,
                 self.browse,
                 self.diameter,
+                self.diameter_unit,
                 self.steps,
                 self.solver,
                 self.sampler_note,
@@ -351,6 +359,17 @@ class SegmentWidget(Container):
     def _on_image_changed(self, _layer: Any = None) -> None:
         self.channel.reset_choices()
         self.nuclear.reset_choices()
+        self.diameter_unit.reset_choices()
+
+    def _diameter_units(self, _widget: Any = None) -> list[str]:
+        found = spatial_unit(self.image.value) if self.image.value is not None else None
+        return ["px"] if found is None else [found[0], "px"]
+
+    def _diameter_px(self) -> float:
+        layer = self.image.value
+        if layer is None:
+            return float(self.diameter.value)
+        return diameter_in_pixels(self.diameter.value, self.diameter_unit.value, layer)
 
     def _on_recent(self, _paths: list[Path]) -> None:
         if not self._closed:
@@ -389,7 +408,7 @@ class SegmentWidget(Container):
             num_samples=self.samples.value,
             tta=self.tta.value,
             seed=self.seed.value,
-            diameter=self.diameter.value,
+            diameter=self._diameter_px(),
             flow=flow,
             stitch_threshold=self.stitch.value,
             normalize=self.normalize.value,
