@@ -32,6 +32,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 # OpenMP threads sleep instead of spinning while they wait: on a shared 2-core machine a spinning thread
@@ -40,9 +41,23 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parents[1]
 BASE_COMMIT = "226fe68"  # the last nuclei-only release; its weights are the starting point
 MODEL_PATH = "src/napari_ctxseg/models/default.safetensors"
-#: data set folder -> share of the training crops
-MIXTURE = {"dsb2018_train": 0.5, "usiigaci_3t3_phase": 0.25, "bbbc030_cho_dic": 0.25}
-STEPS = 1400
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training run of the recipe: steps, learning rate (a cosine cycle), seed, and the data mixture."""
+
+    steps: int
+    lr: float
+    seed: int
+    mixture: dict[str, float]  # data set folder -> share of the training crops
+
+
+STAGES = {
+    1: Stage(1400, 2e-4, 25, {"dsb2018_train": 0.5, "usiigaci_3t3_phase": 0.25, "bbbc030_cho_dic": 0.25}),
+    # candidate M3: more of the nuclei again, at half the learning rate (docs/history/candidates.md)
+    2: Stage(800, 1e-4, 26, {"dsb2018_train": 0.6, "usiigaci_3t3_phase": 0.2, "bbbc030_cho_dic": 0.2}),
+}
 
 
 def train_names(folder: Path) -> list[str]:
@@ -62,20 +77,8 @@ def base_weights(out: Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--data", type=Path, default=ROOT.parent / "shared" / "data", help="the shared data folder"
-    )
-    ap.add_argument("-o", "--output", type=Path, default=Path("runs/default.safetensors"))
-    ap.add_argument("--steps", type=int, default=STEPS, help="optimiser steps (the recipe: %(default)s)")
-    ap.add_argument("--base", type=Path, help=f"weights to start from (default: those of {BASE_COMMIT})")
-    ap.add_argument("--checkpoint-every", type=int, default=250, help="also write the weights every N steps")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
-    ap.add_argument("--loader-workers", type=int, default=2, help="batch-drawing processes (%(default)s)")
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args(argv)
-
+def train_stage(stage: Stage, base: Path, output: Path, args: argparse.Namespace) -> Path:
+    """Run one stage from ``base``; returns the written checkpoint."""
     import torch
 
     from napari_ctxseg.core.training import TrainConfig
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     images, groups, weights = [], [], []
-    for name, share in MIXTURE.items():
+    for name, share in stage.mixture.items():
         folder = args.data / name
         pairs = load_folder_pairs(
             folder / "images", folder / "labels", train_names(folder), workers=args.loader_workers
@@ -97,12 +100,12 @@ def main(argv: list[str] | None = None) -> int:
             weights.append(share / area)
         print(f"{name}: {len(pairs)} training images, {share:.0%} of the crops", flush=True)
     cfg = TrainConfig(
-        steps=args.steps,
+        steps=stage.steps,
         batch_size=16,
         crop_size=192,
-        lr=2e-4,
+        lr=stage.lr,
         warmup=100,
-        seed=25,
+        seed=stage.seed,
         val_every=0,
         p_sigma_max=0.9,
         p_no_context=0.5,
@@ -111,33 +114,65 @@ def main(argv: list[str] | None = None) -> int:
         augment=AugmentConfig(scale_range=(0.35, 2.0), target_diameter=20.0),
         precision="bf16",
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        base = args.base or base_weights(Path(tmp) / "base.safetensors")
-        req = TrainRequest(
-            output=args.output,
-            train_images=images,
-            base=str(base),
-            config=cfg,
-            device=args.device,
-            half=True,
-            checkpoint_every=args.checkpoint_every,
-            workers=args.loader_workers,
-            groups=groups,
-            image_weights=weights,
-            provenance={"recipe": "scripts/train_default.py", "mixture": MIXTURE, "base_commit": BASE_COMMIT},
-        )
-        gen = run_training(req)
+    req = TrainRequest(
+        output=output,
+        train_images=images,
+        base=str(base),
+        config=cfg,
+        device=args.device,
+        half=True,
+        checkpoint_every=args.checkpoint_every,
+        workers=args.loader_workers,
+        groups=groups,
+        image_weights=weights,
+        provenance={
+            "recipe": "scripts/train_default.py",
+            "stage": stage.__dict__,
+            "base_commit": BASE_COMMIT,
+        },
+    )
+    gen = run_training(req)
+    while True:
         try:
-            while True:
-                p = next(gen)
-                if p.step == 1 or p.step % 25 == 0:
-                    print(
-                        f"step {p.step}/{p.total} loss {p.loss:.4f} {p.samples_per_s:.1f} samples/s "
-                        f"ETA {p.eta_s / 60:.1f} min",
-                        flush=True,
-                    )
+            p = next(gen)
         except StopIteration as stop:
-            print(f"wrote {stop.value}")
+            print(f"wrote {stop.value}", flush=True)
+            return Path(stop.value)
+        if p.step == 1 or p.step % 25 == 0:
+            print(
+                f"step {p.step}/{p.total} loss {p.loss:.4f} {p.samples_per_s:.1f} samples/s "
+                f"ETA {p.eta_s / 60:.1f} min",
+                flush=True,
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--data", type=Path, default=ROOT.parent / "shared" / "data", help="the shared data folder"
+    )
+    ap.add_argument("-o", "--output", type=Path, default=Path("runs/default.safetensors"))
+    ap.add_argument(
+        "--stage", choices=["all", *map(str, STAGES)], default="all", help="run one stage, or all in turn"
+    )
+    ap.add_argument(
+        "--base", type=Path, help=f"weights the first stage run starts from (default: those of {BASE_COMMIT})"
+    )
+    ap.add_argument("--checkpoint-every", type=int, default=250, help="also write the weights every N steps")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
+    ap.add_argument("--loader-workers", type=int, default=2, help="batch-drawing processes (%(default)s)")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    stages = list(STAGES) if args.stage == "all" else [int(args.stage)]
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = args.base or base_weights(Path(tmp) / "base.safetensors")
+        for k in stages:
+            out = (
+                args.output
+                if k == stages[-1]
+                else args.output.with_name(f"{args.output.stem}.stage{k}.safetensors")
+            )
+            weights = train_stage(STAGES[k], weights, out, args)
     return 0
 
 
