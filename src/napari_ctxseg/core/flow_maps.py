@@ -8,7 +8,7 @@ binary expansion of ``niter``: about ``log2(niter) + popcount(niter)`` reads per
 merge where the true ones stay apart (pixels spread along the rim of a flow-free hole as they should).
 
 Layout: a displacement field is ``(d, R)`` float32 over the zero-padded cells of the batch (the layout of
-:class:`napari_ctxseg.core.flow_following._Follower`'s table, one cell of padding per side), 0 at pixels
+:class:`napari_ctxseg.core.flow_following._Follower`'s padded flow, one cell of padding per side), 0 at pixels
 that do not move and in the padding, so that a read outside the image gives "no move", as the flow does.
 """
 
@@ -58,7 +58,8 @@ def follow_by_composition(
     Parameters
     ----------
     follower : _Follower
-        The flow (times the step size) of the batch; its table is read for the first iterations.
+        The flow (times the step size) of the batch, built with ``table=False``: its padded flow
+        ``planes`` is read for the first iterations.
     p : torch.Tensor
         float32 ``(d, N)``: the centres of the pixels that move (the others must have a flow of 0).
     base : torch.Tensor
