@@ -61,7 +61,8 @@ def follow_by_composition(
         The flow (times the step size) of the batch, built with ``table=False``: its padded flow
         ``planes`` is read for the first iterations.
     p : torch.Tensor
-        float32 ``(d, N)``: the centres of the pixels that move (the others must have a flow of 0).
+        float32 ``(d, N)``: the centres of *all* the pixels that move (the others must have a flow of
+        0): the composed reads use every moving pixel's displacement.
     base : torch.Tensor
         ``(N,)``: each pixel's offset in the follower's padded table (its image and the padding).
     niter : int
@@ -82,6 +83,18 @@ def follow_by_composition(
     pixel moves by the largest ``D_n`` of ``niter``'s binary expansion first (no read), then by the
     smaller ones (one read each). Only the fields of ``niter``'s bits are kept: ``popcount + 2`` fields
     of ``d`` floats per padded cell at the peak.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from napari_ctxseg.core.flow_following import _Follower, _initial_positions
+    >>> flow = torch.zeros(1, 2, 4, 40)
+    >>> flow[:, 1] = 1.0  # dx = 1 everywhere: half a pixel per iteration with a step size of 0.5
+    >>> follower = _Follower(flow, 0.5, table=False)
+    >>> p = _initial_positions((4, 40), 1, flow.device)  # every pixel moves: all are followed
+    >>> base = torch.full((160,), follower.pad_base, dtype=follower.index_dtype)
+    >>> follow_by_composition(follower, p, base, 20, 1024)[:, 0].tolist()  # the pixel at (0, 0)
+    [0.5, 10.5]
     """
     n = p.shape[1]
     dev = p.device
