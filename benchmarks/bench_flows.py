@@ -3,11 +3,24 @@
 Run from the repository root::
 
     PYTHONPATH=src python benchmarks/bench_flows.py [--threads N] [--rounds R] [--big] [--quick]
+        [--real N]
 
 Inputs: a real 512x512 crop of a DSB 2018 label image (``../shared/data``) with ~120 nuclei (a synthetic
-image of ellipses if the data are absent), its ideal flow, and tilings of it for the scaling table.
+image of ellipses if the data are absent), its ideal flow, and tilings of it for the scaling table; and
+the bundled model's predicted flows on the first ``--real`` images of the DSB ``val`` split.
 Timings alternate A and B (A/B/A/B...) and report the median and the minimum of the rounds; the ratio is
 of the medians. The machine load is printed because a busy machine slows torch's thread pool a lot.
+
+cellpose (optional, not a dependency): ``pip install --no-deps cellpose opencv-python-headless fastremap
+fill_voids``. cellpose's ``transforms`` module imports torchvision at import time, for its training
+augmentations only; ``dynamics.compute_masks`` never calls it, and torchvision wheels built for another
+torch fail to import ("operator torchvision::nms does not exist"). So this script puts empty
+``torchvision`` modules into ``sys.modules`` before importing ``cellpose.dynamics`` (only if torchvision
+itself does not import), and prints the cellpose and torch versions it compared. The comparison runs at
+1 and 2 torch threads (both sides at each), on the ideal flow (cellprob +5 inside the mask, -5 outside,
+``dP = 5 * flow``) and on the predicted flows (the pipeline's foreground, ``FlowParams.flow_threshold``
+with holes filled, as cellprob +-5; both sides get the same masked flow and their labels the same
+resizing and ``min_size``), with AP@0.5 of both against the ground truth.
 """
 
 from __future__ import annotations
@@ -179,11 +192,11 @@ def bench_flow_to_mask(flow: np.ndarray, mask: np.ndarray, rounds: int, referenc
         print(f"{name:18s} {fmt(ts)}")
     print(f"exact / fast (medians): {np.median(t['exact']) / np.median(t['fast']):.2f}")
     exact, fast = flow_to_mask(flow, mode="exact"), flow_to_mask(flow)
-    big = remove_small_instances(mask, 100)
+    big = remove_small_instances(mask, 30)  # min_seed_cnts: smaller objects cannot make a seed
     print(f"pixels differing fast vs exact: {(exact != fast).sum()}")
     print(
         f"AP@0.5 vs source mask: exact {ap50(exact, mask):.4f}, fast {ap50(fast, mask):.4f} "
-        f"({len(np.unique(mask)) - 1} objects); objects >= 100 px: exact {ap50(exact, big):.4f}, "
+        f"({len(np.unique(mask)) - 1} objects); objects >= 30 px: exact {ap50(exact, big):.4f}, "
         f"fast {ap50(fast, big):.4f} ({len(np.unique(big)) - 1} objects)"
     )
     if reference:
@@ -195,43 +208,172 @@ def bench_flow_to_mask(flow: np.ndarray, mask: np.ndarray, rounds: int, referenc
         )
 
 
-def bench_cellpose(mask: np.ndarray, flow: np.ndarray, rounds: int) -> None:
-    print("\n## cellpose (optional)")
+def import_cellpose_dynamics():
+    """``(cellpose.dynamics, version)``, or ``(None, reason)``; see the module docstring for the stub."""
+    import sys
+    import types
+
     try:
-        import cellpose
+        import torchvision  # noqa: F401
+    except Exception:  # ImportError, or a torchvision built for another torch
+        for name in list(sys.modules):
+            if name == "torchvision" or name.startswith("torchvision."):
+                del sys.modules[name]
+        names = ("torchvision", "torchvision.transforms")
+        stubs = {n: types.ModuleType(n) for n in (*names, "torchvision.transforms.functional")}
+        stubs["torchvision.transforms._functional_tensor"] = types.ModuleType("_functional_tensor")
+        stubs["torchvision.transforms"].functional = stubs["torchvision.transforms.functional"]  # type: ignore[attr-defined]
+        stubs["torchvision.transforms"]._functional_tensor = stubs[
+            "torchvision.transforms._functional_tensor"
+        ]  # type: ignore[attr-defined]
+        sys.modules.update(stubs)
+    try:
+        from importlib.metadata import version
+
         from cellpose import dynamics
-    except Exception as err:  # ImportError, or a broken torchvision underneath
-        print(f"cellpose not installed ({type(err).__name__}: {err})")
+    except Exception as err:
+        return None, f"{type(err).__name__}: {err}"
+    return dynamics, version("cellpose")
+
+
+def cellpose_masks(dynamics, flow: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """cellpose ``compute_masks`` (its defaults) on our flow: ``dP = 5 * flow``, cellprob +-5."""
+    cellprob = np.where(inside, 5.0, -5.0).astype(np.float32)
+    out = dynamics.compute_masks(flow * 5.0, cellprob, device=torch.device("cpu"))
+    return np.asarray(out[0] if isinstance(out, tuple) else out).astype(np.int64)
+
+
+def ab_threads(fns: dict[str, Callable[[], object]], rounds: int, threads: tuple[int, ...]) -> dict:
+    """Medians per thread count of A/B-alternating rounds (``timeit``) of each function."""
+    out = {}
+    for n in threads:
+        torch.set_num_threads(n)
+        out[n] = {name: float(np.median(ts)) for name, ts in timeit(fns, rounds).items()}
+        print(
+            f"  ({n} thread(s): " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in out[n].items()) + ")",
+            flush=True,
+        )
+    return out
+
+
+def print_ab(title: str, res: dict, ours: str, theirs: str, ap: dict[str, float]) -> None:
+    print(f"\n{title}")
+    print(f"{'threads':>7s} {theirs:>24s} {ours:>24s} {'ratio':>7s}")
+    for n, t in res.items():
+        print(f"{n:>7d} {t[theirs] * 1e3:>21.1f} ms {t[ours] * 1e3:>21.1f} ms {t[theirs] / t[ours]:>6.1f}x")
+    print("AP@0.5 vs ground truth: " + ", ".join(f"{k} {v:.4f}" for k, v in ap.items()))
+
+
+def bench_cellpose(
+    mask: np.ndarray, flow: np.ndarray, rounds: int, n_real: int, flows_only: bool = False
+) -> None:
+    print("\n## cellpose 4 vs ours, 1 and 2 torch threads (optional)")
+    dynamics, version = import_cellpose_dynamics()
+    if dynamics is None:
+        print(f"cellpose not importable ({version})")
         return
-    print(
-        f"cellpose {getattr(cellpose, 'version', '?')}: compute_masks with its defaults (niter 200, "
-        "flow_threshold 0.4), cellprob = +-5 on the mask, dP = 5 * flow"
-    )
-    dev = torch.device("cpu")
+    threads0 = torch.get_num_threads()
+    print(f"cellpose {version}, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}")
+    print("cellpose compute_masks with its defaults (niter 200, flow_threshold 0.4); ours: flow_to_mask with")
+    print("its defaults (mode 'fast')", flush=True)
     mask = relabel_sequential(mask)  # cellpose wants labels 1..n
-    to_flows = getattr(dynamics, "masks_to_flows_gpu", None) or dynamics.masks_to_flows
-    cellprob = np.where(mask > 0, 5.0, -5.0).astype(np.float32)  # what a perfect network would predict
-    t = timeit(
-        {"cellpose masks_to_flows": lambda: to_flows(mask, device=dev), "ours": lambda: mask_to_flow(mask)},
-        max(3, rounds // 2),
-    )
-    for name, ts in t.items():
-        print(f"{name:24s} {fmt(ts)}")
-    print(f"speed-up (medians): {np.median(t['cellpose masks_to_flows']) / np.median(t['ours']):.1f}x")
-    t = timeit(
+    if not flows_only:
+        to_flows = getattr(dynamics, "masks_to_flows_gpu", None) or dynamics.masks_to_flows
+        dev = torch.device("cpu")
+        fns = {
+            "cellpose masks_to_flows": lambda: to_flows(mask, device=dev),
+            "ours mask_to_flow": lambda: mask_to_flow(mask),
+        }
+        res = ab_threads(fns, max(3, rounds // 2), (1, 2))
+        print_ab("mask_to_flow, 512x512", res, "ours mask_to_flow", "cellpose masks_to_flows", {})
+    inside = mask > 0
+    res = ab_threads(
         {
-            "cellpose compute_masks": lambda: dynamics.compute_masks(flow * 5.0, cellprob, device=dev),
-            "ours flow_to_mask fast": lambda: flow_to_mask(flow),
+            "cellpose compute_masks": lambda: cellpose_masks(dynamics, flow, inside),
+            "ours flow_to_mask": lambda: flow_to_mask(flow),
         },
         rounds,
+        (1, 2),
     )
-    for name, ts in t.items():
-        print(f"{name:24s} {fmt(ts)}")
-    ratio = np.median(t["cellpose compute_masks"]) / np.median(t["ours flow_to_mask fast"])
-    print(f"speed-up (medians): {ratio:.1f}x")
-    cp = dynamics.compute_masks(flow * 5.0, cellprob, device=dev)
-    cp = np.asarray(cp[0] if isinstance(cp, tuple) else cp).astype(np.int64)
-    print(f"AP@0.5 vs source mask: cellpose {ap50(cp, mask):.4f}")
+    ap = {
+        "cellpose": ap50(cellpose_masks(dynamics, flow, inside), mask),
+        "ours": ap50(flow_to_mask(flow), mask),
+    }
+    print_ab(
+        f"flow_to_mask, ideal flow of the 512x512 mask ({mask.max()} objects)",
+        res,
+        "ours flow_to_mask",
+        "cellpose compute_masks",
+        ap,
+    )
+    big = remove_small_instances(mask, 30)
+    print(
+        f"objects >= 30 px (min_seed_cnts; {len(np.unique(big)) - 1}): cellpose "
+        f"{ap50(cellpose_masks(dynamics, flow, inside), big):.4f}, ours {ap50(flow_to_mask(flow), big):.4f}"
+    )
+    real = predicted_flows(n_real)
+    if real:
+        times: dict[int, dict[str, float]] = {}
+        for flow_i, inside_i, _, _ in real:
+            fns = {
+                "cellpose compute_masks": lambda f=flow_i, m=inside_i: cellpose_masks(dynamics, f, m),
+                "ours flow_to_mask": lambda f=flow_i: flow_to_mask(f),
+            }
+            for n, t in ab_threads(fns, max(3, rounds // 2), (1, 2)).items():
+                for k, v in t.items():
+                    times.setdefault(n, {}).setdefault(k, 0.0)
+                    times[n][k] += v
+        scores = {"cellpose": [], "ours": []}
+        for flow_i, inside_i, gt, out_shape in real:
+            scores["cellpose"].append(
+                finish(cellpose_masks(dynamics, flow_i, inside_i), inside_i, out_shape, gt)
+            )
+            scores["ours"].append(finish(flow_to_mask(flow_i).astype(np.int64), inside_i, out_shape, gt))
+        pooled = {k: pooled_ap(v) for k, v in scores.items()}
+        sizes = ", ".join(f"{f.shape[1]}x{f.shape[2]}" for f, *_ in real)
+        title = f"flow_to_mask, bundled model's flows on {len(real)} DSB val images ({sizes}), sum of medians"
+        print_ab(title, times, "ours flow_to_mask", "cellpose compute_masks", pooled)
+    torch.set_num_threads(threads0)
+
+
+def predicted_flows(n: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]]:
+    """(masked flow, foreground, ground truth, image shape) of the first ``n`` DSB val images."""
+    import json
+
+    try:
+        import tifffile
+
+        names = json.loads((DATA / "split.json").read_text())["val"][:n]
+        from napari_ctxseg.services.segment import FlowParams, segment, strong_flow_mask
+    except (ImportError, FileNotFoundError):
+        print("DSB data not found: predicted flows skipped")
+        return []
+    out = []
+    for name in names:
+        image = tifffile.imread(DATA / "images" / f"{name}.tif")
+        gt = tifffile.imread(DATA / "labels" / f"{name}.tif").astype(np.int64)
+        flows = segment(image, device="cpu", checkpoint="default").flows_model_scale[:1]
+        inside = strong_flow_mask(flows, FlowParams.flow_threshold)
+        out.append(((flows * inside[:, None])[0].astype(np.float32), inside[0], gt, image.shape[:2]))
+    return out
+
+
+def finish(labels: np.ndarray, inside: np.ndarray, out_shape: tuple[int, int], gt: np.ndarray) -> tuple:
+    """The pipeline's clean-up (``labels_from_flows``): resize, ``min_size``; then (TP, FP, FN) at 0.5."""
+    import torch.nn.functional as F
+
+    from napari_ctxseg.services.segment import FlowParams
+
+    lab = torch.from_numpy(labels * inside)[None, None].double()
+    lab = F.interpolate(lab, size=out_shape, mode="nearest-exact")[0, 0].long().numpy()
+    lab = remove_small_instances(lab, FlowParams.min_size)
+    m = matching_scores(lab, gt, thresholds=(0.5,))[0.5]
+    return m.tp, m.fp, m.fn
+
+
+def pooled_ap(rows: list[tuple]) -> float:
+    tp, fp, fn = (sum(r[i] for r in rows) for i in range(3))
+    return tp / max(tp + fp + fn, 1)
 
 
 def bench_agreement(rounds: int) -> None:
@@ -318,6 +460,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--big", action="store_true", help="add 4096^2 to the scaling table")
     parser.add_argument("--quick", action="store_true", help="skip the slow numpy reference flow_to_mask")
+    parser.add_argument("--real", type=int, default=4, help="DSB val images for the predicted flows")
+    parser.add_argument("--cellpose-only", action="store_true", help="only flow_to_mask vs cellpose")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -328,11 +472,14 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f})"
     )
     print(f"input: {source}, {len(np.unique(mask)) - 1} objects, {(mask > 0).mean():.0%} foreground")
-    flow = bench_mask_to_flow(mask, args.rounds)
-    bench_flow_to_mask(flow, mask, args.rounds, reference=not args.quick)
-    bench_cellpose(mask, flow, args.rounds)
-    bench_agreement(args.rounds)
-    bench_scaling(mask, args.big)
+    if args.cellpose_only:
+        bench_cellpose(mask, mask_to_flow(mask), args.rounds, args.real, flows_only=True)
+    else:
+        flow = bench_mask_to_flow(mask, args.rounds)
+        bench_flow_to_mask(flow, mask, args.rounds, reference=not args.quick)
+        bench_cellpose(mask, flow, args.rounds, args.real)
+        bench_agreement(args.rounds)
+        bench_scaling(mask, args.big)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
 
 

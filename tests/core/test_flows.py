@@ -6,6 +6,7 @@ the channel axis (``np.moveaxis``) exactly once, on the fixture side.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 from napari_ctxseg.core.errors import InputError
 from napari_ctxseg.core.flow_following import _follow, _Grid, _label_cells, flow_to_mask
+from napari_ctxseg.core.flow_maps import BASE_ITER
 from napari_ctxseg.core.flows import flip_flow, flip_spatial, flow_error, mask_to_flow
 from napari_ctxseg.core.metrics import matching_scores
 from napari_ctxseg.core.postprocess import remove_small_instances
@@ -141,29 +143,60 @@ def test_mask_to_flow_rejects_bad_masks(bad: np.ndarray) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["exact", "fast"])
 @pytest.mark.parametrize("run", list(RUNS))
 @pytest.mark.parametrize("noisy", [False, True])
 @pytest.mark.parametrize("name", MASKS)
-def test_flow_to_mask_parity(fx: dict[str, np.ndarray], name: str, noisy: bool, run: str, mode: str) -> None:
+def test_flow_to_mask_parity(fx: dict[str, np.ndarray], name: str, noisy: bool, run: str) -> None:
     prefix = "flow_noisy" if noisy else "flow"
     ref = fx[f"recovered{'_noisy' if noisy else ''}.{run}.{name}"]
-    out = flow_to_mask(channel_first(fx[f"{prefix}.{name}"]), mode=mode, **RUNS[run])
+    out = flow_to_mask(channel_first(fx[f"{prefix}.{name}"]), mode="exact", **RUNS[run])
     assert out.dtype == np.uint32 and out.shape == ref.shape
     np.testing.assert_array_equal(out, ref)  # same pixels and the same (non-consecutive) label values
 
 
-@pytest.mark.parametrize("mode", ["exact", "fast"])
-def test_flow_to_mask_batched_parity(fx: dict[str, np.ndarray], mode: str) -> None:
+def test_flow_to_mask_batched_parity(fx: dict[str, np.ndarray]) -> None:
     batch = np.stack([channel_first(fx["flow.mixed"]), channel_first(fx["flow_noisy.mixed"])])
-    out = flow_to_mask(torch.from_numpy(batch), mode=mode)
+    out = flow_to_mask(torch.from_numpy(batch), mode="exact")
     np.testing.assert_array_equal(out, fx["recovered_batched.default.mixed_and_noisy"])
 
 
-@pytest.mark.parametrize("mode", ["exact", "fast"])
-def test_flow_to_mask_3d_parity(fx: dict[str, np.ndarray], mode: str) -> None:
-    out = flow_to_mask(channel_first(fx["flow3d"]), mode=mode)
+def test_flow_to_mask_3d_parity(fx: dict[str, np.ndarray]) -> None:
+    out = flow_to_mask(channel_first(fx["flow3d"]), mode="exact")
     np.testing.assert_array_equal(out, fx["recovered3d.default"])
+
+
+@pytest.mark.parametrize("niter", [1, 5, BASE_ITER])
+@pytest.mark.parametrize("key", ["flow_noisy.mixed", "flow.dense", "flow3d"])
+def test_fast_is_the_original_up_to_base_iter(fx: dict[str, np.ndarray], key: str, niter: int) -> None:
+    """With niter <= BASE_ITER the fast mode makes only the original's steps: the same final positions."""
+    step = torch.from_numpy(channel_first(fx[key]))[None] * np.float32(0.5)
+    assert torch.equal(_follow(step, niter, fast=True), _follow(step, niter, fast=False))
+
+
+@pytest.mark.parametrize("name", ["mixed", "dense"])
+def test_fast_finds_the_originals_objects_on_parity_flows(fx: dict[str, np.ndarray], name: str) -> None:
+    """Clean flows: the original's objects. Noisy flows (noise of std 0.3 on the background too): every
+    object of the mask, beside more false objects from the noise than the original makes."""
+    ref = fx[f"recovered.default.{name}"].astype(np.int64)
+    out = flow_to_mask(channel_first(fx[f"flow.{name}"])).astype(np.int64)
+    assert matching_scores(out, ref, thresholds=(0.5,))[0.5].ap == 1.0
+    noisy = flow_to_mask(channel_first(fx[f"flow_noisy.{name}"])).astype(np.int64)
+    assert matching_scores(noisy, fx[f"mask.{name}"].astype(np.int64), thresholds=(0.5,))[0.5].fn == 0
+
+
+def test_composed_maps_are_exact_for_a_uniform_flow() -> None:
+    """A uniform flow moves every pixel by step_size per iteration: composing maps must add up exactly."""
+    flow = np.zeros((2, 8, 200), np.float32)
+    flow[1] = 1.0  # dx: 0.5 pixel per iteration with the default step size
+    for niter in (9, 16, 37, 200 // 2):
+        final = _follow(torch.from_numpy(flow)[None] * np.float32(0.5), niter, fast=True)
+        x0 = np.arange(200) + 0.5
+        far = x0 + 0.5 * niter < 198  # the reads stay inside the flow (the padding slows the last pixels)
+        np.testing.assert_array_equal(
+            final[1].reshape(8, 200)[:, far].numpy(), np.tile(x0[far] + 0.5 * niter, (8, 1))
+        )
+        np.testing.assert_array_equal(final[0].numpy(), np.repeat(np.arange(8) + 0.5, 200))
+        assert final[1].max() <= 200 - 0.001
 
 
 def test_flow_to_mask_internals(fx: dict[str, np.ndarray]) -> None:
@@ -180,22 +213,19 @@ def test_flow_to_mask_internals(fx: dict[str, np.ndarray]) -> None:
         np.testing.assert_array_equal(labels.numpy(), fx[f"internals.dense.{key}"])
 
 
-def test_flow_to_mask_memory_savers_change_nothing(fx: dict[str, np.ndarray], monkeypatch) -> None:
-    """The step size scales the padded table in place, and the macro table is built in chunks."""
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_flow_to_mask_memory_savers_change_nothing(fx: dict[str, np.ndarray], monkeypatch, mode: str) -> None:
+    """The step size scales the padded flow in place, and pixels are followed in chunks."""
     from napari_ctxseg.core import flow_following
 
     for key in ("flow_noisy.mixed", "flow3d"):
         flow = channel_first(fx[key])
         before = flow.copy()
-        ref = flow_to_mask(flow * np.float32(0.5), step_size=1.0)
-        np.testing.assert_array_equal(flow_to_mask(flow), ref)  # the default step size, 0.5
+        ref = flow_to_mask(flow * np.float32(0.5), step_size=1.0, mode=mode)
+        np.testing.assert_array_equal(flow_to_mask(flow, mode=mode), ref)  # the default step size, 0.5
         np.testing.assert_array_equal(flow, before)  # the input is not scaled in place
-        step = torch.from_numpy(flow)[None]
-        whole = flow_following._Follower(step, 0.5, macro=True).macro
-        monkeypatch.setattr(flow_following, "_MACRO_ROWS", 97)
-        assert whole is not None and whole.numel() > 10 * 97
-        assert torch.equal(flow_following._Follower(step, 0.5, macro=True).macro, whole)
-        np.testing.assert_array_equal(flow_to_mask(flow), ref)
+        monkeypatch.setattr(flow_following, "_CHUNK_VALUES", 3 * 97)  # many chunks, one partial
+        np.testing.assert_array_equal(flow_to_mask(flow, mode=mode), ref)
         monkeypatch.undo()
 
 
@@ -215,6 +245,50 @@ def test_flow_to_mask_sensitivity_is_zero(fx: dict[str, np.ndarray]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def objects_above(mask: np.ndarray, min_size: int) -> np.ndarray:
+    """The connected pieces of every label of ``mask`` with at least ``min_size`` pixels, labelled 1..n."""
+    ndi = pytest.importorskip("scipy.ndimage")
+    out = np.zeros(mask.shape, np.int64)
+    for label in np.unique(mask)[1:]:
+        pieces, _ = ndi.label(mask == label)
+        sizes = np.bincount(pieces.ravel())
+        for k in np.flatnonzero(sizes[1:] >= min_size) + 1:
+            out[pieces == k] = out.max() + 1
+    return out
+
+
+MIN_SEED_CNTS = inspect.signature(flow_to_mask).parameters["min_seed_cnts"].default
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "parity:mixed",
+        "parity:dense",
+        "a891bbc89143bca7",
+        "ed8c31b001a0c23c",
+        "a0de55384fada5cb",
+        "ce88df7356d9d4a8",
+    ],
+)
+def test_ideal_flow_gives_back_every_object_of_min_size(
+    fx: dict[str, np.ndarray], name: str, mode: str
+) -> None:
+    """``mask_to_flow`` then ``flow_to_mask`` with default settings: every object of at least
+    ``min_seed_cnts`` pixels comes back (AP@0.5 1.0). Smaller objects are dropped on purpose (fewer pixels
+    than a seed needs); the flow is made from the whole mask, small objects included. Objects are the
+    connected pieces of the labels (a label in two pieces has two sinks). Known exceptions, not in these
+    masks (see ``flow_to_mask``, Notes): sinks within 2 cells of each other, thin objects cut by the
+    image border, and non-convex objects whose pixels end in two cells."""
+    mask = fx[f"mask.{name[7:]}"] if name.startswith("parity:") else dsb_labels(name, 512)
+    kept = objects_above(mask, MIN_SEED_CNTS)
+    assert kept.max() >= 4
+    out = flow_to_mask(mask_to_flow(mask), mode=mode).astype(np.int64)
+    scores = matching_scores(out, kept, thresholds=(0.5,))[0.5]
+    assert (scores.fp, scores.fn) == (0, 0)
+
+
 @pytest.mark.parametrize("name", ["ed8c31b001a0c23c", "a0de55384fada5cb", "ce88df7356d9d4a8"])
 def test_round_trip_real_masks(name: str) -> None:
     gt = remove_small_instances(dsb_labels(name), 100)  # smaller objects can fall below min_seed_cnts
@@ -232,7 +306,7 @@ def test_fast_agrees_with_exact_on_smooth_flow_with_weak_background() -> None:
     flow = ndi.gaussian_filter(mask_to_flow(gt), (0, 1, 1)) + 0.02 * rng.standard_normal((2, *gt.shape))
     flow = flow.astype(np.float32)
     exact, fast = flow_to_mask(flow, mode="exact"), flow_to_mask(flow, mode="fast")
-    assert (exact != fast).mean() < 2e-3
+    assert (exact != fast).mean() < 5e-3  # 0.33 %: pixels at object borders
     assert matching_scores(fast, exact, thresholds=(0.5,))[0.5].ap == 1.0
 
 
