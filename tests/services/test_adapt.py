@@ -193,4 +193,6 @@ def test_adapt_request_carries_its_time_budget(tiny_checkpoint) -> None:
     image, labels = blobs((128, 128))
     req = adapt_request(image, labels, checkpoint=tiny_checkpoint, seconds=42)
     assert req.config.time_budget_s == 42.0
+    # a short run: a short warm-up and a short EMA horizon (tens of steps fit the budget on 2 CPU cores)
+    assert req.config.warmup <= 10 and req.config.ema_decay <= 0.95
     assert req.val_images == []  # one image: all of it trains

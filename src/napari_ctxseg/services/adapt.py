@@ -51,6 +51,11 @@ __all__ = [
 ADAPT_SECONDS = 90.0
 #: the most optimiser steps of an adaptation (the time budget usually ends it first)
 ADAPT_MAX_STEPS = 600
+#: learning-rate warm-up steps and EMA decay of an adaptation: on 2 CPU cores a 90-second budget holds only
+#: tens to about a hundred steps (14 in 30 s on a loaded machine), so the fine-tune defaults (a warm-up of
+#: a tenth of the step limit, an EMA over ~60 steps) would spend most of the run warming up
+ADAPT_WARMUP = 10
+ADAPT_EMA_DECAY = 0.95
 
 
 def default_adapted_path(now: datetime | None = None) -> Path:
@@ -171,7 +176,8 @@ def adapt_request(
         settings=settings,
         provenance={"adapted_to_context": {"seconds": float(seconds), "diameter": diameter}},
     )
-    return replace(req, config=replace(req.config, time_budget_s=float(seconds)))
+    config = replace(req.config, time_budget_s=float(seconds), warmup=ADAPT_WARMUP, ema_decay=ADAPT_EMA_DECAY)
+    return replace(req, config=config)
 
 
 def adapt_steps(
