@@ -90,4 +90,4 @@ def test_readme_quick_start_commands_pass_in_a_fresh_venv(tmp_path: Path) -> Non
     versions = {
         line.split("==")[0].lower(): line.split("==")[-1] for line in r.stdout.splitlines() if "==" in line
     }
-    print({k: versions.get(k) for k in ("pytest", "npe2", "pydantic", "napari", "torch")})
+    print({k: versions.get(k) for k in ("pytest", "npe2", "pydantic", "napari", "torch")}, summary)
