@@ -247,15 +247,24 @@ def _existing(path: Path, out_dir: Path, settings: dict[str, Any]) -> tuple[str,
 
 def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    tmp = None
+    try:  # the temporary file is made inside the try, so an interrupt at any point removes it
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _remove_partial_outputs(out_dir: Path) -> None:
+    """Remove temporary output files an interrupt left behind (e.g. one inside ``mkstemp`` itself)."""
+    for pattern in (".*_labels.tif.*.tmp", ".*_objects.csv.*.tmp"):
+        for leftover in out_dir.glob(pattern):
+            leftover.unlink(missing_ok=True)
 
 
 def _write_csv(path: Path, table: dict[str, np.ndarray]) -> None:
@@ -565,17 +574,21 @@ def segment_files(
         status = rec["status"] if rec["status"] != "failed" else f"failed: {rec['error']}"
         say(f"[{len(records)}/{n}] {rec['input']}: {status}")
 
-    if not workers and not scheduler:
-        for p in todo:
-            try:
-                add(segment_file(p, out_dir, options, True, settings))
-            except Exception as exc:
-                failed = _failure(p, out_dir, exc)
-                if failed is None:
-                    raise
-                add(failed)
-    else:
-        _run_on_dask(todo, out_dir, options, settings, workers, scheduler, add)
+    try:
+        if not workers and not scheduler:
+            for p in todo:
+                try:
+                    add(segment_file(p, out_dir, options, True, settings))
+                except Exception as exc:
+                    failed = _failure(p, out_dir, exc)
+                    if failed is None:
+                        raise
+                    add(failed)
+        else:
+            _run_on_dask(todo, out_dir, options, settings, workers, scheduler, add)
+    except KeyboardInterrupt:
+        _remove_partial_outputs(out_dir)
+        raise
     order = {str(p): i for i, p in enumerate(paths)}
     return sorted(records, key=lambda r: order[r["input"]])
 
