@@ -32,7 +32,6 @@ from typing import Any, Literal
 import numpy as np
 
 from ..core.errors import ConfigError, InputError
-from ..core.postprocess import median_diameter
 from ..core.training import TrainProgress
 from .finetune import FinetuneResult, FinetuneSettings, finetune_request_from_arrays, run_finetune
 from .progress import run_to_end
@@ -108,14 +107,9 @@ def inference_diameter(
     ``diameter="auto"`` does at inference; a number: the image is rescaled so such objects become the
     model's size; ``None``: the image as it is).
     """
-    from .segment import MODEL_DIAMETER, auto_scale
+    from .segment import MODEL_DIAMETER, auto_scale, context_diameter
 
-    parts, offset = [], 0
-    for lab in context_labels:
-        lab = np.asarray(lab).astype(np.int64)
-        parts.append(np.where(lab > 0, lab + offset, 0).ravel())
-        offset += int(lab.max()) + 1
-    measured = median_diameter(np.concatenate(parts)) if parts else 0.0
+    measured = context_diameter(list(context_labels))
     if not measured > 0:
         return None
     if diameter == "auto":

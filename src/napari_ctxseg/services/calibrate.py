@@ -116,12 +116,18 @@ def calibrate_steps(
     diameter = float(np.median([s for s in sizes if s > 0]))
     area = np.pi * diameter**2 / 4
     min_sizes = sorted({int(round(f * area)) if f else req.flow.min_size for f in MIN_SIZE_FRACTIONS})
-    flows = [replace(req.flow, flow_threshold=t, min_size=m) for t in FLOW_THRESHOLDS for m in min_sizes]
+    thresholds = sorted({*FLOW_THRESHOLDS, req.flow.flow_threshold})  # the request's own is always scored
+    flows = [replace(req.flow, flow_threshold=t, min_size=m) for t in thresholds for m in min_sizes]
     diameters = [diameter * f for f in DIAMETER_FACTORS]
     counts: dict[tuple[float, int], np.ndarray] = {
         (d, f): np.zeros(3, np.int64) for d in diameters for f in range(len(flows))
     }
-    default = np.zeros(3, np.int64)
+    # the request's own flow settings (in the grid: thresholds and min_sizes hold its values)
+    own = next(
+        f
+        for f, params in enumerate(flows)
+        if params.flow_threshold == req.flow.flow_threshold and params.min_size == req.flow.min_size
+    )
     loo = len(refs) > 1
     total = len(refs) * len(diameters)
     for (i, (image, _, region)), d in itertools.product(enumerate(refs), diameters):
@@ -143,12 +149,6 @@ def calibrate_steps(
             labels, _ = labels_from_flows(result.flows_model_scale, params, out_shape=shape, image=image)
             tp_fp_fn = np.array(match_counts(_masked(labels, region), truths[i]))
             counts[(d, f)] += tp_fp_fn
-            if (
-                d == diameter
-                and params.flow_threshold == req.flow.flow_threshold
-                and (params.min_size == req.flow.min_size)
-            ):
-                default += tp_fp_fn
 
     def ap(c: np.ndarray) -> float:
         return float(c[0] / max(1, c.sum()))
@@ -167,7 +167,7 @@ def calibrate_steps(
         diameter=best[0],
         flow=flows[best[1]],
         self_score=ap(counts[best]),
-        default_score=ap(default),
+        default_score=ap(counts[(diameters[DIAMETER_FACTORS.index(1.0)], own)]),
         counts=tuple(int(v) for v in counts[best]),  # type: ignore[arg-type]
         leave_one_out=loo,
         tried=len(counts),

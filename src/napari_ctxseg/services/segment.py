@@ -780,14 +780,7 @@ def _measure_diameter(
     """
     refs = _references(req)
     if refs:
-        parts, offset = [], 0
-        for _, labels, region in refs:
-            lab = np.asarray(labels).astype(np.int64)
-            if region is not None:
-                lab = np.where(np.asarray(region, bool), lab, 0)
-            parts.append(np.where(lab > 0, lab + offset, 0).ravel())
-            offset += int(lab.max()) + 1
-        return median_diameter(np.concatenate(parts)), None
+        return context_diameter([labels for _, labels, _ in refs], [region for _, _, region in refs]), None
     image = np.asarray(req.image)
     h, w = image.shape[:2]
     y0, x0 = max(0, (h - AUTO_PROBE_SIZE) // 2), max(0, (w - AUTO_PROBE_SIZE) // 2)
@@ -820,6 +813,19 @@ def _measure_diameter(
         # model's scale measured them best
         size = at_model_scale
     return size, (first if crop.image.shape[:2] == (h, w) else None)
+
+
+def context_diameter(labels: list[np.ndarray], regions: list[np.ndarray | None] | None = None) -> float:
+    """Median object diameter over context label images (inside their regions); 0.0 without objects."""
+    parts, offset = [], 0
+    for k, lab in enumerate(labels):
+        lab = np.asarray(lab).astype(np.int64)
+        region = None if regions is None else regions[k]
+        if region is not None:
+            lab = np.where(np.asarray(region, bool), lab, 0)
+        parts.append(np.where(lab > 0, lab + offset, 0).ravel())
+        offset += int(lab.max()) + 1
+    return median_diameter(np.concatenate(parts)) if parts else 0.0
 
 
 def _context_digest(req: SegmentRequest) -> str:
