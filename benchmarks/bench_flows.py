@@ -36,10 +36,10 @@ import numpy as np
 import scipy.ndimage as ndi
 import torch
 
-from napari_ctxseg.core.flow_following import flow_to_mask
-from napari_ctxseg.core.flows import mask_to_flow
-from napari_ctxseg.core.metrics import matching_scores
-from napari_ctxseg.core.postprocess import relabel_sequential, remove_small_instances
+from napari_ctxseg.core.flows.following import flow_to_mask
+from napari_ctxseg.core.flows.from_masks import mask_to_flow
+from napari_ctxseg.core.flows.postprocess import relabel_sequential, remove_small_instances
+from napari_ctxseg.core.metrics.scores import matching_scores
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dsb2018_train"
 BENCH_IMAGE = "a891bbc89143bca7"  # 520x696 fluorescence, 121 nuclei in the top-left 512x512

@@ -2,7 +2,7 @@
 
 Workers draw batches of real DSB crops (the shipped recipe: 192 x 192, median diameter 20 px, 80 % of the
 samples without a context) and hand them to this process, which pins them (as the trainer does for a GPU)
-and unpacks them. Packed batches (:meth:`~napari_ctxseg.core.training_data.Batch.packed`: float16, the
+and unpacks them. Packed batches (:meth:`~napari_ctxseg.core.train.data.Batch.packed`: float16, the
 references of context samples only) against the plain float32 ones. Model steps are excluded: this is the
 rate at which the loader can feed a GPU.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_ctxseg.core.training_data import AugmentConfig, BatchStream, CropSampler
+from napari_ctxseg.core.train.data import AugmentConfig, BatchStream, CropSampler
 from napari_ctxseg.services.training import load_folder_pairs, read_split
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from napari_ctxseg.core.models import build_model
+from napari_ctxseg.core.nn.models import build_model
 from napari_ctxseg.services.models import PRESETS
 
 

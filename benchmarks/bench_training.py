@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from napari_ctxseg.core.training import mixed_max_schedule, weighted_edm_loss
-from napari_ctxseg.core.training_data import CropSampler
+from napari_ctxseg.core.train.data import CropSampler
+from napari_ctxseg.core.train.trainer import mixed_max_schedule, weighted_edm_loss
 from napari_ctxseg.services.models import load_model
 from napari_ctxseg.services.training import load_folder_pairs, read_split
 

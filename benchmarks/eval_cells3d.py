@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from napari_ctxseg.core.metrics import matching_scores
+from napari_ctxseg.core.metrics.scores import matching_scores
 from napari_ctxseg.services.models import load_model
 from napari_ctxseg.services.progress import run_to_end
 from napari_ctxseg.services.segment import FlowParams

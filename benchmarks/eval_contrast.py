@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from napari_ctxseg.core.metrics import per_object_iou
-from napari_ctxseg.core.postprocess import object_contrast, relabel_sequential
+from napari_ctxseg.core.flows.postprocess import object_contrast, relabel_sequential
+from napari_ctxseg.core.metrics.scores import per_object_iou
 from napari_ctxseg.services.evaluate import modality
 from napari_ctxseg.services.models import load_model
 from napari_ctxseg.services.segment import segment

@@ -26,7 +26,7 @@ import numpy as np
 from skimage.transform import rescale
 
 import napari_ctxseg.services.segment as seg
-from napari_ctxseg.core.postprocess import median_diameter
+from napari_ctxseg.core.flows.postprocess import median_diameter
 from napari_ctxseg.services.evaluate import match_counts, modality
 from napari_ctxseg.services.models import load_model
 from napari_ctxseg.services.training import _find, read_array, read_split

@@ -113,7 +113,7 @@ def main() -> None:
     if args.finetuned is None:
         path, steps, train_s = finetune(args, train)
     else:
-        from napari_ctxseg.core.checkpoint import read_info
+        from napari_ctxseg.core.io.checkpoint import read_info
 
         prov = read_info(args.finetuned).provenance
         path, steps, train_s = args.finetuned, prov.get("steps_done"), prov.get("train_seconds", float("nan"))

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_ctxseg.core.metrics import matching_scores
-from napari_ctxseg.core.postprocess import median_diameter
+from napari_ctxseg.core.flows.postprocess import median_diameter
+from napari_ctxseg.core.metrics.scores import matching_scores
 from napari_ctxseg.services.models import load_model
 from napari_ctxseg.services.segment import MODEL_DIAMETER, auto_scale, segment
 from napari_ctxseg.services.training import _find, read_array, read_split

@@ -16,7 +16,7 @@ import itertools
 from dataclasses import replace
 from pathlib import Path
 
-from napari_ctxseg.core.metrics import matching_scores
+from napari_ctxseg.core.metrics.scores import matching_scores
 from napari_ctxseg.services.models import load_model
 from napari_ctxseg.services.segment import FlowParams, labels_from_flows, segment
 from napari_ctxseg.services.training import _find, read_array, read_split

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from napari_ctxseg.core.checkpoint import load_checkpoint, save_checkpoint
+from napari_ctxseg.core.io.checkpoint import save_checkpoint
+from napari_ctxseg.core.nn.load import load_checkpoint
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Declare in a checkpoint the sampler settings its weights were validated with (or remove the declaration).
 
 The segment widget and ``ctxseg segment``/``eval`` warn when a run asks for more steps, or another solver
-with more than one step, than the checkpoint declares (``napari_ctxseg.core.checkpoint.sampling_advice``).
+with more than one step, than the checkpoint declares (``napari_ctxseg.core.io.checkpoint.sampling_advice``).
 The tensors are kept bit for bit; the file is rewritten atomically. Used for the bundled default model
 (docs/model_card.md, "Sampler steps").
 
@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from napari_ctxseg.core.checkpoint import file_sha256, read_info, set_sampling
+from napari_ctxseg.core.diffusion.solvers import SOLVERS
 from napari_ctxseg.core.errors import CheckpointError
-from napari_ctxseg.core.sampling import SOLVERS
+from napari_ctxseg.core.io.checkpoint import file_sha256, read_info, set_sampling
 
 
 def main() -> None:

@@ -68,7 +68,8 @@ def average(start: Path, trained: Path, output: Path) -> Path:
     """The uniform average of two checkpoints' weights, written (float16) to ``output``."""
     import torch
 
-    from napari_ctxseg.core.checkpoint import load_checkpoint, save_checkpoint
+    from napari_ctxseg.core.io.checkpoint import save_checkpoint
+    from napari_ctxseg.core.nn.load import load_checkpoint
 
     (model, info), (other, _) = load_checkpoint(start), load_checkpoint(trained)
     states = [model.state_dict(), other.state_dict()]
@@ -102,8 +103,8 @@ def train_stage(stage: Stage, base: Path, output: Path, args: argparse.Namespace
     """Run one stage from ``base``; returns the written checkpoint."""
     import torch
 
-    from napari_ctxseg.core.training import TrainConfig
-    from napari_ctxseg.core.training_data import AugmentConfig, acquisition_key
+    from napari_ctxseg.core.train.data import AugmentConfig, acquisition_key
+    from napari_ctxseg.core.train.trainer import TrainConfig
     from napari_ctxseg.services.training import TrainRequest, load_folder_pairs, run_training
 
     torch.set_num_threads(args.threads)

@@ -14,8 +14,8 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised tiny CtxSegP checkpoint (fast; segments nothing meaningful)."""
-    from napari_ctxseg.core.checkpoint import save_checkpoint
-    from napari_ctxseg.core.models import build_model
+    from napari_ctxseg.core.io.checkpoint import save_checkpoint
+    from napari_ctxseg.core.nn.models import build_model
     from napari_ctxseg.services.models import PRESETS
 
     torch.manual_seed(0)

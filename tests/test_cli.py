@@ -92,7 +92,7 @@ def test_segment_tta_flag_reaches_the_request(tmp_path, image_dir, tiny_checkpoi
 
 
 def test_segment_stack_normalize_flag_and_a_blank_plane(tmp_path, tiny_checkpoint, monkeypatch) -> None:
-    from napari_ctxseg.core.preprocess import intensity_limits
+    from napari_ctxseg.core.preprocess.normalize import intensity_limits
     from napari_ctxseg.services import stack
 
     rng = np.random.default_rng(0)
@@ -151,7 +151,7 @@ def test_segment_warns_when_sampler_settings_exceed_the_checkpoints_declaration(
 ) -> None:
     import shutil
 
-    from napari_ctxseg.core.checkpoint import set_sampling
+    from napari_ctxseg.core.io.checkpoint import set_sampling
 
     declared = shutil.copy(tiny_checkpoint, tmp_path / "declared.safetensors")
     set_sampling(declared, {"solvers": ["edf"], "max_steps": 2, "evidence": "test"})
@@ -309,7 +309,7 @@ def test_train_and_eval_smoke(tmp_path, image_dir, tiny_checkpoint, capsys) -> N
         == 0
     )
     assert out.is_file()
-    from napari_ctxseg.core.checkpoint import read_info
+    from napari_ctxseg.core.io.checkpoint import read_info
 
     train_config = read_info(out).provenance["train_config"]
     assert train_config["precision"] == "bf16" and train_config["augment"]["blur_prob"] == 0.5

@@ -166,8 +166,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def _train_request(
     args: argparse.Namespace, *, preset: str | None, base: str | None, lr: float | None = None
 ):
-    from .core.training import TrainConfig
-    from .core.training_data import AugmentConfig
+    from .core.train.data import AugmentConfig
+    from .core.train.trainer import TrainConfig
     from .services.outputs import check_checkpoint_output
     from .services.training import TrainRequest, load_folder_pairs, read_split
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from .core.config import SOLVERS
+from .core.diffusion.solvers import SOLVERS
 
 
 def _progress(text: str) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from napari_ctxseg.core import attention
-from napari_ctxseg.core.attention import CtxAtt
+from napari_ctxseg.core.nn import attention
 from napari_ctxseg.core.errors import ConfigError
+from napari_ctxseg.core.nn.attention import CtxAtt
 
 
 @pytest.mark.parametrize("kind", ["sigmoid", "softmax", "linear"])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_ctxseg.core.channels import channel_record, select_channels
 from napari_ctxseg.core.errors import InputError
-from napari_ctxseg.core.training_data import model_input
+from napari_ctxseg.core.preprocess.channels import channel_record, select_channels
+from napari_ctxseg.core.train.data import model_input
 
 
 def _image(c: int = 3, axis: int = 0) -> np.ndarray:

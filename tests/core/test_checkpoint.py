@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from napari_ctxseg.core.checkpoint import (
-    load_checkpoint,
+from napari_ctxseg.core.errors import CheckpointError, ConfigError
+from napari_ctxseg.core.io.checkpoint import (
     read_info,
     sampling_advice,
     save_checkpoint,
     set_sampling,
 )
-from napari_ctxseg.core.config import CtxSegPConfig, SegDConfig, config_from_dict
-from napari_ctxseg.core.errors import CheckpointError, ConfigError
-from napari_ctxseg.core.models import build_model
+from napari_ctxseg.core.nn.config import CtxSegPConfig, SegDConfig, config_from_dict
+from napari_ctxseg.core.nn.load import load_checkpoint
+from napari_ctxseg.core.nn.models import build_model
 
 TINY = CtxSegPConfig(
     model_dim=8, depths=(1, 1, 1, 1), encoder_depths=(1, 1, 1, 1), mha_head_dim=8, ctx_head_dim=8
@@ -126,7 +126,7 @@ def test_wrong_kind_mismatched_tensors_and_non_finite_weights(tmp_path) -> None:
 
 def test_a_header_length_ending_in_0x80_is_not_mistaken_for_a_pickle(tmp_path) -> None:
     """The first byte of a safetensors file is the low byte of its header length: it can be 0x80."""
-    from napari_ctxseg.core.checkpoint import _looks_like_safetensors
+    from napari_ctxseg.core.io.checkpoint import _looks_like_safetensors
 
     head = (128 + 256 * 3).to_bytes(8, "little") + b"{"
     assert head[:1] == b"\x80" and _looks_like_safetensors(head, 10_000)

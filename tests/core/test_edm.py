@@ -1,4 +1,4 @@
-"""Tests of EDM preconditioning, the training schedules and the loss (napari_ctxseg.core.edm)."""
+"""Tests of EDM preconditioning, the training schedules and the loss (napari_ctxseg.core.diffusion.edm)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_ctxseg.core.edm import (
+from napari_ctxseg.core.diffusion.edm import (
     SCHEDULES,
     EDMDenoiser,
     edm_hat_schedule,

@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from napari_ctxseg.core.config import MODEL_KINDS, config_from_dict
 from napari_ctxseg.core.errors import CheckpointError, ConfigError
-from napari_ctxseg.core.flax_params import _pairs, _to_flax
-from napari_ctxseg.core.flax_pickle import (
+from napari_ctxseg.core.io.flax_params import _pairs, _to_flax
+from napari_ctxseg.core.io.flax_unpickle import (
     RestrictedUnpickler,
     _Walker,
     guess_kind,
@@ -24,7 +23,8 @@ from napari_ctxseg.core.flax_pickle import (
     read_flax_checkpoint,
     read_flax_params,
 )
-from napari_ctxseg.core.models import build_model
+from napari_ctxseg.core.nn.config import MODEL_KINDS, config_from_dict
+from napari_ctxseg.core.nn.models import build_model
 from tests.core.test_models_parity import CONFIGS
 from tests.parity import load_npz, parity_path
 

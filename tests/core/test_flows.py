@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from napari_ctxseg.core.errors import InputError
-from napari_ctxseg.core.flow_following import _follow, _Grid, _label_cells, flow_to_mask
-from napari_ctxseg.core.flow_maps import BASE_ITER
-from napari_ctxseg.core.flows import flip_flow, flip_spatial, flow_error, mask_to_flow
-from napari_ctxseg.core.metrics import matching_scores
-from napari_ctxseg.core.postprocess import remove_small_instances
+from napari_ctxseg.core.flows.following import _follow, _Grid, _label_cells, flow_to_mask
+from napari_ctxseg.core.flows.from_masks import flip_flow, flip_spatial, flow_error, mask_to_flow
+from napari_ctxseg.core.flows.maps import BASE_ITER
+from napari_ctxseg.core.flows.postprocess import remove_small_instances
+from napari_ctxseg.core.metrics.scores import matching_scores
 
 SHARED = Path(__file__).parents[2].parent / "shared"
 FLOW_NPZ = SHARED / "parity" / "flow" / "flow.npz"
@@ -216,7 +216,7 @@ def test_flow_to_mask_internals(fx: dict[str, np.ndarray]) -> None:
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 def test_flow_to_mask_memory_savers_change_nothing(fx: dict[str, np.ndarray], monkeypatch, mode: str) -> None:
     """The step size scales the padded flow in place, and pixels are followed in chunks."""
-    from napari_ctxseg.core import flow_following
+    from napari_ctxseg.core.flows import following as flow_following
 
     for key in ("flow_noisy.mixed", "flow3d"):
         flow = channel_first(fx[key])

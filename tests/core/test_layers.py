@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from napari_ctxseg.core.layers import LN_EPS, LayerNorm
+from napari_ctxseg.core.nn.layers import LN_EPS, LayerNorm
 
 
 @pytest.mark.parametrize("scale,bias", [(True, True), (True, False), (False, True), (False, False)])
@@ -33,7 +33,7 @@ def test_layer_norm_affine_variants_match_formula_and_get_gradients(scale: bool,
 def test_module_seq_is_a_module_list_to_torch() -> None:
     from torch import nn
 
-    from napari_ctxseg.core.layers import ModuleSeq
+    from napari_ctxseg.core.nn.layers import ModuleSeq
 
     typed = ModuleSeq(nn.Linear(2, 2) for _ in range(3))
     plain = nn.ModuleList(nn.Linear(2, 2) for _ in range(3))

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from napari_ctxseg.core.errors import InputError
-from napari_ctxseg.core.metrics import LabelMetrics, MatchScores, matching_scores, per_object_iou, pool_scores
+from napari_ctxseg.core.metrics.scores import (
+    LabelMetrics,
+    MatchScores,
+    matching_scores,
+    per_object_iou,
+    pool_scores,
+)
 
 METRICS_DIR = Path(__file__).parents[2].parent / "shared" / "parity" / "metrics"
 PER_OBJECT = ["pred_areas", "gt_areas", "pred_scores", "gt_scores", "ious"]

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from napari_ctxseg.core.config import CtxSegDConfig, CtxSegPConfig, SegDConfig, SegPConfig
-from napari_ctxseg.core.edm import EDMDenoiser
-from napari_ctxseg.core.flax_params import flax_to_state_dict, state_dict_to_flax
-from napari_ctxseg.core.models import CtxSegD, CtxSegP, SegD, SegP, build_model
+from napari_ctxseg.core.diffusion.edm import EDMDenoiser
+from napari_ctxseg.core.io.flax_params import flax_to_state_dict, state_dict_to_flax
+from napari_ctxseg.core.nn.config import CtxSegDConfig, CtxSegPConfig, SegDConfig, SegPConfig
+from napari_ctxseg.core.nn.models import CtxSegD, CtxSegP, SegD, SegP, build_model
 from tests.parity import load_json, load_npz, nhwc_to_nchw
 
 P_SMALL = dict(
@@ -241,7 +241,7 @@ def test_ctxsegp_skips_the_references_of_no_context_samples() -> None:
 def test_reference_rows_round_up_with_weight_zero_repeats_and_give_the_same_output(monkeypatch) -> None:
     """On CUDA a mixed batch encodes a multiple of CUDA_REFERENCE_BUCKET references (fewer shapes for
     cuDNN to build kernels for): the repeats carry weight 0 and leave the output unchanged."""
-    from napari_ctxseg.core import models
+    from napari_ctxseg.core.nn import models
 
     rows, w, used = models.reference_rows(torch.tensor([0.0, 1.0, 0.0, 0.5, 0.0, 0.0, 0.0]), bucket=4)
     assert used == 2 and rows.tolist() == [1, 3, 1, 3] and w.tolist() == [1.0, 0.5, 0.0, 0.0]

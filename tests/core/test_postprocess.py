@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from napari_ctxseg.core.errors import InputError
-from napari_ctxseg.core.postprocess import (
+from napari_ctxseg.core.flows.postprocess import (
     clean_up_mask,
     fill_holes,
     noise_sigma,

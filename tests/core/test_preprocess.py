@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from napari_ctxseg.core.errors import InputError
-from napari_ctxseg.core.preprocess import center_crop, intensity_limits, normalize_image, pad_channel
+from napari_ctxseg.core.preprocess.normalize import (
+    center_crop,
+    intensity_limits,
+    normalize_image,
+    pad_channel,
+)
 
 METRICS_NPZ = Path(__file__).parents[2].parent / "shared" / "parity" / "metrics" / "metrics.npz"
 

@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from napari_ctxseg.core.discretization import (
+from napari_ctxseg.core.diffusion.discretization import (
     DISCRETIZATIONS,
     edm_sigmas,
     get_sigmas,
     iddpm_original_sigmas,
     iddpm_sigmas,
 )
-from napari_ctxseg.core.errors import ConfigError, InputError
-from napari_ctxseg.core.sampling import (
+from napari_ctxseg.core.diffusion.sampling import (
     SamplerStep,
     dm_gradient,
     num_model_calls,
@@ -27,6 +26,7 @@ from napari_ctxseg.core.sampling import (
     sample_steps,
     sde_churn,
 )
+from napari_ctxseg.core.errors import ConfigError, InputError
 
 PARITY = Path(__file__).resolve().parents[2].parent / "shared" / "parity"
 SAMPLER_JSON = PARITY / "sampler" / "sampler.json"

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from napari_ctxseg.cli import main
-from napari_ctxseg.core.checkpoint import read_info
 from napari_ctxseg.core.errors import ConfigError, InputError
+from napari_ctxseg.core.io.checkpoint import read_info
 from napari_ctxseg.services.adapt import adapt, adapt_request, inference_diameter
 from napari_ctxseg.services.models import load_model
 from napari_ctxseg.services.segment import SegmentProgress, SegmentRequest, segment_steps

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from napari_ctxseg import __version__
-from napari_ctxseg.core.checkpoint import file_sha256, load_checkpoint
 from napari_ctxseg.core.errors import CheckpointError, ConfigError, InputError
-from napari_ctxseg.core.models import CtxSegP
+from napari_ctxseg.core.io.checkpoint import file_sha256
+from napari_ctxseg.core.nn.load import load_checkpoint
+from napari_ctxseg.core.nn.models import CtxSegP
 from napari_ctxseg.services.convert import convert_flax_checkpoint
 from tests.core.test_models_parity import CONFIGS, _model, close, t
 from tests.parity import load_npz, parity_path

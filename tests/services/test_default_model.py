@@ -47,7 +47,7 @@ def test_the_sampler_settings_the_bundled_model_declares_are_the_ones_that_work(
         pytest.skip(f"shared data not found at {DSB}")
     if not bundled_model_path().is_file():
         pytest.skip("no bundled model")
-    from napari_ctxseg.core.checkpoint import read_info, sampling_advice
+    from napari_ctxseg.core.io.checkpoint import read_info, sampling_advice
     from napari_ctxseg.services.models import load_model
 
     info = read_info(bundled_model_path())

@@ -29,8 +29,8 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny CtxSegP checkpoint to fine-tune from."""
     import torch
 
-    from napari_ctxseg.core.checkpoint import save_checkpoint
-    from napari_ctxseg.core.models import build_model
+    from napari_ctxseg.core.io.checkpoint import save_checkpoint
+    from napari_ctxseg.core.nn.models import build_model
     from napari_ctxseg.services.models import PRESETS
 
     torch.manual_seed(0)
@@ -116,7 +116,7 @@ def test_partial_annotation_teaches_only_near_objects_and_stacks_split(tiny_base
 
 
 def test_run_writes_loadable_checkpoint_with_provenance(tiny_base: Path, tmp_path: Path) -> None:
-    from napari_ctxseg.core.checkpoint import load_checkpoint
+    from napari_ctxseg.core.nn.load import load_checkpoint
 
     image, labels = discs()
     req = finetune_request_from_arrays(
@@ -150,7 +150,7 @@ def _drain(gen):
 
 
 def test_cancel_and_time_budget_keep_the_best_weights(tiny_base: Path, tmp_path: Path) -> None:
-    from napari_ctxseg.core.checkpoint import load_checkpoint
+    from napari_ctxseg.core.nn.load import load_checkpoint
 
     image, labels = discs()
     settings = FinetuneSettings(**{**FAST, "steps": 1000})

@@ -86,7 +86,7 @@ def test_context_path_runs_and_changes_the_prediction(tiny_checkpoint) -> None:
 
 
 def test_rethreshold_cached_flows_without_the_network() -> None:
-    from napari_ctxseg.core.flows import mask_to_flow
+    from napari_ctxseg.core.flows.from_masks import mask_to_flow
 
     _, labels = blobs()
     flow = mask_to_flow(labels)[None]
@@ -127,9 +127,9 @@ def test_bad_context_and_settings(tiny_checkpoint) -> None:
 
 
 def test_direct_models_are_refused_for_segmentation_even_when_asked_for(tmp_path) -> None:
-    from napari_ctxseg.core.checkpoint import save_checkpoint
-    from napari_ctxseg.core.config import SegDConfig
-    from napari_ctxseg.core.models import build_model
+    from napari_ctxseg.core.io.checkpoint import save_checkpoint
+    from napari_ctxseg.core.nn.config import SegDConfig
+    from napari_ctxseg.core.nn.models import build_model
     from napari_ctxseg.services.models import load_model
 
     path = save_checkpoint(
@@ -144,7 +144,7 @@ def test_direct_models_are_refused_for_segmentation_even_when_asked_for(tmp_path
 
 
 def test_flow_threshold_keeps_weak_background_flows_out_of_the_labels() -> None:
-    from napari_ctxseg.core.flows import mask_to_flow
+    from napari_ctxseg.core.flows.from_masks import mask_to_flow
 
     _, labels = blobs((96, 96), n=5, seed=4)
     flow = mask_to_flow(labels)
@@ -174,7 +174,7 @@ def test_several_references_of_different_sizes(tiny_checkpoint) -> None:
 
 
 def test_auto_diameter_measures_the_context_labels_without_a_probe_pass(tiny_checkpoint) -> None:
-    from napari_ctxseg.core.postprocess import median_diameter
+    from napari_ctxseg.core.flows.postprocess import median_diameter
     from napari_ctxseg.services.segment import (
         AUTO_MIN_RESCALE,
         AUTO_SCALE_RANGE,
@@ -278,7 +278,7 @@ def test_auto_diameter_finds_objects_too_large_for_the_model_scale(tiny_checkpoi
 
 
 def test_median_diameter() -> None:
-    from napari_ctxseg.core.postprocess import median_diameter
+    from napari_ctxseg.core.flows.postprocess import median_diameter
 
     lab = np.zeros((40, 40), np.int32)
     lab[2:12, 2:12] = 3  # area 100
@@ -291,7 +291,7 @@ def test_median_diameter() -> None:
 def test_tta_averages_the_denoiser_over_the_flips_so_it_commutes_with_them(tiny_checkpoint) -> None:
     import torch
 
-    from napari_ctxseg.core.flows import flip_flow, flip_spatial
+    from napari_ctxseg.core.flows.from_masks import flip_flow, flip_spatial
     from napari_ctxseg.services.models import load_model
     from napari_ctxseg.services.segment import TTA_FLIPS, _ViewDenoiser
 

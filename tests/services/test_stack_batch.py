@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import tifffile
 
+from napari_ctxseg.core.diffusion.tiling import blend_weight, plan_tiles
 from napari_ctxseg.core.errors import ConfigError, InputError
-from napari_ctxseg.core.flows import mask_to_flow
-from napari_ctxseg.core.metrics import matching_scores
-from napari_ctxseg.core.preprocess import intensity_limits
-from napari_ctxseg.core.tiling import blend_weight, plan_tiles
+from napari_ctxseg.core.flows.from_masks import mask_to_flow
+from napari_ctxseg.core.metrics.scores import matching_scores
+from napari_ctxseg.core.preprocess.normalize import intensity_limits
 from napari_ctxseg.services import stack as stack_service
 from napari_ctxseg.services.progress import run_to_end
 from napari_ctxseg.services.segment import FlowParams, labels_from_flows
@@ -209,7 +209,7 @@ def test_tiled_and_untiled_labels_agree_with_the_bundled_model() -> None:
 
 
 def test_three_view_flows_combine_into_the_original_3d_flows_and_recover_the_objects() -> None:
-    from napari_ctxseg.core.flow_following import flow_to_mask
+    from napari_ctxseg.core.flows.following import flow_to_mask
 
     zz, yy, xx = np.mgrid[:20, :32, :36]
     labels = np.zeros((20, 32, 36), np.int32)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
-from napari_ctxseg.core.checkpoint import load_checkpoint
 from napari_ctxseg.core.errors import ConfigError, InputError
-from napari_ctxseg.core.training import TrainConfig
-from napari_ctxseg.core.training_data import AugmentConfig, CropSampler, annotate
+from napari_ctxseg.core.nn.load import load_checkpoint
+from napari_ctxseg.core.train.data import AugmentConfig, CropSampler, annotate
+from napari_ctxseg.core.train.trainer import TrainConfig
 from napari_ctxseg.services.progress import run_to_end
 from napari_ctxseg.services.training import TrainRequest, run_training
 from tests.conftest import blobs, dsb_pair
@@ -85,7 +85,7 @@ def test_same_seed_same_weights_and_resume_continues_exactly(tmp_path) -> None:
 
 
 def test_crops_transform_flows_consistently() -> None:
-    from napari_ctxseg.core.flows import mask_to_flow
+    from napari_ctxseg.core.flows.from_masks import mask_to_flow
 
     _, lab = blobs((64, 64), seed=3)
     im = annotate(lab.astype(np.float32) * 10 + 1, lab)
@@ -107,7 +107,7 @@ def test_crops_transform_flows_consistently() -> None:
 def test_target_diameter_brings_every_image_to_one_object_size() -> None:
     from skimage.measure import label
 
-    from napari_ctxseg.core.postprocess import median_diameter
+    from napari_ctxseg.core.flows.postprocess import median_diameter
 
     small, large = np.zeros((128, 128), np.int32), np.zeros((128, 128), np.int32)
     yy, xx = np.mgrid[:128, :128]
@@ -252,8 +252,8 @@ def test_training_input_errors(tmp_path) -> None:
 def test_time_budget_stops_early_as_a_complete_run_with_a_decayed_rate(tmp_path, monkeypatch) -> None:
     from types import SimpleNamespace
 
-    from napari_ctxseg.core import training
-    from napari_ctxseg.core.training import _lr_at
+    from napari_ctxseg.core.train import trainer as training
+    from napari_ctxseg.core.train.trainer import _lr_at
 
     # the trainer's clock advances 0.04 s per reading (about 0.08 s per step): how many steps fit the
     # budget does not depend on how loaded the test machine is
@@ -278,7 +278,7 @@ def test_time_budget_stops_early_as_a_complete_run_with_a_decayed_rate(tmp_path,
 
 
 def test_loader_workers_train_and_are_repeatable(tmp_path) -> None:
-    from napari_ctxseg.core.training_data import BatchStream
+    from napari_ctxseg.core.train.data import BatchStream
 
     images = _images()
     sampler = CropSampler(images, 64, seed=0)
@@ -315,7 +315,7 @@ def test_load_folder_pairs_in_worker_processes_matches_serial(tmp_path) -> None:
 
 
 def test_context_references_from_other_images_of_the_same_group() -> None:
-    from napari_ctxseg.core.training_data import acquisition_key
+    from napari_ctxseg.core.train.data import acquisition_key
 
     (a, la), (b, lb), (c, lc) = blobs((64, 64), seed=1), blobs((64, 64), seed=2), blobs((80, 72), seed=3)
     images = [annotate(a, la, name="a"), annotate(b, lb, name="b"), annotate(c, lc, name="c")]
@@ -416,7 +416,7 @@ def test_bf16_autocast_trains_float32_weights_with_the_same_losses_to_bf16_accur
 
 
 def test_fine_tuning_keeps_the_bases_sampler_declaration_marked_as_inherited(tmp_path) -> None:
-    from napari_ctxseg.core.checkpoint import read_info, set_sampling
+    from napari_ctxseg.core.io.checkpoint import read_info, set_sampling
 
     kw = dict(train_images=_images(), device="cpu", config=_cfg(steps=2, val_every=0))
     _, base = _run(TrainRequest(output=tmp_path / "base.safetensors", preset="tiny", **kw))

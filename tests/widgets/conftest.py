@@ -41,8 +41,8 @@ def _one_torch_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised tiny CtxSegP checkpoint (fast; finds arbitrary objects)."""
-    from napari_ctxseg.core.checkpoint import save_checkpoint
-    from napari_ctxseg.core.models import build_model
+    from napari_ctxseg.core.io.checkpoint import save_checkpoint
+    from napari_ctxseg.core.nn.models import build_model
     from napari_ctxseg.services.models import PRESETS
 
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ from napari.layers import Labels
 
 from napari_ctxseg._widgets._evaluate_io import CLASS_COLORS, evaluate_labels
 from napari_ctxseg.core.errors import InputError
-from napari_ctxseg.core.metrics import LabelMetrics, matching_scores, per_object_iou
+from napari_ctxseg.core.metrics.scores import LabelMetrics, matching_scores, per_object_iou
 
 
 def core_numbers(pred: np.ndarray, gt: np.ndarray, threshold: float) -> tuple[Any, ...]:

@@ -16,8 +16,8 @@ from napari_ctxseg.services.recent import clear_recent_checkpoints, recent_check
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny CtxSegP checkpoint to fine-tune from."""
-    from napari_ctxseg.core.checkpoint import save_checkpoint
-    from napari_ctxseg.core.models import build_model
+    from napari_ctxseg.core.io.checkpoint import save_checkpoint
+    from napari_ctxseg.core.nn.models import build_model
     from napari_ctxseg.services.models import PRESETS
 
     torch.manual_seed(0)
@@ -64,7 +64,7 @@ def widget(make_napari_viewer, qtbot, tiny_base: Path, tmp_path: Path):
 
 
 def test_finetune_from_layers_with_a_shapes_region(widget, qtbot) -> None:
-    from napari_ctxseg.core.checkpoint import load_checkpoint
+    from napari_ctxseg.core.nn.load import load_checkpoint
 
     widget.viewer.add_shapes([np.array([[5, 5], [90, 90]])], shape_type="rectangle", name="done")
     widget.pair_rows[0][2].setCurrentText("done")
@@ -89,7 +89,7 @@ def test_finetune_from_layers_with_a_shapes_region(widget, qtbot) -> None:
 def test_cancel_mid_run_keeps_the_best_weights_and_event_loop_stays_responsive(widget, qtbot) -> None:
     from qtpy.QtCore import QTimer
 
-    from napari_ctxseg.core.checkpoint import load_checkpoint
+    from napari_ctxseg.core.nn.load import load_checkpoint
 
     widget.steps.setValue(100_000)
     widget.val_fraction.setValue(0.3)
@@ -125,7 +125,7 @@ def test_cancel_mid_run_keeps_the_best_weights_and_event_loop_stays_responsive(w
 
 
 def test_time_budget_stops_training_in_bfloat16(widget, qtbot) -> None:
-    from napari_ctxseg.core.checkpoint import read_info
+    from napari_ctxseg.core.io.checkpoint import read_info
 
     widget.steps.setValue(100_000)
     widget.budget.setValue(0.01)  # 0.6 s

@@ -23,7 +23,7 @@ from napari_ctxseg._widgets._layer_io import (
     snapshot_layer,
 )
 from napari_ctxseg.core.errors import CtxSegError, InputError
-from napari_ctxseg.core.flows import mask_to_flow
+from napari_ctxseg.core.flows.from_masks import mask_to_flow
 from napari_ctxseg.services.segment import FlowParams, SegmentResult
 
 

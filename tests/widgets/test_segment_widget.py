@@ -374,7 +374,7 @@ def test_sampler_note_flags_settings_outside_the_checkpoints_declaration(
 ) -> None:
     """A checkpoint that declares 1-2 steps of euler/edf: the note under the solver says when a setting
     leaves that and follows the controls; it stays hidden for a checkpoint that declares nothing."""
-    from napari_ctxseg.core.checkpoint import set_sampling
+    from napari_ctxseg.core.io.checkpoint import set_sampling
 
     _, widget, _ = segment_widget()
     plain = Path(widget.browse.value)  # the tiny test checkpoint declares nothing

@@ -1,9 +1,9 @@
 """Scores of a prediction against ground truth, and new layers that colour objects as TP, FP or FN.
 
-Pure functions (no Qt) over :mod:`napari_ctxseg.core.metrics`: AP and F1 of a one-to-one matching
-(:func:`~napari_ctxseg.core.metrics.matching_scores`), the original ctxseg's instance Dice
-(:class:`~napari_ctxseg.core.metrics.LabelMetrics`) and per-object IoUs
-(:func:`~napari_ctxseg.core.metrics.per_object_iou`).
+Pure functions (no Qt) over :mod:`napari_ctxseg.core.metrics.scores`: AP and F1 of a one-to-one matching
+(:func:`~napari_ctxseg.core.metrics.scores.matching_scores`), the original ctxseg's instance Dice
+(:class:`~napari_ctxseg.core.metrics.scores.LabelMetrics`) and per-object IoUs
+(:func:`~napari_ctxseg.core.metrics.scores.per_object_iou`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.metrics import LabelMetrics, ObjectMatches, matching_scores, per_object_iou
+from ..core.metrics.scores import LabelMetrics, ObjectMatches, matching_scores, per_object_iou
 
 __all__ = ["CLASS_COLORS", "Evaluation", "evaluate_labels", "evaluation_layer_data"]
 

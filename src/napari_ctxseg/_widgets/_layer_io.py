@@ -103,7 +103,7 @@ def choose_channels(
     axis: int | None = None,
     nuclear_name: str = "",
 ) -> LayerSnapshot:
-    """The snapshot of the chosen channel(s) (see :mod:`napari_ctxseg.core.channels`).
+    """The snapshot of the chosen channel(s) (see :mod:`napari_ctxseg.core.preprocess.channels`).
 
     ``channel`` is the channel to segment; ``nuclear`` a nuclear channel of the same layer (an index) or
     of another layer (its data, of the shape of the chosen channel).
@@ -115,7 +115,7 @@ def choose_channels(
     InputError
         A channel that does not exist, or a nuclear layer of another shape.
     """
-    from ..core.channels import channel_record, select_channels
+    from ..core.preprocess.channels import channel_record, select_channels
 
     if channel is None and nuclear is None:
         return snap

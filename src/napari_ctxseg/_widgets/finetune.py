@@ -52,7 +52,7 @@ from ._loss_curve import LossCurve
 if TYPE_CHECKING:
     import napari
 
-    from ..core.training import TrainProgress
+    from ..core.train.trainer import TrainProgress
 
 __all__ = ["FinetuneWidget"]
 

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..core.errors import ConfigError, InputError
-from ..core.training import TrainProgress
+from ..core.train.trainer import TrainProgress
 from .finetune import FinetuneResult, FinetuneSettings, finetune_request_from_arrays, run_finetune
 from .progress import run_to_end
 from .training import TrainRequest
@@ -219,7 +219,7 @@ def adapt(
     diameter
         As the segmentation's ``diameter``: the scale the adapted model is trained at.
     on_progress
-        Called with every :class:`~napari_ctxseg.core.training.TrainProgress`.
+        Called with every :class:`~napari_ctxseg.core.train.trainer.TrainProgress`.
 
     Returns
     -------

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from ..core.channels import select_channels
 from ..core.errors import CheckpointError, ConfigError, CtxSegError, InputError
+from ..core.preprocess.channels import select_channels
 from .measure import measure_objects, measure_stack, measure_volume
 from .progress import run_to_end
 
@@ -160,7 +160,7 @@ def run_settings(options: dict[str, Any]) -> dict[str, Any]:
     InputError
         A context file that cannot be read.
     """
-    from ..core.checkpoint import file_sha256
+    from ..core.io.checkpoint import file_sha256
     from .models import resolve_checkpoint
     from .segment import SegmentRequest
 
@@ -439,7 +439,7 @@ def _failure(path: Path, out_dir: Path, exc: BaseException) -> dict[str, Any] | 
 
 def _check_checkpoint(options: dict[str, Any]) -> None:
     """Read the checkpoint's header: a missing, corrupt or unusable model stops the batch before it starts."""
-    from ..core.checkpoint import read_info
+    from ..core.io.checkpoint import read_info
     from .models import resolve_checkpoint
 
     path = resolve_checkpoint(options.get("checkpoint", "default"))

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.postprocess import median_diameter
+from ..core.flows.postprocess import median_diameter
 from .evaluate import match_counts
 from .models import LoadedModel, load_model
 from .progress import relay

@@ -4,7 +4,7 @@ A pack is a compressed numpy ``.npz`` (``np.savez_compressed``; read with ``allo
 pack can never run code) with these arrays:
 
 - ``image``: the context image as the model reads it, ``(H, W)`` or ``(H, W, C)`` channels last (with
-  a channel choice, the chosen channels: see :mod:`napari_ctxseg.core.channels`);
+  a channel choice, the chosen channels: see :mod:`napari_ctxseg.core.preprocess.channels`);
 - ``labels``: ``(H, W)`` integer instance labels;
 - ``region`` (optional): ``(H, W)`` bool, where the annotation is complete;
 - ``meta``: a JSON string: ``format`` (``"ctxseg-context"``), ``version``, ``self_score`` (the context

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import ConfigError
-from ..core.metrics import MatchScores
-from ..core.preprocess import normalize_image
+from ..core.metrics.scores import MatchScores
+from ..core.preprocess.normalize import normalize_image
 from .measure import best_iou_per_object
 from .progress import run_to_end
 
@@ -92,7 +92,7 @@ def pooled_scores(tp: int, fp: int, fn: int) -> dict[str, float]:
     """Report scores of counts summed over images: the counts, AP@0.5 and F1@0.5.
 
     AP@0.5 = TP / (TP + FP + FN) and F1@0.5 (NaN when all three are 0), as
-    :class:`~napari_ctxseg.core.metrics.MatchScores` computes them.
+    :class:`~napari_ctxseg.core.metrics.scores.MatchScores` computes them.
 
     Examples
     --------

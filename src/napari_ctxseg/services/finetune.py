@@ -25,8 +25,8 @@ from typing import Any, Literal
 import numpy as np
 
 from ..core.errors import ConfigError
-from ..core.training import PRECISIONS, TrainConfig, TrainProgress
-from ..core.training_data import AnnotatedImage, AugmentConfig
+from ..core.train.data import AnnotatedImage, AugmentConfig
+from ..core.train.trainer import PRECISIONS, TrainConfig, TrainProgress
 from .finetune_data import TrainingPair, array_digest, check_pairs, prepare, split_validation
 from .training import TrainRequest, run_training
 
@@ -159,7 +159,7 @@ def check_base(base: str | os.PathLike | None, crop_size: int) -> tuple[Path, st
     ConfigError
         A model that cannot be trained here, or a crop size that is not a multiple of its stride.
     """
-    from ..core.checkpoint import read_info
+    from ..core.io.checkpoint import read_info
     from .models import resolve_checkpoint
 
     path = resolve_checkpoint(base)

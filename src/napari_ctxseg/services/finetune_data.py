@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.training_data import AnnotatedImage, annotate
+from ..core.train.data import AnnotatedImage, annotate
 
 __all__ = ["TrainingPair", "array_digest", "check_pairs", "focus", "prepare", "split_validation"]
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import numpy as np
 from scipy import sparse
 
-from ..core.flows import flow_error
+from ..core.flows.from_masks import flow_error
 
 __all__ = [
     "PROPERTIES",

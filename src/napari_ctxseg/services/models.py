@@ -10,10 +10,11 @@ from pathlib import Path
 
 import torch
 
-from ..core.checkpoint import CheckpointInfo, load_checkpoint, read_info, sampling_advice
-from ..core.config import CtxSegPConfig, ModelConfig
 from ..core.errors import CheckpointError, ConfigError
-from ..core.models import SegP
+from ..core.io.checkpoint import CheckpointInfo, read_info, sampling_advice
+from ..core.nn.config import CtxSegPConfig, ModelConfig
+from ..core.nn.load import load_checkpoint
+from ..core.nn.models import SegP
 from .devices import resolve_device
 
 __all__ = [
@@ -76,7 +77,7 @@ def sampler_warning(checkpoint: str | os.PathLike | None, steps: int, solver: st
     Returns
     -------
     str or None
-        One line of advice (see :func:`~napari_ctxseg.core.checkpoint.sampling_advice`), or ``None`` when
+        One line of advice (see :func:`~napari_ctxseg.core.io.checkpoint.sampling_advice`), or ``None`` when
         the settings are fine, the checkpoint declares nothing, or it cannot be read (running it will
         report that error).
     """

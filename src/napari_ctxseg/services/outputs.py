@@ -67,8 +67,8 @@ def check_checkpoint_output(path: str | os.PathLike) -> Path:
         A folder, an existing file that is not a napari-ctxseg checkpoint (an image, a label file, any
         other file: it is never replaced), or a folder that cannot be written.
     """
-    from ..core.checkpoint import read_info
     from ..core.errors import CheckpointError
+    from ..core.io.checkpoint import read_info
 
     path = check_file_output(path, "output checkpoint", replaceable="a .safetensors checkpoint")
     if path.exists():

@@ -34,23 +34,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.channels import channel_record, select_channels
-from ..core.config import SOLVERS, Solver
-from ..core.edm import EDMDenoiser
+from ..core.diffusion.edm import EDMDenoiser
+from ..core.diffusion.sampling import num_model_calls, sample_steps
+from ..core.diffusion.solvers import SOLVERS, Solver, check_solver
+from ..core.diffusion.tiling import Tile, blend_weight, pad_to_multiple, plan_tiles
 from ..core.errors import ConfigError, InputError
-from ..core.flow_following import flow_to_mask
-from ..core.flows import flip_flow, flip_spatial, mask_to_flow
-from ..core.models import CtxSegP, ImageFeatures, PContext, SegP
-from ..core.postprocess import (
+from ..core.flows.following import flow_to_mask
+from ..core.flows.from_masks import flip_flow, flip_spatial, mask_to_flow
+from ..core.flows.postprocess import (
     median_diameter,
     relabel_sequential,
     remove_border_instances,
     remove_low_contrast_instances,
     remove_small_instances,
 )
-from ..core.sampling import num_model_calls, sample_steps
-from ..core.tiling import Tile, blend_weight, pad_to_multiple, plan_tiles
-from ..core.training_data import model_input
+from ..core.nn.models import CtxSegP, ImageFeatures, PContext, SegP
+from ..core.preprocess.channels import channel_record, select_channels
+from ..core.train.data import model_input
 from .limits import check_run_size, check_segment_settings
 from .models import LoadedModel, load_model
 from .progress import relay, run_to_end
@@ -137,7 +137,7 @@ class FlowParams:
                 raise ConfigError(f"{name} must be a whole number >= 0, got {value!r}")
 
     def following(self) -> dict[str, Any]:
-        """The settings of :func:`~napari_ctxseg.core.flow_following.flow_to_mask` among these."""
+        """The settings of :func:`~napari_ctxseg.core.flows.following.flow_to_mask` among these."""
         return {
             "niter": self.niter,
             "step_size": self.step_size,
@@ -242,8 +242,7 @@ def _validate(req: SegmentRequest) -> None:
         raise ConfigError(f"num_samples must be >= 1, got {req.num_samples}")
     if not isinstance(req.tta, (bool, np.bool_)):
         raise ConfigError(f"tta must be True or False, got {req.tta!r}")
-    if req.solver not in SOLVERS:
-        raise ConfigError(f"unknown solver {req.solver!r}; expected one of {list(SOLVERS)}")
+    check_solver(req.solver, one_step=False)
     if req.diameter is not None and req.diameter != "auto":
         if isinstance(req.diameter, str) or not (req.diameter > 0 and math.isfinite(req.diameter)):
             raise ConfigError(f"diameter must be a positive number of pixels or 'auto', got {req.diameter!r}")

@@ -24,13 +24,13 @@ import numpy as np
 from scipy import sparse
 
 from ..core.errors import ConfigError, InputError
-from ..core.postprocess import (
+from ..core.flows.postprocess import (
     relabel_sequential,
     remove_border_instances,
     remove_low_contrast_instances,
     remove_small_instances,
 )
-from ..core.preprocess import intensity_limits
+from ..core.preprocess.normalize import intensity_limits
 from .progress import relay, run_to_end
 from .segment import (
     FlowParams,
@@ -301,7 +301,7 @@ def volume_labels(
     cubed) are removed, those fainter than ``min_contrast`` noise sigmas in ``image`` (the volume; needed
     only then), and those touching a face of the volume with ``remove_border``.
     """
-    from ..core.flow_following import flow_to_mask
+    from ..core.flows.following import flow_to_mask
 
     params = params or FlowParams()
     flow3d = np.asarray(flow3d, dtype=np.float32)

@@ -1,7 +1,7 @@
 """Training and fine-tuning as a service: folders or in-memory pairs in, a checkpoint out.
 
 Used by ``ctxseg train`` / ``ctxseg finetune`` and by the napari fine-tune widget. Work is a generator of
-:class:`~napari_ctxseg.core.training.TrainProgress`; closing it stops training after the current step
+:class:`~napari_ctxseg.core.train.trainer.TrainProgress`; closing it stops training after the current step
 and still writes the best weights so far (nothing is lost on cancel).
 """
 
@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.checkpoint import CheckpointInfo, save_checkpoint
-from ..core.config import ModelConfig
 from ..core.errors import ConfigError, CtxSegWarning, InputError
-from ..core.models import SegP, build_model
-from ..core.training import TrainConfig, Trainer, TrainProgress
-from ..core.training_data import AnnotatedImage, AugmentConfig, CropSampler, acquisition_key, annotate
+from ..core.io.checkpoint import CheckpointInfo, save_checkpoint
+from ..core.nn.config import ModelConfig
+from ..core.nn.models import SegP, build_model
+from ..core.train.data import AnnotatedImage, AugmentConfig, CropSampler, acquisition_key, annotate
+from ..core.train.trainer import TrainConfig, Trainer, TrainProgress
 from .devices import resolve_device
 from .models import PRESETS, load_model
 from .outputs import check_checkpoint_output
@@ -141,7 +141,7 @@ class TrainRequest:
     output
         Destination checkpoint (``.safetensors``).
     train_images, val_images
-        Annotated images (:func:`load_folder_pairs`, :func:`~napari_ctxseg.core.training_data.annotate`).
+        Annotated images (:func:`load_folder_pairs`, :func:`~napari_ctxseg.core.train.data.annotate`).
     preset, base
         Start from a fresh model of a preset size, or from a checkpoint (``"default"`` or a path) to
         fine-tune. Exactly one is used; ``base`` wins.
@@ -158,10 +158,10 @@ class TrainRequest:
     checkpoint_every
         Also write the checkpoint every N steps (0: only at the end).
     workers
-        Processes drawing training batches (see :class:`~napari_ctxseg.core.training.Trainer`).
+        Processes drawing training batches (see :class:`~napari_ctxseg.core.train.trainer.Trainer`).
     groups
         One key per training image: images with equal keys serve as context references for each other
-        (e.g. the data set folder). ``None``: :func:`~napari_ctxseg.core.training_data.acquisition_key`.
+        (e.g. the data set folder). ``None``: :func:`~napari_ctxseg.core.train.data.acquisition_key`.
     image_weights
         Optional sampling factor per training image (e.g. a fixed share of crops per data set).
     """

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError, InputError
 from .attention import CtxAtt
 from .config import CtxSegDConfig, CtxSegPConfig, ModelConfig, SegDConfig, SegPConfig
 from .convnext import ConvDecoder, ConvNeXt
-from .errors import ConfigError, InputError
 from .layers import ModuleSeq, resize_nearest
 from .unet import LabelEmbedding, UNetDown, UNetUp
 

@@ -23,8 +23,8 @@ import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import connected_components
 
-from .errors import InputError
-from .postprocess import as_labels
+from ..errors import InputError
+from ..flows.postprocess import as_labels
 
 __all__ = ["LabelMetrics", "MatchScores", "ObjectMatches", "matching_scores", "per_object_iou", "pool_scores"]
 

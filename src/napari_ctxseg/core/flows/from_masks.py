@@ -3,7 +3,7 @@
 The semantics are those of the original ctxseg ``segmentation/flow.py`` (itself a JAX port of the
 cellpose flows); ``shared/parity/README.md`` items 21-22 describe them precisely and the parity tests
 check them against the original's outputs. The inverse, ``flow_to_mask``, lives in
-:mod:`napari_ctxseg.core.flow_following`.
+:mod:`napari_ctxseg.core.flows.following`.
 
 Layouts
 -------
@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 from .postprocess import as_labels
 
 __all__ = ["flip_flow", "flip_spatial", "flow_error", "mask_to_flow"]

@@ -1,7 +1,8 @@
 """Sigma discretizations: the noise levels of a sampler run (edm, vp, ve, iddpm).
 
 :func:`get_sigmas` resolves a discretization by name (or takes a callable) and appends the final 0;
-:mod:`napari_ctxseg.core.sampling` integrates the probability-flow ODE over those levels. Sigma tensors
+:mod:`napari_ctxseg.core.diffusion.sampling` integrates the probability-flow ODE over those levels.
+Sigma tensors
 are 1-D float64 on the CPU.
 
 References
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, resolve_named
+from ..errors import ConfigError, resolve_named
 
 __all__ = [
     "DISCRETIZATIONS",

@@ -1,7 +1,8 @@
 """The denoising gradient and the diffusion samplers (probability-flow ODE).
 
 The pieces are kept apart as in k-diffusion: a discretization returns the noise levels
-(:func:`~napari_ctxseg.core.discretization.get_sigmas` appends the final 0), :func:`dm_gradient` turns a
+(:func:`~napari_ctxseg.core.diffusion.discretization.get_sigmas` appends the final 0),
+:func:`dm_gradient` turns a
 denoiser into the ODE's ``dx/dsigma``, and :func:`sample_steps` integrates it over a precomputed sigma
 tensor, yielding after each step so that a caller can show progress and stop early (closing the generator
 stops the work). :func:`sample` runs it to the end. Everything random comes from an explicit
@@ -27,12 +28,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError, InputError
 from .discretization import Discretization, check_sigma_range, get_sigmas
-from .errors import ConfigError, InputError
+from .solvers import check_solver
 
 __all__ = [
     "CHURNS",
-    "SOLVERS",
     "DMGradient",
     "SamplerStep",
     "dm_gradient",
@@ -49,7 +50,6 @@ GradientFn = Callable[..., Tensor]
 ChurnFn = Callable[[Tensor, float], tuple[Tensor, float]]
 """``f(x, sigma) -> (x_hat, sigma_hat)``."""
 
-SOLVERS = ("euler", "heun", "edf", "one_step")
 CHURNS = ("none", "sde")
 
 
@@ -79,7 +79,7 @@ class DMGradient:
     Parameters
     ----------
     denoiser : callable
-        ``D(x, sigma, **kwargs)``, e.g. :class:`napari_ctxseg.core.edm.EDMDenoiser`.
+        ``D(x, sigma, **kwargs)``, e.g. :class:`napari_ctxseg.core.diffusion.edm.EDMDenoiser`.
     beta : float
         Extra weight on the denoised estimate (0 gives the plain ODE).
 
@@ -226,7 +226,7 @@ def num_model_calls(solver: str, num_steps: int) -> int:
     ConfigError
         Unknown solver or ``num_steps < 1``.
     """
-    _check_solver(solver)
+    check_solver(solver)
     if not (isinstance(num_steps, int) and num_steps >= 1):
         raise ConfigError(f"num_steps must be an integer >= 1, got {num_steps!r}")
     if solver == "one_step":
@@ -234,11 +234,6 @@ def num_model_calls(solver: str, num_steps: int) -> int:
     if solver == "heun":
         return 2 * num_steps - 1
     return num_steps
-
-
-def _check_solver(solver: str) -> None:
-    if solver not in SOLVERS:
-        raise ConfigError(f"unknown solver {solver!r}; expected one of {list(SOLVERS)}")
 
 
 def _initial_latent(
@@ -401,7 +396,7 @@ def sample_steps(
     runs under ``torch.no_grad()``; a custom ``gradient_fn`` that needs autograd must enable it itself.
     Unlike the original, all samples are one batch (one denoiser call per evaluation for all of them).
     """
-    _check_solver(solver)
+    check_solver(solver)
     if gradient_fn is None:
         if denoiser is None:
             raise ConfigError("give a denoiser or a gradient_fn")

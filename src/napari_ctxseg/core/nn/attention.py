@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .config import AttentionKind
-from .errors import ConfigError
 from .layers import resize_nearest, to_channels_first, to_channels_last
 
 __all__ = ["ATTENTION_KINDS", "CtxAtt", "linear_attention", "sigmoid_attention", "softmax_attention"]

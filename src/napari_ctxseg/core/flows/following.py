@@ -2,7 +2,8 @@
 
 The semantics are those of the original ctxseg ``segmentation/flow.py`` (``shared/parity/README.md``
 item 22); the parity tests check them against the original's outputs. Layouts are channel first, as in
-:mod:`napari_ctxseg.core.flows`: 2D flow ``(2, H, W)`` (dy, dx), 3D flow ``(3, D, H, W)`` (dz, dy, dx),
+:mod:`napari_ctxseg.core.flows.from_masks`: 2D flow ``(2, H, W)`` (dy, dx), 3D flow ``(3, D, H,
+W)`` (dz, dy, dx),
 optionally batched.
 
 Implementation notes
@@ -12,7 +13,7 @@ original's arithmetic, but stops following a pixel as soon as its position is pr
 point or a 2-cycle: the position sequence is deterministic, so the remaining iterations are known);
 this is exact, not an approximation. Pixels are independent, so they are followed in chunks of 16384
 (10922 in 3D) whose state stays in the CPU caches. ``mode="fast"`` (the default) composes flow maps
-instead (:mod:`napari_ctxseg.core.flow_maps`): ``log2(niter)`` bilinear reads per pixel instead of up to
+instead (:mod:`napari_ctxseg.core.flows.maps`): ``log2(niter)`` bilinear reads per pixel instead of up to
 ``niter``. Seeds and their expansion are evaluated only at the cells where enough pixels landed.
 """
 
@@ -25,9 +26,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .errors import InputError
-from .flow_maps import follow_by_composition
-from .flows import _as_flow_tensor, flow_error
+from ..errors import InputError
+from .from_masks import _as_flow_tensor, flow_error
+from .maps import follow_by_composition
 
 __all__ = ["flow_to_mask"]
 
@@ -39,7 +40,7 @@ class _Follower:
     [i, i+1)). The flow is read from a zero-padded table so that reads outside the image give 0 without
     bounds checks; one row of the table holds the flow at the 4 corners of a cell in the last two axes, so
     one gather (two in 3D) reads a bilinear neighbourhood. With ``table=False`` only the padded flow
-    ``planes`` ``(d, R)`` is kept (for :mod:`~napari_ctxseg.core.flow_maps`, which reads it per corner).
+    ``planes`` ``(d, R)`` is kept (for :mod:`~napari_ctxseg.core.flows.maps`, which reads it per corner).
     """
 
     def __init__(self, flow: torch.Tensor, scale: float = 1.0, table: bool = True) -> None:
@@ -229,7 +230,7 @@ def _follow(flow: torch.Tensor, niter: int, fast: bool, step_size: float = 1.0) 
 
     Pixels whose own flow is exactly 0 never move (the first read is at their centre) and are not
     followed. ``fast``: the others by composing flow maps
-    (:func:`~napari_ctxseg.core.flow_maps.follow_by_composition`). Else step by step; a pixel leaves the
+    (:func:`~napari_ctxseg.core.flows.maps.follow_by_composition`). Else step by step; a pixel leaves the
     active set once its final cell is known (see :meth:`_Walkers.settled`). Walkers are independent, so
     they are followed in chunks of nearby pixels (the flow reads stay in cache); each chunk's last
     stragglers are pooled and finished together.
@@ -390,7 +391,7 @@ def flow_to_mask(
     np.ndarray
         uint32 labels ``([B,] H, W)`` / ``([B,] D, H, W)``. Labels are **not consecutive**: the label
         of an object is 1 + the row-major flat index of its seed cell (use
-        :func:`napari_ctxseg.core.postprocess.relabel_sequential` to make them 1..n).
+        :func:`napari_ctxseg.core.flows.postprocess.relabel_sequential` to make them 1..n).
 
     Raises
     ------

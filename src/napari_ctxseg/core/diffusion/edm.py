@@ -26,7 +26,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, InputError, resolve_named
+from ..errors import ConfigError, InputError, resolve_named
 
 __all__ = [
     "SCHEDULES",

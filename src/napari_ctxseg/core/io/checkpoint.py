@@ -30,16 +30,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ModelConfig, config_from_dict
-from .errors import CheckpointError, ConfigError
-from .models import build_model
-from .sampling import SOLVERS
+from ..diffusion.solvers import ONE_STEP, SOLVERS
+from ..errors import CheckpointError, ConfigError
+from ..nn.config import ModelConfig, config_from_dict
 
 __all__ = [
     "FORMAT",
     "CheckpointInfo",
     "file_sha256",
-    "load_checkpoint",
+    "read_checkpoint",
     "read_info",
     "sampling_advice",
     "save_checkpoint",
@@ -167,8 +166,10 @@ def _check_sampling(sampling: Any, path: Path, writing: bool = False) -> dict[st
     solvers, max_steps = sampling.get("solvers"), sampling.get("max_steps")
     if not (isinstance(solvers, list) and solvers and all(isinstance(s, str) for s in solvers)):
         raise CheckpointError(f"{where}sampling.solvers must be a non-empty list of solver names")
-    if writing and (unknown := [s for s in solvers if s not in SOLVERS]):
-        raise CheckpointError(f"{where}unknown sampling.solvers {unknown}; expected some of {list(SOLVERS)}")
+    if writing and (unknown := [s for s in solvers if s not in (*SOLVERS, ONE_STEP)]):
+        raise CheckpointError(
+            f"{where}unknown sampling.solvers {unknown}; expected some of {[*SOLVERS, ONE_STEP]}"
+        )
     if not (isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps >= 1):
         raise CheckpointError(f"{where}sampling.max_steps must be an integer >= 1, got {max_steps!r}")
     if not isinstance(sampling.get("evidence", ""), str):
@@ -311,28 +312,25 @@ def _info_from_metadata(meta: dict[str, str], path: Path) -> CheckpointInfo:
     )
 
 
-def load_checkpoint(
-    path: str | os.PathLike,
-    *,
-    device: str | torch.device = "cpu",
-    expected_kinds: tuple[str, ...] | None = None,
-) -> tuple[nn.Module, CheckpointInfo]:
-    """Load a checkpoint written by :func:`save_checkpoint`; returns ``(model in eval mode, info)``.
+def read_checkpoint(
+    path: str | os.PathLike, *, expected_kinds: tuple[str, ...] | None = None
+) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """Read a checkpoint written by :func:`save_checkpoint`: ``(tensors on the CPU, info)``.
+
+    The tensors are checked to be readable and finite; that they fit the model of ``info.config`` is checked
+    by :func:`napari_ctxseg.core.nn.load.load_checkpoint`, which builds it.
 
     Parameters
     ----------
     path
         The ``.safetensors`` file.
-    device
-        Where to put the model.
     expected_kinds
         If given, the model kinds acceptable to the caller (e.g. ``("ctxseg-p", "seg-p")``).
 
     Raises
     ------
     CheckpointError
-        Any problem with the file, its metadata, its tensors (missing, unexpected, wrong shape), or a
-        model kind the caller cannot use.
+        Any problem with the file, its metadata or its tensors, or a model kind the caller cannot use.
     """
     from safetensors.torch import load_file
 
@@ -343,23 +341,7 @@ def load_checkpoint(
         tensors = load_file(str(path), device="cpu")
     except Exception as exc:
         raise CheckpointError(f"{path}: tensors could not be read (corrupt or truncated?): {exc}") from exc
-    model = build_model(info.config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [
-        f"{k}: {tuple(tensors[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{path} does not match its {info.kind} config: missing {missing[:3]}"
-            f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}, wrong shapes {wrong[:2]}"
-        )
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{path} has non-finite weights in {bad[:3]}")
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
-    model.to(device).eval()
-    return model, dataclasses.replace(info, sha256=file_sha256(path))
+    return tensors, dataclasses.replace(info, sha256=file_sha256(path))

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CheckpointError
-from .layers import GRN, LayerNorm, MultiHeadSelfAttention
+from ..errors import CheckpointError
+from ..nn.layers import GRN, LayerNorm, MultiHeadSelfAttention
 
 __all__ = ["flax_to_state_dict", "state_dict_to_flax"]
 

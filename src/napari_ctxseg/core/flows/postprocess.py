@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.ndimage as ndi
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = [
     "as_labels",

@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import MODEL_KINDS, ModelConfig, config_from_dict
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
+from ..nn.config import MODEL_KINDS, ModelConfig, config_from_dict
 
 __all__ = [
     "FlaxParams",

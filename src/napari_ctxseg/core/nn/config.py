@@ -11,18 +11,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "MODEL_KINDS",
-    "SOLVERS",
     "AttentionKind",
     "CtxSegDConfig",
     "CtxSegPConfig",
     "ModelConfig",
     "SegDConfig",
     "SegPConfig",
-    "Solver",
     "config_from_dict",
 ]
 
@@ -30,10 +28,6 @@ ModelKind = Literal["seg-p", "ctxseg-p", "seg-d", "ctxseg-d"]
 #: The context attention's normalisation (see :mod:`.attention`).
 AttentionKind = Literal["sigmoid", "softmax", "linear"]
 _ATT: tuple[str, ...] = get_args(AttentionKind)
-#: The sampler solvers a user may pick (one step needs none: it is the default path). Kept here, away from
-#: torch, so that the command line can list them without importing the models.
-Solver = Literal["euler", "heun", "edf"]
-SOLVERS: tuple[str, ...] = get_args(Solver)
 
 
 def _positive(name: str, value: int) -> None:

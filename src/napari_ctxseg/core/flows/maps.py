@@ -8,7 +8,8 @@ binary expansion of ``niter``: about ``log2(niter) + popcount(niter)`` reads per
 merge where the true ones stay apart (pixels spread along the rim of a flow-free hole as they should).
 
 Layout: a displacement field is ``(d, R)`` float32 over the zero-padded cells of the batch (the layout of
-:class:`napari_ctxseg.core.flow_following._Follower`'s padded flow, one cell of padding per side), 0 at pixels
+:class:`napari_ctxseg.core.flows.following._Follower`'s padded flow, one cell of padding per side),
+0 at pixels
 that do not move and in the padding, so that a read outside the image gives "no move", as the flow does.
 """
 
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .flow_following import _Follower
+    from .following import _Follower
 
 __all__ = ["BASE_ITER", "follow_by_composition"]
 
@@ -87,7 +88,7 @@ def follow_by_composition(
     Examples
     --------
     >>> import torch
-    >>> from napari_ctxseg.core.flow_following import _Follower, _initial_positions
+    >>> from napari_ctxseg.core.flows.following import _Follower, _initial_positions
     >>> flow = torch.zeros(1, 2, 4, 40)
     >>> flow[:, 1] = 1.0  # dx = 1 everywhere: half a pixel per iteration with a step size of 0.5
     >>> follower = _Follower(flow, 0.5, table=False)

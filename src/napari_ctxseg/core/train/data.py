@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import binary_dilation, find_objects, gaussian_filter
 
-from .errors import ConfigError, InputError
-from .flows import flip_flow, flip_spatial, mask_to_flow
-from .postprocess import median_diameter
-from .preprocess import normalize_image
+from ..errors import ConfigError, InputError
+from ..flows.from_masks import flip_flow, flip_spatial, mask_to_flow
+from ..flows.postprocess import median_diameter
+from ..preprocess.normalize import normalize_image
 
 #: how :class:`CropSampler` weights images when drawing crops (see its ``image_sampling``)
 IMAGE_SAMPLING = ("sqrt-area", "area")
@@ -58,7 +58,7 @@ def model_input(
     Grey images are repeated to 3 channels and 2-channel images padded with a zero channel, as the
     original's ``pad_channel``; more than ``channels`` channels raise :class:`InputError`. ``limits``:
     the intensities mapped to 0 and 1 (default: the image's own percentiles; see
-    :func:`~napari_ctxseg.core.preprocess.normalize_image`).
+    :func:`~napari_ctxseg.core.preprocess.normalize.normalize_image`).
     """
     image = np.asarray(image)
     if image.ndim == 2:

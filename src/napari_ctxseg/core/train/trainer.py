@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .edm import EDMDenoiser, edm_scalings, get_schedule
-from .errors import CheckpointError, ConfigError
-from .models import CtxSegP, SegP
-from .training_data import AugmentConfig, Batch, BatchStream, CropSampler, check_image_sampling
+from ..diffusion.edm import EDMDenoiser, edm_scalings, get_schedule
+from ..errors import CheckpointError, ConfigError
+from ..nn.models import CtxSegP, SegP
+from .data import AugmentConfig, Batch, BatchStream, CropSampler, check_image_sampling
 
 __all__ = [
     "MAX_CROP_SIZE",
@@ -78,17 +78,17 @@ class TrainConfig:
         Context pairs: probability of a sample without context, and of a partially annotated reference.
     p_other_reference
         Probability that a reference comes from another image of the same acquisition group
-        (:func:`~napari_ctxseg.core.training_data.acquisition_key`) instead of the sample's own image.
+        (:func:`~napari_ctxseg.core.train.data.acquisition_key`) instead of the sample's own image.
     p_subset
         Probability that a sample with a context is a subset task (only the larger or only the smaller
         objects annotated, in the sample and its reference; see
-        :class:`~napari_ctxseg.core.training_data.CropSampler`). 0 (default) draws nothing.
+        :class:`~napari_ctxseg.core.train.data.CropSampler`). 0 (default) draws nothing.
     augment
         Crop augmentation.
     image_sampling
         How often each training image is drawn: ``"sqrt-area"`` (default) or ``"area"`` (area after the
         ``target_diameter`` rescaling: every object about equally likely); see
-        :class:`~napari_ctxseg.core.training_data.CropSampler`.
+        :class:`~napari_ctxseg.core.train.data.CropSampler`.
     val_every
         Steps between validation losses (0: never).
     seed
@@ -306,7 +306,7 @@ class Trainer:
         Where and how often to write the resumable training state (atomic).
     workers
         Processes that draw training batches in parallel (a :class:`torch.utils.data.DataLoader` over
-        :class:`~napari_ctxseg.core.training_data.BatchStream`); 0 draws them in this process. Use
+        :class:`~napari_ctxseg.core.train.data.BatchStream`); 0 draws them in this process. Use
         workers to keep a GPU busy. Each worker has its own random stream seeded from ``cfg.seed``,
         the worker index and the start step, so a run is repeatable for a given worker count but not
         identical to a run with another count, and a resumed run does not replay the same batches.

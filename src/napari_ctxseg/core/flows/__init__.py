@@ -1,0 +1,1 @@
+"""Flow fields: masks to flows, flow following, post-processing, and flows to labels in 2D and 3D."""

@@ -1,0 +1,1 @@
+"""Checkpoints: safetensors reading and writing, and conversion of original Flax checkpoints."""

@@ -1,0 +1,1 @@
+"""Instance segmentation metrics: overlaps, matching and scores."""

@@ -1,0 +1,1 @@
+"""Image preparation: intensity normalisation, channels and the model's input."""

@@ -1,0 +1,1 @@
+"""Training: annotated data, crops and contexts, the EDM loss and the training loop."""
