@@ -24,7 +24,8 @@ from napari_ctxseg.core.metrics.scores import matching_scores
 from napari_ctxseg.services.models import load_model
 from napari_ctxseg.services.progress import run_to_end
 from napari_ctxseg.services.segment import FlowParams
-from napari_ctxseg.services.stack import segment_stack_steps, segment_volume_steps, volume_labels
+from napari_ctxseg.services.stack import segment_stack_steps
+from napari_ctxseg.services.volume import segment_volume_steps, volume_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,12 +56,12 @@ def main() -> None:
         row(f"3D, {normalize}", labels, gt, seconds)
     for normalize in ("plane", "stack"):
         t0 = time.perf_counter()
-        labels = run_to_end(segment_stack_steps(volume, normalize=normalize, loaded=loaded))
+        labels = run_to_end(segment_stack_steps(volume, normalize=normalize, loaded=loaded)).labels
         row(f"slice by slice, stitched, {normalize}", labels, gt, time.perf_counter() - t0)
     faint = FlowParams(min_contrast=3.0)
     labels, _ = run_to_end(segment_volume_steps(volume, loaded=loaded, flow=faint))
     row("3D, plane, min_contrast 3", labels, gt, None)
-    labels = run_to_end(segment_stack_steps(volume, loaded=loaded, flow=faint))
+    labels = run_to_end(segment_stack_steps(volume, loaded=loaded, flow=faint)).labels
     row("slice by slice, stitched, plane, min_contrast 3", labels, gt, None)
 
 

@@ -175,7 +175,7 @@ def test_several_references_of_different_sizes(tiny_checkpoint) -> None:
 
 def test_auto_diameter_measures_the_context_labels_without_a_probe_pass(tiny_checkpoint) -> None:
     from napari_ctxseg.core.flows.postprocess import median_diameter
-    from napari_ctxseg.services.segment import (
+    from napari_ctxseg.services.auto_diameter import (
         AUTO_MIN_RESCALE,
         AUTO_SCALE_RANGE,
         AUTO_TARGET_DIAMETER,
@@ -211,7 +211,7 @@ def test_auto_diameter_measures_the_context_labels_without_a_probe_pass(tiny_che
 
 
 def test_auto_diameter_probe_pass_then_rescaled_run(tiny_checkpoint, monkeypatch) -> None:
-    import napari_ctxseg.services.segment as seg
+    import napari_ctxseg.services.auto_diameter as seg
 
     image, _ = blobs((96, 96), seed=2)
     kw = dict(checkpoint=str(tiny_checkpoint), device="cpu", seed=0)
@@ -237,7 +237,7 @@ def test_auto_diameter_probe_pass_then_rescaled_run(tiny_checkpoint, monkeypatch
 def test_auto_diameter_finds_objects_too_large_for_the_model_scale(tiny_checkpoint, monkeypatch) -> None:
     """Large objects fall apart into model-sized fragments at the model's scale: the half-scale pass sees
     them whole, its size wins, the downscale is re-measured at the scale it asks for, and the run uses it."""
-    import napari_ctxseg.services.segment as seg
+    import napari_ctxseg.services.auto_diameter as seg
 
     image, _ = blobs((96, 96), seed=2)
     kw = dict(checkpoint=str(tiny_checkpoint), device="cpu", seed=0)
@@ -291,9 +291,10 @@ def test_median_diameter() -> None:
 def test_tta_averages_the_denoiser_over_the_flips_so_it_commutes_with_them(tiny_checkpoint) -> None:
     import torch
 
+    from napari_ctxseg.core.diffusion.denoisers import TTA_FLIPS
+    from napari_ctxseg.core.diffusion.denoisers import ViewDenoiser as _ViewDenoiser
     from napari_ctxseg.core.flows.from_masks import flip_flow, flip_spatial
     from napari_ctxseg.services.models import load_model
-    from napari_ctxseg.services.segment import TTA_FLIPS, _ViewDenoiser
 
     loaded = load_model(str(tiny_checkpoint), device="cpu")
     g = torch.Generator().manual_seed(0)

@@ -14,14 +14,8 @@ from napari_ctxseg.core.preprocess.normalize import intensity_limits
 from napari_ctxseg.services import stack as stack_service
 from napari_ctxseg.services.progress import run_to_end
 from napari_ctxseg.services.segment import FlowParams, labels_from_flows
-from napari_ctxseg.services.stack import (
-    combine_axis_flows,
-    segment_stack_steps,
-    segment_volume_steps,
-    stitch_labels,
-    stitch_planes,
-    volume_labels,
-)
+from napari_ctxseg.services.stack import segment_stack_steps, stitch_labels, stitch_planes
+from napari_ctxseg.services.volume import combine_axis_flows, segment_volume_steps, volume_labels
 from tests.conftest import DATA, blobs
 
 
@@ -57,7 +51,7 @@ def test_stack_is_segmented_plane_by_plane_with_progress(tiny_checkpoint) -> Non
     events = []
     labels = run_to_end(
         segment_stack_steps(stack, checkpoint=str(tiny_checkpoint), device="cpu"), events.append
-    )
+    ).labels
     assert labels.shape == (3, 48, 48)
     assert events[-1].done == events[-1].total and "plane 3/3" in events[-1].message
 
@@ -79,7 +73,7 @@ class _LazyStack:
 def test_lazy_stacks_are_read_one_plane_at_a_time(tiny_checkpoint) -> None:
     img, _ = blobs((40, 40))
     lazy = _LazyStack(np.stack([img] * 4).reshape(2, 2, 40, 40))
-    labels = run_to_end(segment_stack_steps(lazy, checkpoint=str(tiny_checkpoint), device="cpu"))
+    labels = run_to_end(segment_stack_steps(lazy, checkpoint=str(tiny_checkpoint), device="cpu")).labels
     assert labels.shape == (2, 2, 40, 40)
     # diameter="auto" measures the middle plane once, then every plane is read once, one at a time
     assert lazy.reads == [(1, 0), (0, 0), (0, 1), (1, 0), (1, 1)]
@@ -121,7 +115,7 @@ def test_stack_normalization_gives_every_plane_the_stack_limits(monkeypatch, tin
 def test_blank_planes_are_segmented_as_empty_instead_of_stopping_the_stack(normalize) -> None:
     img, lab = blobs((96, 96), n=5, seed=2)
     stack = np.stack([np.zeros_like(img), img, np.full_like(img, 7.0), img])  # blank middle plane too
-    labels = run_to_end(segment_stack_steps(stack, normalize=normalize, device="cpu"))
+    labels = run_to_end(segment_stack_steps(stack, normalize=normalize, device="cpu")).labels
     assert labels[0].max() == 0 and labels[2].max() == 0
     for z in (1, 3):  # the bundled model finds the discs; the size was measured on a non-blank plane
         m = matching_scores(labels[z], lab, (0.5,))[0.5]
@@ -136,7 +130,8 @@ def test_dask_stack(tiny_checkpoint) -> None:
     da = pytest.importorskip("dask.array")
     img, _ = blobs((40, 40))
     stack = da.from_array(np.stack([img, img]), chunks=(1, 40, 40))
-    assert run_to_end(segment_stack_steps(stack, checkpoint=str(tiny_checkpoint), device="cpu")).shape == (
+    labels = run_to_end(segment_stack_steps(stack, checkpoint=str(tiny_checkpoint), device="cpu")).labels
+    assert labels.shape == (
         2,
         40,
         40,

@@ -186,7 +186,7 @@ def list_result(gen: Any) -> Any:
 def test_runtime_errors_surface_as_ctxseg_errors(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import napari_ctxseg.services.segment as seg
+    import napari_ctxseg.services.stack as seg  # the planes run through the stack service
 
     def oom(*_: Any, **__: Any) -> Any:
         raise RuntimeError("CUDA out of memory")

@@ -246,7 +246,7 @@ def test_3d_mode_segments_a_real_z_stack_into_3d_objects(qtbot: Any, segment_wid
 def test_cancelling_a_3d_run_leaves_no_layer(
     qtbot: Any, segment_widget: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import napari_ctxseg.services.stack as stack_service
+    import napari_ctxseg.services.volume as stack_service
 
     seen = {"slices": 0}
     real = stack_service.run_to_end
@@ -294,10 +294,11 @@ def test_rethreshold_updates_labels_without_the_network(
 
     import napari_ctxseg.services.models as models
     import napari_ctxseg.services.segment as seg
+    from napari_ctxseg.core.diffusion.edm import EDMDenoiser
 
     monkeypatch.setattr(seg, "segment_steps", no_network)
     monkeypatch.setattr(models, "load_model", no_network)
-    monkeypatch.setattr(seg.EDMDenoiser, "__call__", no_network)
+    monkeypatch.setattr(EDMDenoiser, "__call__", no_network)
     areas = np.sort(labels.features["area"].to_numpy())
     widget.min_size.value = int(areas[len(areas) // 2]) + 1  # drop about half of the objects
     widget.apply_button.native.click()
@@ -353,7 +354,7 @@ def test_sample_data_opens_through_the_manifest(make_napari_viewer: Any) -> None
 def test_auto_size_is_reported_after_the_run(
     qtbot: Any, segment_widget: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import napari_ctxseg.services.segment as seg
+    import napari_ctxseg.services.auto_diameter as seg
 
     monkeypatch.setattr(seg, "median_diameter", lambda labels: 10.0)  # small objects, whatever was found
     viewer, widget, layer = segment_widget()

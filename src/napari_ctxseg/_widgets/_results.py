@@ -14,7 +14,8 @@ import numpy as np
 
 from ..core.errors import CtxSegError, InputError
 from ..services.progress import relay
-from ..services.segment import FlowParams, SegmentProgress, SegmentRequest, SegmentResult
+from ..services.segment import FlowParams, SegmentProgress, SegmentResult
+from ..services.stack import StackProgress, StackResult
 from ._layer_io import ContextData, LayerSnapshot, RunSettings
 
 __all__ = [
@@ -37,24 +38,8 @@ LayerDataTuple = tuple[np.ndarray, dict[str, Any], str]
 R = TypeVar("R")
 
 
-@dataclass(frozen=True)
-class PlanesProgress:
-    """Progress of plane ``plane`` (0-based) of ``planes``, with the service's own step."""
-
-    plane: int
-    planes: int
-    step: SegmentProgress
-
-    @property
-    def fraction(self) -> float:
-        if self.step.stage == "size":  # the short measuring pass of diameter "auto" precedes the plane's run
-            return self.plane / self.planes
-        return (self.plane + self.step.done / max(self.step.total, 1)) / self.planes
-
-    @property
-    def message(self) -> str:
-        prefix = f"plane {self.plane + 1}/{self.planes}: " if self.planes > 1 else ""
-        return prefix + self.step.message
+#: Progress of a run over the planes of a snapshot (the stack service's).
+PlanesProgress = StackProgress
 
 
 @dataclass
@@ -68,6 +53,11 @@ class PlanesResult:
     # stacks: objects of consecutive planes with at least this IoU share a label (0: labels per plane)
     stitch_threshold: float = 0.0
 
+    @property
+    def stack(self) -> StackResult:
+        """The per-plane results with their stitched labels (a stack service result)."""
+        return StackResult.of(self.results, self.source.leading_shape, self.stitch_threshold)
+
 
 def segment_planes(
     snap: LayerSnapshot,
@@ -78,12 +68,14 @@ def segment_planes(
 ) -> Generator[PlanesProgress, None, PlanesResult]:
     """Segment every plane of ``snap`` with one loaded model, yielding progress per sampler step and plane.
 
-    Closing the generator between yields stops the work. ``RuntimeError`` (e.g. out of memory) is re-raised
-    as :class:`CtxSegError`, because a Qt worker swallows ``RuntimeError``.
+    With ``settings.adapt_seconds`` and a context, a copy of the model is first adapted to the context
+    (:func:`adapt_to_context`); the planes are then segmented by the stack service
+    (:func:`~napari_ctxseg.services.stack.stack_steps`). Closing the generator between yields stops the
+    work. ``RuntimeError`` (e.g. out of memory) is re-raised as :class:`CtxSegError`, because a Qt worker
+    swallows ``RuntimeError``.
     """
     from ..services.models import load_model
-    from ..services.segment import MODEL_DIAMETER, segment_steps
-    from ..services.stack import plane_request, stack_request
+    from ..services.stack import stack_steps
 
     try:
         adapted_from = None
@@ -91,42 +83,27 @@ def segment_planes(
             adapted = yield from adapt_to_context(settings, context)
             adapted_from, settings = settings.checkpoint, replace(settings, checkpoint=str(adapted))
         loaded = load_model(settings.checkpoint, device=settings.device)
-        calibration = None
-        if settings.calibrate and context is not None:
-            from ..services.calibrate import calibrate_steps
-
-            probe = settings.request(snap.data[snap.planes()[0]], context)
-            cal = yield from _relay(calibrate_steps(probe, loaded=loaded), 0, 1)
-            calibration = cal.summary()
-            settings = replace(settings, diameter=cal.diameter, flow=cal.flow)
-        planes = snap.planes()
-        stack = len(planes) > 1
-        base = settings.request(snap.data[planes[0]], context)
-        if stack:  # the stack's contrast (if asked) and one scale for all planes, as the stack service does
-            base = yield from _relay(
-                stack_request(base, snap.data, planes, settings.normalize, loaded), 0, len(planes)
-            )
-            base = replace(base, diameter=base.diameter or MODEL_DIAMETER)  # None: the model's scale
-
-        def request(plane: np.ndarray) -> SegmentRequest:
-            req = replace(base, image=plane)
-            return plane_request(req) if stack else req
-
-        results = []
-        for i, idx in enumerate(planes):
-            res = yield from _relay(segment_steps(request(snap.data[idx]), loaded=loaded), i, len(planes))
-            if calibration is not None:
-                res.metadata["calibration"] = calibration
-            if adapted_from is not None:
-                res.metadata["adapted"] = {
-                    "base": adapted_from,
-                    "seconds": settings.adapt_seconds,
-                    "path": settings.checkpoint,
-                }
-            results.append(res)
+        base = settings.request(snap.data[snap.planes()[0]], context)
+        base = replace(base, calibrate=bool(settings.calibrate and context is not None))
+        stack = yield from stack_steps(
+            base,
+            snap.data,
+            normalize=settings.normalize,
+            stitch_threshold=settings.stitch_threshold,
+            loaded=loaded,
+            rgb=snap.rgb,
+        )
     except RuntimeError as exc:
         raise CtxSegError(f"{type(exc).__name__}: {exc}") from exc
-    return PlanesResult(snap, results, settings.flow, field_of_view, settings.stitch_threshold)
+    for res in stack.results:
+        if adapted_from is not None:
+            res.metadata["adapted"] = {
+                "base": adapted_from,
+                "seconds": settings.adapt_seconds,
+                "path": settings.checkpoint,
+            }
+    flow = FlowParams(**stack.results[0].metadata["flow_params"])  # the settings' flow, or the calibrated
+    return PlanesResult(snap, stack.results, flow, field_of_view, settings.stitch_threshold)
 
 
 def adapt_to_context(
@@ -187,68 +164,28 @@ def _relay(
 
 def rethreshold_steps(res: PlanesResult, flow: FlowParams) -> Generator[int, None, PlanesResult]:
     """Labels from the cached model-scale flows with new flow settings (no network); yields planes done."""
-    from ..services.segment import labels_from_flows
+    from ..services.stack import rethreshold_stack_steps
 
-    out = []
-    for i, (idx, r) in enumerate(zip(res.source.planes(), res.results)):
-        image = res.source.data[idx]
-        labels, samples = labels_from_flows(r.flows_model_scale, flow, out_shape=r.labels.shape, image=image)
-        out.append(
-            replace(
-                r, labels=labels, sample_labels=samples, metadata={**r.metadata, "flow_params": asdict(flow)}
-            )
-        )
-        yield i + 1
-    return replace(res, results=out, flow=flow)
+    stack = yield from rethreshold_stack_steps(res.stack, res.source.data, flow)
+    return replace(res, results=stack.results, flow=flow)
 
 
 def plane_labels(res: PlanesResult) -> np.ndarray:
-    """Labels ``(*leading, H, W)`` uint32, unique over the stack.
-
-    With ``res.stitch_threshold`` > 0 objects of consecutive planes (along the last leading axis) that
-    overlap share a label (:func:`~napari_ctxseg.services.stack.stitch_planes`; 0 offsets every plane's
-    labels).
-    """
-    from ..services.stack import stitch_planes
-
-    lead = res.source.leading_shape
-    planes = np.stack([r.labels for r in res.results]).astype(np.uint32)
-    if not lead:
-        return planes[0]
-    return stitch_planes(planes.reshape((*lead, *res.source.plane_shape)), len(lead), res.stitch_threshold)
+    """Labels ``(*leading, H, W)`` uint32, unique over the stack (stitched: :class:`StackResult`)."""
+    return res.stack.labels
 
 
 def stack_features(res: PlanesResult, labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per-object measurements (``index`` = the label in :func:`plane_labels`).
 
     Pass the result of :func:`plane_labels` as ``labels`` when it is at hand, so the stack is not
-    stitched twice.
-
-    Every plane is measured in 2D; an object stitched through several planes gets one row: ``area`` sums
-    its pixels over the planes, ``intensity_max`` and the bounding box take the extremes, the plane
-    columns its first plane, ``n_planes`` counts its planes, and every other column (centroid, mean
-    intensity, shape, agreement, flow error) is the area-weighted mean over its planes.
+    stitched twice (:func:`~napari_ctxseg.services.stack.stack_features` says what is measured).
     """
-    from ..services.measure import measure_objects, merge_rows, plane_rows
+    from ..services.stack import stack_features as measure_stack_objects
 
-    lead = res.source.leading_shape
-    tables, starts, offset = [], [], 0
-    for idx, r in zip(res.source.planes(), res.results):
-        t = measure_objects(r.labels, res.source.data[idx], sample_labels=r.sample_labels, flows=r.flows)
-        t["label"] = t["label"] + offset
-        tables.append((idx, t))
-        starts.append(offset)
-        offset += int(r.labels.max())
-    table = plane_rows(tables)
-    if not (res.stitch_threshold > 0 and lead):
-        return table
-    # each per-plane (offset) label belongs to one stitched object
-    stitched = plane_labels(res) if labels is None else labels
-    lut = np.zeros(offset + 1, np.int64)
-    for idx, r, start in zip(res.source.planes(), res.results, starts):
-        inside = r.labels > 0
-        lut[r.labels[inside].astype(np.int64) + start] = stitched[idx][inside]
-    return merge_rows(table, lut[table["index"]])
+    lead, threshold = res.source.leading_shape, res.stitch_threshold
+    stack = res.stack if labels is None else StackResult(res.results, lead, threshold, labels)
+    return measure_stack_objects(stack, res.source.data)
 
 
 def provenance(res: PlanesResult) -> dict[str, Any]:
@@ -372,7 +309,7 @@ def volume_job(
     from .. import __version__
     from ..services.measure import measure_volume
     from ..services.models import load_model
-    from ..services.stack import segment_volume_steps
+    from ..services.volume import segment_volume_steps
 
     if snap.rgb or snap.data.ndim != 3:
         kind = "an RGB" if snap.rgb else f"a {snap.data.ndim}D"

@@ -107,7 +107,8 @@ def inference_diameter(
     ``diameter="auto"`` does at inference; a number: the image is rescaled so such objects become the
     model's size; ``None``: the image as it is).
     """
-    from .segment import MODEL_DIAMETER, auto_scale, context_diameter
+    from .auto_diameter import auto_scale, context_diameter
+    from .request import MODEL_DIAMETER
 
     measured = context_diameter(list(context_labels))
     if not measured > 0:

@@ -347,8 +347,9 @@ def segment_file(
     import tifffile
 
     from .segment import SegmentRequest, segment_steps
-    from .stack import segment_stack_steps, segment_volume_steps
+    from .stack import segment_stack_steps
     from .training import read_array
+    from .volume import segment_volume_steps
 
     path, out_dir = Path(path), Path(out_dir)
     labels_path, csv_path = output_paths(path, out_dir)
@@ -386,9 +387,10 @@ def segment_file(
     elif volume_3d:
         labels, _ = run_to_end(segment_volume_steps(image, normalize=normalize, **options))
     else:
-        labels = run_to_end(
+        stack = run_to_end(
             segment_stack_steps(image, normalize=normalize, stitch_threshold=stitch_threshold, **options)
         )
+        labels = stack.labels
     if planar:
         table = measure_objects(labels, image, sample_labels=result.sample_labels, flows=result.flows)
     elif volume_3d:

@@ -28,12 +28,12 @@ from ..core.flows.postprocess import median_diameter
 from .evaluate import match_counts
 from .models import LoadedModel, load_model
 from .progress import relay
+from .request import references
 from .segment import (
     FlowParams,
     SegmentProgress,
     SegmentRequest,
     SegmentResult,
-    _references,
     labels_from_flows,
     segment_steps,
 )
@@ -105,7 +105,7 @@ def calibrate_steps(
     InputError
         No context, or a context without annotated objects.
     """
-    refs = _references(req)
+    refs = references(req)
     if not refs:
         raise InputError("calibration needs a context: an image and its labels")
     loaded = loaded or load_model(req.checkpoint, device=req.device)

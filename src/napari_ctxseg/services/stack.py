@@ -1,10 +1,12 @@
-"""Stacks and time series: 2D segmentation slice by slice, with labels stitched across slices.
+"""Stacks and time series: 2D segmentation plane by plane, with labels stitched across planes.
 
 An array with more than two non-channel axes is treated as a stack of 2D images along its leading axes
-(Z for a z-stack, T for a time series, or both): each 2D plane is segmented on its own, then labels of
-consecutive planes are linked when their IoU is at least ``stitch_threshold`` (as cellpose's
-``stitch_threshold``), so one object keeps one label through the stack. ``stitch_threshold=0`` keeps
-independent labels per plane (offset so they stay unique).
+(Z for a z-stack, T for a time series, or both): each 2D plane is segmented on its own
+(:func:`~napari_ctxseg.services.segment.segment_steps`), then labels of consecutive planes are linked when
+their IoU is at least ``stitch_threshold`` (as cellpose's ``stitch_threshold``), so one object keeps one
+label through the stack. ``stitch_threshold=0`` keeps independent labels per plane (offset so they stay
+unique). A run returns a :class:`StackResult`: the per-plane results (flows kept for re-thresholding)
+and the stitched labels; the command line and the Segment widget both use it.
 
 Intensities: ``normalize="plane"`` maps each plane's own 1st and 99.8th percentiles to 0 and 1 (as a 2D
 image); ``"stack"`` uses the percentiles of the whole stack for every plane (as cellpose's ``norm3D``), so
@@ -16,43 +18,35 @@ a constant image would be (:func:`plane_request`).
 from __future__ import annotations
 
 import math
-from collections.abc import Generator, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 from scipy import sparse
 
 from ..core.errors import ConfigError, InputError
-from ..core.flows.postprocess import (
-    relabel_sequential,
-    remove_border_instances,
-    remove_low_contrast_instances,
-    remove_small_instances,
-)
+from ..core.flows.labels import FlowParams, labels_from_flows
 from ..core.preprocess.normalize import intensity_limits
-from .progress import relay, run_to_end
-from .segment import (
-    FlowParams,
-    SegmentProgress,
-    SegmentRequest,
-    resolve_diameter,
-    segment_steps,
-    strong_flow_mask,
-)
+from .auto_diameter import resolve_diameter
+from .progress import relay
+from .request import MODEL_DIAMETER
+from .segment import SegmentProgress, SegmentRequest, SegmentResult, segment_steps
 
 __all__ = [
-    "combine_axis_flows",
+    "StackProgress",
+    "StackResult",
     "is_rgb",
     "plane_request",
     "probe_plane",
+    "rethreshold_stack_steps",
     "segment_stack_steps",
-    "segment_volume_steps",
+    "stack_features",
     "stack_intensity_limits",
     "stack_request",
+    "stack_steps",
     "stitch_labels",
     "stitch_planes",
-    "volume_labels",
 ]
 
 Normalize = Literal["plane", "stack"]
@@ -185,44 +179,192 @@ def stack_request(
     return replace(base, diameter=(yield from resolve_diameter(probe, loaded=loaded)))
 
 
+@dataclass(frozen=True)
+class StackProgress:
+    """Progress of plane ``plane`` (0-based) of ``planes``, with the 2D run's own step."""
+
+    plane: int
+    planes: int
+    step: SegmentProgress
+
+    @property
+    def stage(self) -> str:
+        """The 2D run's stage (see :class:`~napari_ctxseg.services.segment.SegmentProgress`)."""
+        return self.step.stage
+
+    @property
+    def done(self) -> int:
+        """Steps done over the whole stack (each plane counts the steps of the current one)."""
+        return self.plane * self.step.total + self.step.done
+
+    @property
+    def total(self) -> int:
+        """Steps of the whole stack."""
+        return self.planes * self.step.total
+
+    @property
+    def fraction(self) -> float:
+        """How much of the stack is done, from 0 to 1 (a size measure counts as the plane's start)."""
+        if self.step.stage == "size":  # the short measuring pass of diameter "auto" precedes the plane's run
+            return self.plane / self.planes
+        return (self.plane + self.step.done / max(self.step.total, 1)) / self.planes
+
+    @property
+    def message(self) -> str:
+        """The 2D run's message, prefixed with the plane for a stack."""
+        prefix = f"plane {self.plane + 1}/{self.planes}: " if self.planes > 1 else ""
+        return prefix + self.step.message
+
+
+@dataclass
+class StackResult:
+    """The per-plane results of a stack (in C order of the leading axes) and its stitched labels."""
+
+    results: list[SegmentResult]
+    leading_shape: tuple[int, ...]  # () for one 2D image
+    stitch_threshold: float
+    labels: np.ndarray  # (*leading_shape, H, W) uint32, unique over the stack
+
+    @classmethod
+    def of(
+        cls, results: list[SegmentResult], leading_shape: tuple[int, ...], stitch_threshold: float
+    ) -> StackResult:
+        """A result whose labels are the per-plane labels stitched (:func:`stitch_planes`)."""
+        planes = np.stack([r.labels for r in results]).astype(np.uint32)
+        if leading_shape:
+            labels = planes.reshape((*leading_shape, *planes.shape[1:]))
+            labels = stitch_planes(labels, len(leading_shape), stitch_threshold)
+        else:
+            labels = planes[0]
+        return cls(results, tuple(leading_shape), stitch_threshold, labels)
+
+
+def _at_plane(plane: int, planes: int) -> Callable[[SegmentProgress], StackProgress]:
+    return lambda step: StackProgress(plane, planes, step)
+
+
+def _leading(shape: tuple[int, ...], rgb: bool | None) -> tuple[int, ...]:
+    rgb = is_rgb(shape) if rgb is None else rgb
+    return shape[: len(shape) - (3 if rgb else 2)]
+
+
+def stack_steps(
+    base: SegmentRequest,
+    image: Any,
+    *,
+    normalize: Normalize = "plane",
+    stitch_threshold: float = 0.25,
+    loaded: Any = None,
+    rgb: bool | None = None,
+) -> Generator[StackProgress, None, StackResult]:
+    """Segment every 2D plane of ``image`` with the settings of ``base`` (its ``image`` is ignored).
+
+    ``image`` may be any array-like with ``shape`` and numpy indexing (numpy, dask, zarr): one plane is
+    read into memory at a time. ``rgb`` says whether the last axis holds colours (None: napari's rule,
+    :func:`is_rgb`). A stack is calibrated once on its first plane when ``base.calibrate`` asks, its
+    intensity limits and ``diameter="auto"`` are resolved once (:func:`stack_request`), then every plane
+    is segmented (:func:`plane_request`). A 2D image is one plane, segmented as ``segment_steps`` does.
+    """
+    lead = _leading(tuple(image.shape), rgb)
+    planes = list(np.ndindex(*lead)) if lead else [()]
+    n = len(planes)
+    if not lead:
+        result = yield from relay(
+            segment_steps(replace(base, image=_plane(image, ())), loaded=loaded),
+            lambda p: StackProgress(0, 1, p),
+        )
+        return StackResult.of([result], (), stitch_threshold)
+    calibration = None
+    if base.calibrate and base.context_image is not None:
+        from .calibrate import calibrate_steps
+
+        probe = replace(base, image=_plane(image, planes[0]))
+        cal = yield from relay(calibrate_steps(probe, loaded=loaded), lambda p: StackProgress(0, 1, p))
+        calibration = cal.summary()
+        base = replace(base, diameter=cal.diameter, flow=cal.flow)
+    base = replace(base, calibrate=False)
+    base = yield from relay(
+        stack_request(base, image, planes, normalize, loaded), lambda p: StackProgress(0, n, p)
+    )
+    base = replace(base, diameter=base.diameter or MODEL_DIAMETER)  # None: the model's scale
+    results = []
+    for i, index in enumerate(planes):
+        req = plane_request(replace(base, image=_plane(image, index)))
+        result = yield from relay(segment_steps(req, loaded=loaded), _at_plane(i, n))
+        if calibration is not None:
+            result.metadata["calibration"] = calibration
+        results.append(result)
+    return StackResult.of(results, lead, stitch_threshold)
+
+
 def segment_stack_steps(
-    image: np.ndarray,
+    image: Any,
     *,
     stitch_threshold: float = 0.25,
     normalize: Normalize = "plane",
     loaded: Any = None,
     **options: Any,
-) -> Generator[SegmentProgress, None, np.ndarray]:
+) -> Generator[StackProgress, None, StackResult]:
     """Segment every 2D plane of ``image`` (leading axes = stack/time; RGB last axis kept), yielding progress.
 
-    ``image`` may be any array-like with ``shape`` and numpy indexing (numpy, dask, zarr): only one plane
-    is read into memory at a time. Returns labels with the image's spatial shape (channels dropped); with
+    Returns a :class:`StackResult` whose labels have the image's spatial shape (channels dropped); with
     more than one leading axis (e.g. T, Z) stitching runs along the last leading axis within each of the
     others. ``normalize``: "plane" (default; each plane's own percentiles, right for time series whose
     brightness drifts) or "stack" (the stack's percentiles for every plane, better for z-stacks; see the
-    module notes). ``options`` are :class:`SegmentRequest` fields.
+    module notes). ``options`` are :class:`~napari_ctxseg.services.segment.SegmentRequest` fields.
+    See :func:`stack_steps`.
     """
-    shape = tuple(image.shape)
-    rgb = is_rgb(shape)
-    spatial_nd = 3 if rgb else 2
-    lead = shape[: len(shape) - spatial_nd]
-    planes = list(np.ndindex(*lead)) if lead else [()]
     base = SegmentRequest(image=np.zeros((8, 8)), **options)
-    base = yield from stack_request(base, image, planes, normalize, loaded)
-    labels = []
-    for i, index in enumerate(planes):
-        # one plane at a time: dask/zarr arrays (lazy napari layers) are read plane by plane
-        plane = _plane(image, index)
+    return (
+        yield from stack_steps(
+            base, image, normalize=normalize, stitch_threshold=stitch_threshold, loaded=loaded
+        )
+    )
 
-        def restate(p: SegmentProgress, i: int = i) -> SegmentProgress:
-            message = f"plane {i + 1}/{len(planes)}: {p.message}"
-            return SegmentProgress(p.stage, i * p.total + p.done, len(planes) * p.total, message)
 
-        req = replace(base, image=plane)
-        result = yield from relay(segment_steps(plane_request(req) if lead else req, loaded=loaded), restate)
-        labels.append(result.labels)
-    out = np.stack(labels).reshape((*lead, *labels[0].shape)) if labels else np.zeros(0, np.uint32)
-    return stitch_planes(out, len(lead), stitch_threshold) if lead else out
+def stack_features(stack: StackResult, image: Any) -> dict[str, np.ndarray]:
+    """Per-object measurements of a stack (``index`` = the object's label in ``stack.labels``).
+
+    Every plane of ``image`` is measured in 2D; an object stitched through several planes gets one row:
+    ``area`` sums its pixels over the planes, ``intensity_max`` and the bounding box take the extremes,
+    the plane columns its first plane, ``n_planes`` counts its planes, and every other column (centroid,
+    mean intensity, shape, agreement, flow error) is the area-weighted mean over its planes.
+    """
+    from .measure import measure_objects, merge_rows, plane_rows
+
+    planes = list(np.ndindex(*stack.leading_shape)) if stack.leading_shape else [()]
+    tables, starts, offset = [], [], 0
+    for idx, r in zip(planes, stack.results):
+        t = measure_objects(r.labels, _plane(image, idx), sample_labels=r.sample_labels, flows=r.flows)
+        t["label"] = t["label"] + offset
+        tables.append((idx, t))
+        starts.append(offset)
+        offset += int(r.labels.max())
+    table = plane_rows(tables)
+    if not (stack.stitch_threshold > 0 and stack.leading_shape):
+        return table
+    # each per-plane (offset) label belongs to one stitched object
+    lut = np.zeros(offset + 1, np.int64)
+    for idx, r, start in zip(planes, stack.results, starts):
+        inside = r.labels > 0
+        lut[r.labels[inside].astype(np.int64) + start] = stack.labels[idx][inside]
+    return merge_rows(table, lut[table["index"]])
+
+
+def rethreshold_stack_steps(
+    stack: StackResult, image: Any, flow: FlowParams
+) -> Generator[int, None, StackResult]:
+    """Labels from the cached model-scale flows with new flow settings (no network); yields planes done."""
+    planes = list(np.ndindex(*stack.leading_shape)) if stack.leading_shape else [()]
+    out = []
+    for i, (idx, r) in enumerate(zip(planes, stack.results)):
+        labels, samples = labels_from_flows(
+            r.flows_model_scale, flow, out_shape=r.labels.shape, image=_plane(image, idx)
+        )
+        meta = {**r.metadata, "flow_params": asdict(flow)}
+        out.append(replace(r, labels=labels, sample_labels=samples, metadata=meta))
+        yield i + 1
+    return StackResult.of(out, stack.leading_shape, stack.stitch_threshold)
 
 
 def stitch_planes(labels: np.ndarray, leading: int, threshold: float = 0.25) -> np.ndarray:
@@ -262,104 +404,3 @@ def _offset(planes: np.ndarray) -> np.ndarray:
         out[z][m] += offset
         offset = int(out[z].max()) if m.any() else offset
     return out
-
-
-def combine_axis_flows(xy: np.ndarray, zx: np.ndarray, zy: np.ndarray) -> np.ndarray:
-    """3D flows (3, Z, H, W), channels (dz, dy, dx), from 2D flows predicted on the three slice orientations.
-
-    Parameters
-    ----------
-    xy
-        (Z, 2, H, W): flows (dy, dx) of every z-plane.
-    zx
-        (H, 2, Z, W): flows (dz, dx) of every y-plane.
-    zy
-        (W, 2, Z, H): flows (dz, dy) of every x-plane.
-
-    Notes
-    -----
-    Each 3D component is the sum of the two 2D predictions that contain it, not renormalised: the
-    original's 3D ``mask_to_flow`` is defined the same way from the 2D flows of all slices, so flow
-    following behaves as on the original's 3D flows.
-    """
-    dz = zx[:, 0].transpose(1, 0, 2) + zy[:, 0].transpose(1, 2, 0)
-    dy = xy[:, 0] + zy[:, 1].transpose(1, 2, 0)
-    dx = xy[:, 1] + zx[:, 1].transpose(1, 0, 2)
-    return np.stack([dz, dy, dx]).astype(np.float32)
-
-
-def volume_labels(
-    flow3d: np.ndarray, params: FlowParams | None = None, image: np.ndarray | None = None
-) -> np.ndarray:
-    """Instance labels (Z, H, W) from 3D flows (3, Z, H, W), with the 2D rules of ``params`` in 3D.
-
-    Each 3D component is the sum of two 2D predictions (:func:`combine_axis_flows`), so flows are about
-    twice as long as in 2D (inside the annotated nuclei of ``cells3d``: median 2.1): voxels whose flow is
-    shorter than ``2 * flow_threshold`` are background, with the holes of the foreground filled in 3D
-    (:func:`~napari_ctxseg.services.segment.strong_flow_mask`); ``flow_threshold=0`` follows every voxel,
-    as the original does. Objects of fewer than ``min_size ** 1.5`` voxels (the 2D minimum area's side,
-    cubed) are removed, those fainter than ``min_contrast`` noise sigmas in ``image`` (the volume; needed
-    only then), and those touching a face of the volume with ``remove_border``.
-    """
-    from ..core.flows.following import flow_to_mask
-
-    params = params or FlowParams()
-    flow3d = np.asarray(flow3d, dtype=np.float32)
-    foreground = None
-    if params.flow_threshold > 0:
-        foreground = strong_flow_mask(flow3d[None], 2.0 * params.flow_threshold)[0]
-        flow3d = flow3d * foreground[None]  # a new array: the input is never modified
-    labels = np.asarray(flow_to_mask(flow3d, **params.following())).astype(np.int64)
-    if foreground is not None:
-        labels *= foreground
-    labels = remove_small_instances(labels, int(round(params.min_size**1.5)))
-    if params.min_contrast > 0:
-        if image is None:
-            raise ConfigError("min_contrast needs the volume the flows were predicted for")
-        labels = remove_low_contrast_instances(labels, image, params.min_contrast)
-    if params.remove_border:
-        labels = remove_border_instances(labels)
-    return relabel_sequential(labels).astype(np.uint32)
-
-
-def segment_volume_steps(
-    volume: np.ndarray, *, normalize: Normalize = "plane", loaded: Any = None, **options: Any
-) -> Generator[SegmentProgress, None, tuple[np.ndarray, np.ndarray]]:
-    """3D segmentation of a (Z, H, W) grey volume: 2D flows on all three slice orientations, followed in 3D.
-
-    The 2D model predicts (dy, dx) on every z-plane, (dz, dx) on every y-plane and (dz, dy) on every
-    x-plane; :func:`combine_axis_flows` adds them into 3D flows and :func:`volume_labels` follows them in
-    3D with the request's :class:`~napari_ctxseg.services.segment.FlowParams` (``flow=``). Each slice
-    is normalised with its own intensity percentiles (``normalize="plane"``, the default) or with the
-    volume's ("stack"). Voxels are assumed isotropic (resample anisotropic stacks first). Costs
-    Z + H + W 2D predictions. ``options`` are :class:`SegmentRequest` fields.
-
-    Returns
-    -------
-    (labels (Z, H, W) uint32, flows (3, Z, H, W) float32)
-    """
-    volume = np.asarray(volume)
-    if volume.ndim != 3:
-        raise InputError(f"3D segmentation needs a grey (Z, H, W) volume, got shape {volume.shape}")
-    if min(volume.shape) < 8:
-        raise InputError(
-            f"3D segmentation slices the volume along every axis and needs at least 8 pixels along each; "
-            f"got shape {volume.shape} (segment it slice by slice instead)"
-        )
-    base = SegmentRequest(image=np.zeros((8, 8)), follow_flows=False, **options)
-    base = yield from stack_request(base, volume, [(z,) for z in range(len(volume))], normalize, loaded)
-    views = [(volume, "z"), (volume.transpose(1, 0, 2), "y"), (volume.transpose(2, 0, 1), "x")]
-    total = sum(v.shape[0] for v, _ in views)
-    done = 0
-    flows = []
-    for stack, axis in views:
-        out = []
-        for k in range(stack.shape[0]):
-            result = run_to_end(segment_steps(plane_request(replace(base, image=stack[k])), loaded=loaded))
-            out.append(result.flows.mean(axis=0))
-            done += 1
-            yield SegmentProgress("denoise", done, total, f"{axis}-plane {k + 1}/{stack.shape[0]}")
-        flows.append(np.stack(out))
-    flow3d = combine_axis_flows(*flows)
-    yield SegmentProgress("labels", total, total, "following flows in 3D")
-    return volume_labels(flow3d, base.flow, volume), flow3d
