@@ -58,8 +58,11 @@ class ContextPack:
 
         Examples
         --------
-        >>> from napari_ctxseg.services.context_pack import load_context_pack   # doctest: +SKIP
-        >>> segment(image, **load_context_pack("cells.npz").as_request())       # doctest: +SKIP
+        >>> import numpy as np
+        >>> labels = np.zeros((16, 16), np.uint16); labels[4:9, 4:9] = 1
+        >>> request = ContextPack(image=labels * 100.0, labels=labels).as_request()
+        >>> sorted(request)  # segment(image, **load_context_pack("cells.npz").as_request())
+        ['context_image', 'context_labels', 'context_region']
         """
         return {"context_image": self.image, "context_labels": self.labels, "context_region": self.region}
 
