@@ -2,9 +2,16 @@
 
 Importing the package is cheap (no torch, no Qt): the public API below is loaded on first use.
 
+>>> import numpy as np
 >>> import napari_ctxseg as ncs
->>> loaded = ncs.load_model("default")           # doctest: +SKIP
->>> result = ncs.segment(image, loaded=loaded)   # doctest: +SKIP
+>>> yy, xx = np.mgrid[:128, :128]
+>>> image = np.zeros((128, 128), np.float32)
+>>> for cy, cx in [(30, 30), (30, 90), (90, 60)]:
+...     image[(yy - cy) ** 2 + (xx - cx) ** 2 < 100] = 1.0  # three bright nuclei, 20 px across
+>>> loaded = ncs.load_model("default")  # the bundled model, loaded once for many images
+>>> result = ncs.segment(image, loaded=loaded)
+>>> result.labels.shape, int(result.labels.max())
+((128, 128), 3)
 """
 
 from __future__ import annotations

@@ -58,8 +58,11 @@ class ContextPack:
 
         Examples
         --------
-        >>> from napari_ctxseg.services.context_pack import load_context_pack   # doctest: +SKIP
-        >>> segment(image, **load_context_pack("cells.npz").as_request())       # doctest: +SKIP
+        >>> import numpy as np
+        >>> labels = np.zeros((16, 16), np.uint16); labels[4:9, 4:9] = 1
+        >>> request = ContextPack(image=labels * 100.0, labels=labels).as_request()
+        >>> sorted(request)  # segment(image, **load_context_pack("cells.npz").as_request())
+        ['context_image', 'context_labels', 'context_region']
         """
         return {"context_image": self.image, "context_labels": self.labels, "context_region": self.region}
 
@@ -100,11 +103,13 @@ def save_context_pack(
     --------
     >>> import numpy as np, tempfile, pathlib
     >>> labels = np.zeros((16, 16), np.uint16); labels[4:9, 4:9] = 1
-    >>> path = pathlib.Path(tempfile.mkdtemp()) / "ctx.npz"
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = pathlib.Path(tmp.name) / "ctx.npz"
     >>> _ = save_context_pack(path, np.random.default_rng(0).random((16, 16)), labels, self_score=0.8)
     >>> pack = load_context_pack(path)
-    >>> pack.labels.max(), pack.self_score, pack.region is None
-    (np.uint16(1), 0.8, True)
+    >>> pack.labels.dtype, int(pack.labels.max()), pack.self_score, pack.region is None
+    (dtype('uint16'), 1, 0.8, True)
+    >>> tmp.cleanup()
     """
     path = Path(path)
     if path.suffix.lower() != PACK_SUFFIX:

@@ -6,9 +6,22 @@ refresh its model choice. Nothing is persisted; files that disappeared are dropp
 
 Examples
 --------
+>>> import tempfile
+>>> from pathlib import Path
 >>> from napari_ctxseg.services.recent import add_recent_checkpoint, on_recent_changed, recent_checkpoints
->>> on_recent_changed.connect(lambda paths: print(len(paths)))  # doctest: +SKIP
->>> add_recent_checkpoint("finetuned.safetensors")  # doctest: +SKIP
+>>> def show(paths):
+...     print([p.name for p in paths])
+>>> _ = on_recent_changed.connect(show)
+>>> tmp = tempfile.TemporaryDirectory()
+>>> model = Path(tmp.name, "finetuned.safetensors"); model.touch()  # as written by a fine-tune
+>>> _ = add_recent_checkpoint(model)
+['finetuned.safetensors']
+>>> model in recent_checkpoints()
+True
+>>> on_recent_changed.disconnect(show)
+>>> tmp.cleanup()
+>>> model in recent_checkpoints()  # a file that disappeared is dropped
+False
 """
 
 from __future__ import annotations

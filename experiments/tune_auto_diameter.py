@@ -4,7 +4,7 @@ For each image: segment at native scale (1 step), estimate the median object dia
 then segment again at several rescale factors and record TP/FP/FN at IoU 0.5. Prints pooled AP@0.5 of
 candidate rules ``scale = clip(target / estimate, lo, hi)`` so the rule's constants come from train data.
 
-Usage: ``python benchmarks/tune_auto_diameter.py [--checkpoint default] [--images 80] [--json out.json]``
+Usage: ``python experiments/tune_auto_diameter.py [--checkpoint default] [--images 80] [--json out.json]``
 (``--report out.json`` reprints the report without segmenting again)
 """
 

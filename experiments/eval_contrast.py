@@ -8,7 +8,7 @@ Prints the contrast of
 3. the objects the model finds on fields of pure noise (no cells at all);
 and how many of each a threshold of 1-3 would remove.
 
-Usage: ``python benchmarks/eval_contrast.py [--checkpoint default] [--start 400] [--stop 598]``
+Usage: ``python experiments/eval_contrast.py [--checkpoint default] [--start 400] [--stop 598]``
 """
 
 from __future__ import annotations

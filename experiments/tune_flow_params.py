@@ -4,7 +4,7 @@ Segments N evenly spaced train images once (1 step x 1 sample, ``diameter="auto"
 flows, then re-runs only the flow following for every setting and prints pooled AP@0.5 (one-to-one matching)
 per setting, best first. Used to choose :class:`~napari_ctxseg.services.segment.FlowParams` defaults.
 
-Usage: ``python benchmarks/tune_flow_params.py [--checkpoint default] [--images 60]
+Usage: ``python experiments/tune_flow_params.py [--checkpoint default] [--images 60]
 [--grid max_flow_err=0,0.4 min_size=15,30]`` (``--grid`` replaces the default grid below; any
 :class:`FlowParams` field, comma-separated values).
 """

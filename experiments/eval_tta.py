@@ -4,9 +4,9 @@ Each image is segmented (1 step x 1 sample, ``diameter`` measured once with the 
 flips/transposes; the flows are mapped back to the image's frame, averaged over 1, 2 (identity and the
 180-degree rotation), 4 (the flips) or 8 views, and followed. Pooled AP@0.5 per modality, side by side in
 one run, including the transposes. The package offers the 4 flips as an option, off by default
-(``segment(..., tta=True)``, ``--tta``; docs/model_card.md, *Test-time flips*).
+(``segment(..., tta=True)``, ``--tta``; docs/history/model_card_nuclei.md, *Test-time flips*).
 
-Usage: ``python benchmarks/eval_tta.py [--subset val] [--limit N] [--checkpoint default]``
+Usage: ``python experiments/eval_tta.py [--subset val] [--limit N] [--checkpoint default]``
 """
 
 from __future__ import annotations

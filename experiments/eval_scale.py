@@ -11,7 +11,7 @@ resample image (bilinear) and labels (nearest) by ``f``, and segment it (1 step 
 Prints pooled AP@0.5 (one-to-one matching) per factor and method, and the measured/true diameter ratio of
 ``auto``. Rules are tuned on ``--subset train`` and reported on ``val``.
 
-Usage: ``python benchmarks/eval_scale.py [--subset train] [--images 40] [--factors 0.5,1,2,3,4]
+Usage: ``python experiments/eval_scale.py [--subset train] [--images 40] [--factors 0.5,1,2,3,4]
 [--set AUTO_SCALE_RANGE=1,2 --set AUTO_COARSE_MIN=inf ...] [--methods auto,none,oracle] [--json out.json]``
 """
 
