@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from napari_ctxseg.core.nn import attention
 from napari_ctxseg.core.errors import ConfigError
+from napari_ctxseg.core.nn import attention
 from napari_ctxseg.core.nn.attention import CtxAtt
 
 
