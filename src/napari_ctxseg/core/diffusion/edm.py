@@ -356,9 +356,11 @@ def edm_loss(
     generator: torch.Generator,
     sigma_data: float,
     schedule: Literal["edm", "edmhat", "ncsn2"] | Schedule = "edm",
+    weighting: Literal["schedule", "unit"] = "schedule",
+    weight: Tensor | None = None,
     **model_kwargs: Any,
 ) -> Tensor:
-    r"""Weighted denoising loss of one batch.
+    r"""Weighted denoising loss of one batch (the training loss).
 
     Parameters
     ----------
@@ -373,6 +375,11 @@ def edm_loss(
         default 0.5 whatever the preconditioner used; pass the value you mean.)
     schedule : {"edm", "edmhat", "ncsn2"} or callable
         Training noise schedule (see :data:`SCHEDULES` / :class:`Schedule`).
+    weighting : {"schedule", "unit"}
+        ``"schedule"``: :math:`\lambda` is the schedule's loss weight; ``"unit"``: :math:`\lambda = 1 /
+        c_{out}^2` (:func:`edm_scalings`), a unit-variance target for the raw network at every sigma.
+    weight : Tensor, optional
+        Per-pixel weights ``w`` broadcastable to ``x_gt`` (e.g. ``(B, 1, H, W)``, 0 on unannotated pixels).
     **model_kwargs
         Passed to the denoiser (e.g. the image).
 
@@ -381,15 +388,43 @@ def edm_loss(
     Tensor
         Scalar loss (differentiable).
 
+    Raises
+    ------
+    ConfigError
+        For an unknown schedule or weighting; the message lists the choices.
+
     Notes
     -----
-    :math:`(\sigma, \lambda) \sim` schedule, :math:`n \sim \mathcal{N}(0, I)`,
-    :math:`L = \mathrm{mean}\left(\tfrac12 \lambda (D(x + \sigma n, \sigma) - x)^2\right)`,
-    the mean over all elements.
+    :math:`(\sigma, \lambda) \sim` schedule, :math:`n \sim \mathcal{N}(0, I)`, :math:`e = \tfrac12
+    \lambda (D(x + \sigma n, \sigma) - x)^2`; without ``weight``, :math:`L = \mathrm{mean}(e)` over all
+    elements, with it :math:`L = \sum w e / \max(1, C \sum w)` (the mean over the weighted pixels of
+    the ``C`` channels).
+
+    Examples
+    --------
+    >>> x = torch.ones(2, 2, 3, 3)
+    >>> zero = lambda x, sigma: torch.zeros_like(x)
+    >>> def fixed(x, *, generator, sigma_data):  # sigma 2, loss weight 4
+    ...     return torch.full((2, 1, 1, 1), 2.0), torch.full((2, 1, 1, 1), 4.0)
+    >>> edm_loss(zero, x, generator=torch.Generator(), sigma_data=1.0, schedule=fixed).item()
+    2.0
+    >>> w = torch.zeros(2, 1, 3, 3)
+    >>> w[0] = 1  # only the first sample counts
+    >>> edm_loss(zero, x, generator=torch.Generator(), sigma_data=1.0, schedule=fixed, weight=w).item()
+    2.0
     """
     schedule_fn = get_schedule(schedule)
+    if weighting not in ("schedule", "unit"):
+        raise ConfigError(f"unknown weighting {weighting!r}; expected 'unit' or 'schedule'")
     sigma, loss_weight = schedule_fn(x_gt, generator=generator, sigma_data=sigma_data)
+    if weighting == "unit":
+        _, c_out, _, _ = edm_scalings(sigma, sigma_data)
+        loss_weight = 1.0 / c_out**2
     noise = torch.randn(x_gt.shape, generator=generator, device=generator.device, dtype=x_gt.dtype)
     noise = noise.to(x_gt.device)
     denoised = denoiser(x_gt + sigma * noise, sigma, **model_kwargs)
-    return (0.5 * loss_weight * (denoised - x_gt) ** 2).mean()
+    if weight is None:
+        return (0.5 * loss_weight * (denoised - x_gt) ** 2).mean()
+    return (0.5 * loss_weight * weight * (denoised - x_gt) ** 2).sum() / (
+        weight.sum() * x_gt.shape[1]
+    ).clamp_min(1.0)

@@ -19,13 +19,13 @@ import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..diffusion.edm import EDMDenoiser, edm_scalings, get_schedule
+from ..diffusion.edm import EDMDenoiser, edm_loss, get_schedule
 from ..errors import CheckpointError, ConfigError
 from ..nn.models import CtxSegP, SegP
 from .data import AugmentConfig, Batch, BatchStream, CropSampler, check_image_sampling
@@ -225,13 +225,12 @@ def weighted_edm_loss(
     generator: torch.Generator,
     weighting: str = "unit",
 ) -> torch.Tensor:
-    """EDM loss mean(0.5 * lambda * w * (D(x + sigma n, sigma) - x)^2) / mean(w), w = annotated pixels."""
-    x = batch.flow
-    sigma, lam = schedule(x, generator=generator, sigma_data=sigma_data)
-    if weighting == "unit":
-        _, c_out, _, _ = edm_scalings(sigma, sigma_data)
-        lam = 1.0 / c_out**2
-    noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
+    """The loss of a training batch: :func:`~napari_ctxseg.core.diffusion.edm.edm_loss` of the model.
+
+    The model is preconditioned with :class:`~napari_ctxseg.core.diffusion.edm.EDMDenoiser`, the batch's
+    flows are the targets, its annotated-pixel mask the per-pixel weight, and its image (plus, for a
+    context model, the reference) goes to the model.
+    """
     kwargs: dict[str, Any] = {"image": batch.image}
     if isinstance(model, CtxSegP) and batch.ref_image is not None:
         kwargs.update(
@@ -240,10 +239,16 @@ def weighted_edm_loss(
             ref_mask=batch.ref_mask,
             context_weight=batch.context_weight,
         )
-    denoiser = EDMDenoiser(model, sigma_data=sigma_data)
-    d = denoiser(x + sigma * noise, sigma.view(-1), **kwargs)
-    w = batch.weight
-    return (0.5 * lam * w * (d - x) ** 2).sum() / (w.sum() * x.shape[1]).clamp_min(1.0)
+    return edm_loss(
+        EDMDenoiser(model, sigma_data=sigma_data),
+        batch.flow,
+        generator=generator,
+        sigma_data=sigma_data,
+        schedule=schedule,
+        weighting=cast(Literal["schedule", "unit"], weighting),
+        weight=batch.weight,
+        **kwargs,
+    )
 
 
 def _lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
