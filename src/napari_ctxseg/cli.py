@@ -135,7 +135,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
         default="fp32",
-        choices=["fp32", "bf16"],  # core.training.PRECISIONS
+        choices=["fp32", "bf16"],  # core.train.config.PRECISIONS
         help="training arithmetic: fp32 or bf16 autocast (faster on CPUs with "
         "AVX-512 BF16 or AMX and on recent GPUs)",
     )

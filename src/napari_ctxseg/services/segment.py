@@ -50,7 +50,7 @@ from ..core.flows.postprocess import (
 )
 from ..core.nn.models import CtxSegP, ImageFeatures, PContext, SegP
 from ..core.preprocess.channels import channel_record, select_channels
-from ..core.train.data import model_input
+from ..core.preprocess.normalize import model_input
 from .limits import check_run_size, check_segment_settings
 from .models import LoadedModel, load_model
 from .progress import relay, run_to_end
