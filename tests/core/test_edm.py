@@ -9,13 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from napari_ctxseg.core.diffusion.edm import (
+from napari_ctxseg.core.diffusion.edm import EDMDenoiser, edm_loss, edm_precond, edm_scalings
+from napari_ctxseg.core.diffusion.train_schedules import (
     SCHEDULES,
-    EDMDenoiser,
     edm_hat_schedule,
-    edm_loss,
-    edm_precond,
-    edm_scalings,
     edm_schedule,
     get_schedule,
     ncsn2_schedule,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..diffusion.edm import get_schedule
+from ..diffusion.train_schedules import get_schedule
 from ..errors import ConfigError
 from .augment import AugmentConfig
 from .data import check_image_sampling

@@ -7,7 +7,8 @@ from typing import Any, Literal, cast
 
 import torch
 
-from ..diffusion.edm import EDMDenoiser, edm_loss, get_schedule
+from ..diffusion.edm import EDMDenoiser, edm_loss
+from ..diffusion.train_schedules import get_schedule
 from ..nn.models import CtxSegP, SegP
 from .batch import Batch
 
