@@ -158,7 +158,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="stop after this many minutes of training (the learning rate decays by time; 0: no budget)",
     )
     _add_device(p)
-    from .cli_segment import add_quiet
+    from .cli_args import add_quiet
 
     add_quiet(p)
 
@@ -281,7 +281,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``ctxseg`` (subcommands register their options here)."""
-    from .cli_segment import HelpFormatter, add_segment_parsers
+    from .cli_args import HelpFormatter
+    from .cli_segment import add_segment_parsers
 
     parser = argparse.ArgumentParser(
         prog="ctxseg",
