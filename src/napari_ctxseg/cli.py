@@ -135,7 +135,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
         default="fp32",
-        choices=["fp32", "bf16"],  # core.training.PRECISIONS
+        choices=["fp32", "bf16"],  # core.train.config.PRECISIONS
         help="training arithmetic: fp32 or bf16 autocast (faster on CPUs with "
         "AVX-512 BF16 or AMX and on recent GPUs)",
     )
@@ -158,7 +158,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="stop after this many minutes of training (the learning rate decays by time; 0: no budget)",
     )
     _add_device(p)
-    from .cli_segment import add_quiet
+    from .cli_args import add_quiet
 
     add_quiet(p)
 
@@ -281,7 +281,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``ctxseg`` (subcommands register their options here)."""
-    from .cli_segment import HelpFormatter, add_segment_parsers
+    from .cli_args import HelpFormatter
+    from .cli_segment import add_segment_parsers
 
     parser = argparse.ArgumentParser(
         prog="ctxseg",

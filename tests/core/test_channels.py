@@ -7,7 +7,7 @@ import pytest
 
 from napari_ctxseg.core.errors import InputError
 from napari_ctxseg.core.preprocess.channels import channel_record, select_channels
-from napari_ctxseg.core.train.data import model_input
+from napari_ctxseg.core.preprocess.normalize import model_input
 
 
 def _image(c: int = 3, axis: int = 0) -> np.ndarray:

@@ -9,13 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from napari_ctxseg.core.diffusion.edm import (
+from napari_ctxseg.core.diffusion.edm import EDMDenoiser, edm_loss, edm_precond, edm_scalings
+from napari_ctxseg.core.diffusion.train_schedules import (
     SCHEDULES,
-    EDMDenoiser,
     edm_hat_schedule,
-    edm_loss,
-    edm_precond,
-    edm_scalings,
     edm_schedule,
     get_schedule,
     ncsn2_schedule,
@@ -262,3 +259,21 @@ def test_unknown_schedule_lists_choices() -> None:
             sigma_data=1.0,
             schedule="nope",
         )
+
+
+def test_loss_weights_pixels_and_unit_weighting() -> None:
+    x_gt = torch.ones(2, 2, 3, 3)
+
+    def fixed(x: torch.Tensor, *, generator: torch.Generator, sigma_data: float):
+        return torch.full((x.shape[0], 1, 1, 1), 2.0), torch.full((x.shape[0], 1, 1, 1), 4.0)
+
+    zero = lambda x, s: torch.zeros_like(x)  # noqa: E731
+    w = torch.zeros(2, 1, 3, 3)
+    w[1, :, :2] = 1.0  # 6 of the 18 pixels of sample 1: the mean over them
+    g = torch.Generator()
+    assert edm_loss(zero, x_gt, generator=g, sigma_data=1.0, schedule=fixed, weight=w).item() == 2.0
+    # unit weighting: lambda = 1 / c_out^2 = (sigma^2 + sd^2) / (sigma sd) = 5 / 2 at sigma 2, sd 1
+    unit = edm_loss(zero, x_gt, generator=g, sigma_data=1.0, schedule=fixed, weighting="unit")
+    assert unit.item() == pytest.approx(0.5 * 5 / 2)
+    with pytest.raises(ConfigError, match="expected 'unit' or 'schedule'"):
+        edm_loss(zero, x_gt, generator=g, sigma_data=1.0, schedule=fixed, weighting="none")  # type: ignore[arg-type]

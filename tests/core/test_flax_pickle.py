@@ -14,15 +14,10 @@ import pytest
 import torch
 
 from napari_ctxseg.core.errors import CheckpointError, ConfigError
+from napari_ctxseg.core.io.flax_config import guess_kind, infer_config
 from napari_ctxseg.core.io.flax_params import _pairs, _to_flax
-from napari_ctxseg.core.io.flax_unpickle import (
-    RestrictedUnpickler,
-    _Walker,
-    guess_kind,
-    infer_config,
-    read_flax_checkpoint,
-    read_flax_params,
-)
+from napari_ctxseg.core.io.flax_read import read_flax_checkpoint, read_flax_params
+from napari_ctxseg.core.io.flax_unpickle import RestrictedUnpickler, _Walker
 from napari_ctxseg.core.nn.config import MODEL_KINDS, config_from_dict
 from napari_ctxseg.core.nn.models import build_model
 from tests.core.test_models_parity import CONFIGS

@@ -103,6 +103,17 @@ def test_matching_closed_form() -> None:
     assert scores[0.9].ap == pytest.approx(1 / 5)
 
 
+def test_matching_counts_an_exact_tie() -> None:
+    """IoU == threshold is a match (the ``>=`` rule), also when two pairs tie at 0.5."""
+    half = matching_scores(np.array([[1, 1, 0, 0]]), np.array([[1, 0, 0, 0]]), thresholds=(0.5, 0.6))
+    assert (half[0.5].tp, half[0.5].fp, half[0.5].fn) == (1, 0, 0)
+    assert half[0.6].tp == 0
+    quarter = matching_scores(np.array([[1, 1, 1, 0]]), np.array([[1, 1, 1, 1]]), thresholds=(0.75,))
+    assert quarter[0.75].tp == 1
+    two = matching_scores(np.array([[1, 1, 2, 2]]), np.array([[1, 1, 1, 1]]), thresholds=(0.5,))
+    assert (two[0.5].tp, two[0.5].fp, two[0.5].fn) == (1, 1, 0)
+
+
 def test_matching_is_one_to_one_at_low_threshold() -> None:
     """Pred 2 overlaps gts 1 and 2 equally (IoU 0.375), pred 1 only gt 1 (0.4): the best-overlap rule sends
     both predictions to gt 1, the one-to-one matching gives pred 2 to gt 2."""

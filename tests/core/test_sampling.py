@@ -18,14 +18,8 @@ from napari_ctxseg.core.diffusion.discretization import (
     iddpm_original_sigmas,
     iddpm_sigmas,
 )
-from napari_ctxseg.core.diffusion.sampling import (
-    SamplerStep,
-    dm_gradient,
-    num_model_calls,
-    sample,
-    sample_steps,
-    sde_churn,
-)
+from napari_ctxseg.core.diffusion.gradient import dm_gradient, sde_churn
+from napari_ctxseg.core.diffusion.sampling import SamplerStep, num_model_calls, sample, sample_steps
 from napari_ctxseg.core.errors import ConfigError, InputError
 
 PARITY = Path(__file__).resolve().parents[2].parent / "shared" / "parity"

@@ -12,6 +12,7 @@ from napari_ctxseg.services.evaluate import (
     bootstrap_ap_interval,
     evaluate_folder,
     format_report,
+    match_counts,
     paired_ap_difference,
     pooled_scores,
 )
@@ -23,6 +24,14 @@ def test_pooled_report_scores_of_summed_counts() -> None:
     assert (s["tp"], s["fp"], s["fn"]) == (8, 1, 1)
     assert s["ap50"] == pytest.approx(0.8) and s["f1_50"] == pytest.approx(16 / 18)
     assert math.isnan(pooled_scores(0, 0, 0)["ap50"]) and math.isnan(pooled_scores(0, 0, 0)["f1_50"])
+
+
+def test_match_counts_counts_an_exact_tie() -> None:
+    """IoU == threshold is a match (the ``>=`` rule of matching_scores), one-to-one when pairs tie."""
+    assert match_counts(np.array([[1, 1, 0, 0]]), np.array([[1, 0, 0, 0]])) == (1, 0, 0)
+    assert match_counts(np.array([[1, 1, 0, 0]]), np.array([[1, 0, 0, 0]]), threshold=0.6) == (0, 1, 1)
+    assert match_counts(np.array([[1, 1, 1, 0]]), np.array([[1, 1, 1, 1]]), threshold=0.75) == (1, 0, 0)
+    assert match_counts(np.array([[1, 1, 2, 2]]), np.array([[1, 1, 1, 1]])) == (1, 1, 0)
 
 
 def test_evaluate_folder_keeps_per_image_counts_summing_to_the_pooled_ones(tmp_path, tiny_checkpoint) -> None:

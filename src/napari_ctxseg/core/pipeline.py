@@ -3,7 +3,7 @@
 :func:`segment_image` reads top to bottom:
 
 1. **preprocess**: intensities normalised, channels to the model's three, channels first
-   (:func:`~napari_ctxseg.core.preprocess.model_input.model_input`);
+   (:func:`~napari_ctxseg.core.preprocess.normalize.model_input`);
 2. **scale**: the image resized by ``scale`` (objects to the size the model was trained on) and padded
    to the network's stride;
 3. **tiles**: overlapping tiles of at most ``tile_size`` pixels
@@ -40,7 +40,7 @@ from .diffusion.tiling import pad_to_multiple, plan_tiles
 from .flows.from_masks import mask_to_flow
 from .flows.labels import FlowParams, labels_from_flows
 from .nn.models import CtxSegP, PContext, SegP
-from .train.data import model_input
+from .preprocess.normalize import model_input
 
 __all__ = [
     "ImageSegmentation",

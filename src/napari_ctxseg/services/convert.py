@@ -1,10 +1,10 @@
 """Convert an original ctxseg (JAX/Flax) checkpoint into a napari-ctxseg ``.safetensors`` checkpoint.
 
 The use case behind ``ctxseg convert SRC -o DST --model KIND [--trust] [--ctx-head-dim N] [--half]``:
-read the ``nnx.Param`` leaves (:mod:`napari_ctxseg.core.io.flax_unpickle`), derive the config from
-their shapes,
-map them onto the PyTorch model (strict: every parameter used, every weight set), write the checkpoint
-atomically, and verify it by loading it back. Pickles are only read with ``trust=True``.
+read the ``nnx.Param`` leaves (:mod:`napari_ctxseg.core.io.flax_read`), derive the config from their
+shapes (:mod:`napari_ctxseg.core.io.flax_config`), map them onto the PyTorch model (strict: every parameter
+used, every weight set; :mod:`napari_ctxseg.core.io.flax_params`), write the checkpoint atomically, and
+verify it by loading it back. Pickles are only read with ``trust=True``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import torch
 from napari_ctxseg import __version__
 from napari_ctxseg.core.errors import CheckpointError, ConfigError, InputError
 from napari_ctxseg.core.io.checkpoint import CheckpointInfo, file_sha256, save_checkpoint
+from napari_ctxseg.core.io.flax_config import infer_config
 from napari_ctxseg.core.io.flax_params import flax_to_state_dict
-from napari_ctxseg.core.io.flax_unpickle import infer_config, read_flax_checkpoint
+from napari_ctxseg.core.io.flax_read import read_flax_checkpoint
 from napari_ctxseg.core.nn.load import load_checkpoint
 from napari_ctxseg.core.nn.models import build_model
 

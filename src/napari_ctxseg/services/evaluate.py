@@ -1,7 +1,7 @@
 """Evaluate segmentation on annotated images: pooled AP/F1 at IoU 0.5, per imaging modality.
 
-Scores pool all objects of all images: TP/FP/FN come from one-to-one matching at IoU > 0.5 (at IoU
-thresholds >= 0.5 each object can match at most one other, so no assignment problem needs solving), then
+Scores pool all objects of all images: TP/FP/FN come from one-to-one matching at IoU >= 0.5
+(:func:`~napari_ctxseg.core.metrics.scores.matching_scores`), then
 AP = TP / (TP + FP + FN) and F1 = 2 TP / (2 TP + FP + FN). Ground truth objects are used as they are.
 
 Modality (for DSB 2018): ``colour`` if the image has channels that differ, otherwise ``brightfield`` if
@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import ConfigError
-from ..core.metrics.scores import MatchScores
+from ..core.metrics.scores import MatchScores, matching_scores
 from ..core.preprocess.normalize import normalize_image
-from .measure import best_iou_per_object
 from .progress import run_to_end
 
 __all__ = [
@@ -52,16 +51,38 @@ def modality(image: np.ndarray) -> str:
 
 
 def match_counts(pred: np.ndarray, gt: np.ndarray, threshold: float = 0.5) -> tuple[int, int, int]:
-    """(TP, FP, FN) of a prediction against ground truth at an IoU threshold >= 0.5."""
+    """(TP, FP, FN) of a prediction against ground truth at an IoU threshold >= 0.5.
+
+    The one-to-one matching of :func:`~napari_ctxseg.core.metrics.scores.matching_scores`, with its rule:
+    a pair matches when its IoU is ``>=`` the threshold.
+
+    Parameters
+    ----------
+    pred, gt : np.ndarray
+        Label images of the same shape, 0 = background (converted to int64).
+    threshold : float
+        IoU threshold of a match, at least 0.5.
+
+    Returns
+    -------
+    tuple of int
+        Matched pairs, unmatched predicted objects, unmatched ground-truth objects.
+
+    Raises
+    ------
+    ValueError
+        If ``threshold < 0.5``.
+
+    Examples
+    --------
+    >>> match_counts(np.array([[1, 1, 0, 2]]), np.array([[1, 0, 0, 0]]))  # IoU 0.5 matches
+    (1, 1, 0)
+    """
     if threshold < 0.5:
         raise ValueError("match_counts needs threshold >= 0.5 (unique matches)")
-    from skimage.segmentation import relabel_sequential
-
-    pred = relabel_sequential(np.asarray(pred).astype(np.int64))[0]
-    gt = relabel_sequential(np.asarray(gt).astype(np.int64))[0]
-    n_pred, n_gt = int(pred.max()), int(gt.max())
-    tp = int((best_iou_per_object(pred, gt) > threshold).sum()) if n_pred and n_gt else 0
-    return tp, n_pred - tp, n_gt - tp
+    pred, gt = np.asarray(pred).astype(np.int64), np.asarray(gt).astype(np.int64)
+    scores = matching_scores(pred, gt, (threshold,))[float(threshold)]
+    return scores.tp, scores.fp, scores.fn
 
 
 def baseline_watershed(image: np.ndarray, diameter: float = 20.0) -> np.ndarray:

@@ -25,8 +25,9 @@ from typing import Any, Literal
 import numpy as np
 
 from ..core.errors import ConfigError
+from ..core.train.config import PRECISIONS, TrainConfig
 from ..core.train.data import AnnotatedImage, AugmentConfig
-from ..core.train.trainer import PRECISIONS, TrainConfig, TrainProgress
+from ..core.train.trainer import TrainProgress
 from .finetune_data import TrainingPair, array_digest, check_pairs, prepare, split_validation
 from .training import TrainRequest, run_training
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from scipy import sparse
 
 from ..core.flows.from_masks import flow_error
+from ..core.metrics.overlap import best_partner, overlap
 
 __all__ = [
     "PROPERTIES",
@@ -48,22 +48,32 @@ def _intensity(image: np.ndarray) -> np.ndarray:
 
 
 def best_iou_per_object(labels: np.ndarray, other: np.ndarray) -> np.ndarray:
-    """For each object 1..n of ``labels``, its best IoU with any object of ``other`` (0 if none)."""
+    """For each object 1..n of ``labels``, its best IoU with any object of ``other`` (0 if none).
+
+    Parameters
+    ----------
+    labels, other : np.ndarray
+        Label images of the same shape, 0 = background.
+
+    Returns
+    -------
+    np.ndarray
+        float64 ``(labels.max(),)``: entry ``k - 1`` is the best IoU of label ``k`` (0 for absent labels).
+
+    Examples
+    --------
+    >>> best_iou_per_object(np.array([[1, 1, 0, 3]]), np.array([[1, 0, 0, 2]]))
+    array([0.5, 0. , 1. ])
+    """
+    labels, other = np.asarray(labels).astype(np.int64), np.asarray(other).astype(np.int64)
     n = int(labels.max())
     if n == 0:
         return np.zeros(0)
-    a = labels.ravel().astype(np.int64)
-    b = other.ravel().astype(np.int64)
-    m = int(b.max()) + 1
-    inter = sparse.coo_matrix((np.ones_like(a), (a, b)), shape=(n + 1, m)).tocsr()
-    inter = inter[1:, 1:].toarray() if m > 1 else np.zeros((n, 0))
-    area_a = np.bincount(a, minlength=n + 1)[1:]
-    area_b = np.bincount(b, minlength=m)[1:]
-    if inter.shape[1] == 0:
-        return np.zeros(n)
-    union = area_a[:, None] + area_b[None, :] - inter
-    iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
-    return iou.max(axis=1)
+    ov = overlap(labels, other, ("labels", "other"))
+    best, _ = best_partner(ov.pairs_a, ov.pairs_b, ov.pairs_iou, ov.a_ids.size)
+    out = np.zeros(n)
+    out[ov.a_ids - 1] = best
+    return out
 
 
 def measure_objects(

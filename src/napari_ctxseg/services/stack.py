@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
-from scipy import sparse
 
 from ..core.errors import ConfigError, InputError
 from ..core.flows.labels import FlowParams, labels_from_flows
+from ..core.metrics.overlap import iou_matrix
 from ..core.preprocess.normalize import intensity_limits
 from .auto_diameter import resolve_diameter
 from .progress import relay
@@ -59,18 +59,6 @@ def is_rgb(shape: tuple[int, ...]) -> bool:
     return len(shape) >= 3 and shape[-1] in (3, 4)
 
 
-def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    na, nb = int(a.max()), int(b.max())
-    if na == 0 or nb == 0:
-        return np.zeros((na, nb))
-    inter = sparse.coo_matrix((np.ones(a.size), (a.ravel(), b.ravel())), shape=(na + 1, nb + 1)).toarray()[
-        1:, 1:
-    ]
-    area_a = np.bincount(a.ravel(), minlength=na + 1)[1:]
-    area_b = np.bincount(b.ravel(), minlength=nb + 1)[1:]
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1)
-
-
 def stitch_labels(planes: np.ndarray, threshold: float = 0.25) -> np.ndarray:
     """Relabel (Z, H, W) per-plane labels so overlapping objects of consecutive planes share a label.
 
@@ -84,16 +72,14 @@ def stitch_labels(planes: np.ndarray, threshold: float = 0.25) -> np.ndarray:
         n = int(plane.max())
         lut = np.zeros(n + 1, dtype=np.uint32)
         if z > 0 and threshold > 0 and n:
-            prev = out[z - 1].astype(np.int64)
-            prev_ids, prev_compact = np.unique(prev, return_inverse=True)
-            iou = _iou_matrix(plane, prev_compact.reshape(prev.shape))
+            iou, ids, prev_ids = iou_matrix(plane, out[z - 1].astype(np.int64))
             if iou.size:
                 best = iou.argmax(axis=1)
                 back = iou.argmax(axis=0)
-                for i in range(n):
+                for i, label in enumerate(ids):
                     j = best[i]
                     if iou[i, j] >= threshold and back[j] == i:
-                        lut[i + 1] = prev_ids[j + 1]
+                        lut[label] = prev_ids[j]
         for i in range(1, n + 1):
             if lut[i] == 0 and (plane == i).any():
                 lut[i] = next_label

@@ -1,9 +1,9 @@
-"""EDM preconditioning, training noise schedules and the denoising loss.
+"""EDM preconditioning and the denoising loss.
 
 A denoiser ``D(x, sigma)`` is built from a raw network ``F(x_in, c_noise, **kwargs)`` as in Karras et al.
 (EDM, 2022), with the scaling functions of the original ctxseg code (see :func:`edm_scalings` for the one
-place where they differ from the paper). The training schedules draw one noise level per sample from a
-``torch.Generator`` and return the loss weight that goes with it; :func:`edm_loss` combines both.
+place where they differ from the paper). :func:`edm_loss` draws noise levels and loss weights from a
+training schedule (:mod:`napari_ctxseg.core.diffusion.train_schedules`) and weighs the denoiser's error.
 
 Layouts: tensors are NCHW ``(B, C, H, W)``; a per-sample sigma is ``(B,)`` or ``(B, 1, 1, 1)``.
 
@@ -11,46 +11,24 @@ References
 ----------
 .. [1] T. Karras, M. Aittala, T. Aila, S. Laine, "Elucidating the Design Space of Diffusion-Based
    Generative Models", NeurIPS 2022, arXiv:2206.00364.
-.. [2] Y. Song, S. Ermon, "Improved Techniques for Training Score-Based Generative Models",
-   NeurIPS 2020, arXiv:2006.09011.
-.. [3] D. Kingma, T. Salimans, B. Poole, J. Ho, "Variational Diffusion Models", arXiv:2107.00630.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import lru_cache
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, InputError, resolve_named
+from ..errors import ConfigError, InputError
+from .train_schedules import Schedule, get_schedule
 
-__all__ = [
-    "SCHEDULES",
-    "EDMDenoiser",
-    "Schedule",
-    "edm_hat_schedule",
-    "edm_loss",
-    "edm_precond",
-    "edm_scalings",
-    "edm_schedule",
-    "get_schedule",
-    "ncsn2_schedule",
-]
+__all__ = ["EDMDenoiser", "edm_loss", "edm_precond", "edm_scalings"]
 
 ModelFn = Callable[..., Tensor]
 """A raw network ``F(x_in, c_noise, **kwargs) -> Tensor`` with ``c_noise`` of shape ``(B,)``."""
-
-
-class Schedule(Protocol):
-    """A training noise schedule: ``(x, *, generator, sigma_data) -> (sigma, loss_weight)``."""
-
-    def __call__(self, x: Tensor, *, generator: torch.Generator, sigma_data: float) -> tuple[Tensor, Tensor]:
-        """Draw ``(sigma, loss_weight)``, each (B,), for the batch ``x``."""
-        ...
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -184,169 +162,8 @@ def edm_precond(model_fn: ModelFn, *, sigma_data: float) -> EDMDenoiser:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Training schedules
+# Loss
 # --------------------------------------------------------------------------------------------------------
-
-
-def _randn_like_batch(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Standard normal of shape ``(B, 1, ..., 1)`` drawn on the generator's device, moved to ``x``."""
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
-
-
-def edm_schedule(
-    x: Tensor,
-    *,
-    generator: torch.Generator,
-    sigma_data: float,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
-    p_mean: float = -1.2,
-    p_std: float = 1.2,
-) -> tuple[Tensor, Tensor]:
-    r"""EDM training noise levels: log-normal sigma with the EDM loss weight.
-
-    Parameters
-    ----------
-    x : Tensor
-        Clean batch ``(B, C, H, W)``; only its batch size, ndim, dtype and device are used.
-    generator : torch.Generator
-        Source of randomness (one normal draw per sample).
-    sigma_data : float
-        Data standard deviation in the loss weight.
-    sigma_min, sigma_max : float
-        Clipping range of sigma.
-    p_mean, p_std : float
-        Mean and standard deviation of :math:`\ln \sigma`.
-
-    Returns
-    -------
-    sigma, loss_weight : Tensor
-        Both ``(B, 1, 1, 1)`` in ``x``'s dtype.
-
-    Notes
-    -----
-    :math:`\ln \sigma \sim \mathcal{N}(P_{mean}, P_{std}^2)`, clipped to ``[sigma_min, sigma_max]``;
-    :math:`\lambda(\sigma) = 1/\sigma^2 + 1/\sigma_d^2` (EDM [1]_, Table 1).
-    """
-    log_sigma = _randn_like_batch(x, generator) * p_std + p_mean
-    sigma = torch.exp(log_sigma).clamp(sigma_min, sigma_max)
-    loss_weight = 1 / sigma**2 + 1 / sigma_data**2
-    return sigma, loss_weight
-
-
-@lru_cache(maxsize=16)
-def _edm_hat_table(
-    sigma_data: float, sigma_min: float, sigma_max: float, p_mean: float, p_std: float
-) -> tuple[Tensor, Tensor]:
-    """SNR bins and per-bin weight corrections of :func:`edm_hat_schedule` (float64, CPU)."""
-    snr_min, snr_max = 1 / sigma_max**2, 1 / sigma_min**2
-    snrs = torch.logspace(math.log10(snr_min), math.log10(snr_max), 10000, dtype=torch.float64)
-    p_snr = torch.exp(-((-torch.log(snrs) - 2 * p_mean) ** 2) / (8 * p_std**2)) / snrs
-    effective = p_snr * (sigma_data**2 * snrs + 1)
-    max_weight, argmax = effective.max(dim=0)
-    corrections = torch.where(snrs < snrs[argmax], max_weight / effective, torch.ones_like(snrs))
-    return snrs, corrections
-
-
-def edm_hat_schedule(
-    x: Tensor,
-    *,
-    generator: torch.Generator,
-    sigma_data: float,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
-    p_mean: float = -1.2,
-    p_std: float = 1.2,
-) -> tuple[Tensor, Tensor]:
-    r"""EDM noise levels with loss weights raised at low SNR (the original's ``edm_hat_schedule``).
-
-    Parameters are those of :func:`edm_schedule`.
-
-    Returns
-    -------
-    sigma, loss_weight : Tensor
-        Both ``(B, 1, 1, 1)`` in ``x``'s dtype.
-
-    Notes
-    -----
-    sigma is drawn as in :func:`edm_schedule`. With :math:`s = 1/\sigma^2` (the SNR), the effective weight
-    of a noise level is :math:`p(s) (\sigma_d^2 s + 1)` with
-    :math:`p(s) = \exp(-(-\ln s - 2 P_{mean})^2 / (8 P_{std}^2)) / s`, tabulated on 10000
-    geometric bins from :math:`1/\sigma_{max}^2` to :math:`1/\sigma_{min}^2`. Below the SNR of the maximal
-    effective weight, the weight is multiplied by (max / effective), flattening the low-SNR side:
-    :math:`\lambda = (\sigma_d^2 s + 1) \cdot \mathrm{corr}[\mathrm{digitize}(s)]`, the bin index clamped
-    to the last bin as JAX's gather does. The table is computed in float64 (the original: float32).
-    Note this weight is :math:`\sigma_d^2` times the EDM weight of :func:`edm_schedule`, as in the original.
-    """
-    sigma = torch.exp(_randn_like_batch(x, generator) * p_std + p_mean).clamp(sigma_min, sigma_max)
-    bins, corrections = _edm_hat_table(float(sigma_data), float(sigma_min), float(sigma_max), p_mean, p_std)
-    snr = 1 / sigma.double() ** 2
-    idx = torch.bucketize(snr.cpu(), bins, right=True).clamp(max=len(bins) - 1)
-    loss_weight = (snr * sigma_data**2 + 1) * corrections[idx].to(snr.device)
-    return sigma, loss_weight.to(x.dtype)
-
-
-def ncsn2_schedule(
-    x: Tensor,
-    *,
-    generator: torch.Generator,
-    sigma_data: float | None = None,
-    sigma_min: float = 0.01,
-    sigma_max: float = 80.0,
-) -> tuple[Tensor, Tensor]:
-    r"""NCSNv2-style log-uniform noise levels with low-discrepancy sampling and ELBO weight.
-
-    Parameters
-    ----------
-    x : Tensor
-        Clean batch ``(B, C, H, W)``; only its batch size, ndim, dtype and device are used.
-    generator : torch.Generator
-        Source of randomness (a single uniform draw for the whole batch).
-    sigma_data : float, optional
-        Ignored; accepted so that every schedule has the same signature.
-    sigma_min, sigma_max : float
-        Range of sigma (note the original's default ``sigma_min`` of 0.01 here).
-
-    Returns
-    -------
-    sigma, loss_weight : Tensor
-        Both ``(B, 1, 1, 1)`` in ``x``'s dtype.
-
-    Notes
-    -----
-    :math:`t_b = (u + b / B) \bmod 1` with one :math:`u \sim U[0, 1)` (low-discrepancy sampling [3]_);
-    :math:`\gamma = 2 \ln\sigma_{min} + t (2 \ln\sigma_{max} - 2 \ln\sigma_{min})`,
-    :math:`\sigma = e^{\gamma/2}`, :math:`\lambda = 1/\sigma^2` [2]_.
-    """
-    del sigma_data
-    batch = x.shape[0]
-    u = torch.rand(1, generator=generator, device=generator.device, dtype=torch.float64).to(x.device)
-    t = (u + torch.arange(batch, dtype=torch.float64, device=x.device) / batch) % 1
-    gamma_min, gamma_max = 2 * math.log(sigma_min), 2 * math.log(sigma_max)
-    gamma = gamma_min + t * (gamma_max - gamma_min)
-    sigma = torch.exp(gamma / 2).reshape((batch,) + (1,) * (x.ndim - 1)).to(x.dtype)
-    loss_weight = 1 / (sigma * sigma)
-    return sigma, loss_weight
-
-
-SCHEDULES: dict[str, Schedule] = {
-    "edm": edm_schedule,
-    "edmhat": edm_hat_schedule,
-    "ncsn2": ncsn2_schedule,
-}
-"""Training schedules by the names the original code uses."""
-
-
-def get_schedule(schedule: str | Schedule) -> Schedule:
-    """Resolve a schedule name (``"edm"``, ``"edmhat"``, ``"ncsn2"``) or pass a callable through.
-
-    Raises
-    ------
-    ConfigError
-        For an unknown name; the message lists the choices.
-    """
-    return resolve_named(schedule, SCHEDULES, "training schedule")
 
 
 def edm_loss(
@@ -356,9 +173,11 @@ def edm_loss(
     generator: torch.Generator,
     sigma_data: float,
     schedule: Literal["edm", "edmhat", "ncsn2"] | Schedule = "edm",
+    weighting: Literal["schedule", "unit"] = "schedule",
+    weight: Tensor | None = None,
     **model_kwargs: Any,
 ) -> Tensor:
-    r"""Weighted denoising loss of one batch.
+    r"""Weighted denoising loss of one batch (the training loss).
 
     Parameters
     ----------
@@ -372,7 +191,12 @@ def edm_loss(
         Passed to the schedule's loss weight. (The original's ``Precond`` left the schedule at its own
         default 0.5 whatever the preconditioner used; pass the value you mean.)
     schedule : {"edm", "edmhat", "ncsn2"} or callable
-        Training noise schedule (see :data:`SCHEDULES` / :class:`Schedule`).
+        Training noise schedule (see :mod:`~napari_ctxseg.core.diffusion.train_schedules`).
+    weighting : {"schedule", "unit"}
+        ``"schedule"``: :math:`\lambda` is the schedule's loss weight; ``"unit"``: :math:`\lambda = 1 /
+        c_{out}^2` (:func:`edm_scalings`), a unit-variance target for the raw network at every sigma.
+    weight : Tensor, optional
+        Per-pixel weights ``w`` broadcastable to ``x_gt`` (e.g. ``(B, 1, H, W)``, 0 on unannotated pixels).
     **model_kwargs
         Passed to the denoiser (e.g. the image).
 
@@ -381,15 +205,43 @@ def edm_loss(
     Tensor
         Scalar loss (differentiable).
 
+    Raises
+    ------
+    ConfigError
+        For an unknown schedule or weighting; the message lists the choices.
+
     Notes
     -----
-    :math:`(\sigma, \lambda) \sim` schedule, :math:`n \sim \mathcal{N}(0, I)`,
-    :math:`L = \mathrm{mean}\left(\tfrac12 \lambda (D(x + \sigma n, \sigma) - x)^2\right)`,
-    the mean over all elements.
+    :math:`(\sigma, \lambda) \sim` schedule, :math:`n \sim \mathcal{N}(0, I)`, :math:`e = \tfrac12
+    \lambda (D(x + \sigma n, \sigma) - x)^2`; without ``weight``, :math:`L = \mathrm{mean}(e)` over all
+    elements, with it :math:`L = \sum w e / \max(1, C \sum w)` (the mean over the weighted pixels of
+    the ``C`` channels).
+
+    Examples
+    --------
+    >>> x = torch.ones(2, 2, 3, 3)
+    >>> zero = lambda x, sigma: torch.zeros_like(x)
+    >>> def fixed(x, *, generator, sigma_data):  # sigma 2, loss weight 4
+    ...     return torch.full((2, 1, 1, 1), 2.0), torch.full((2, 1, 1, 1), 4.0)
+    >>> edm_loss(zero, x, generator=torch.Generator(), sigma_data=1.0, schedule=fixed).item()
+    2.0
+    >>> w = torch.zeros(2, 1, 3, 3)
+    >>> w[0] = 1  # only the first sample counts
+    >>> edm_loss(zero, x, generator=torch.Generator(), sigma_data=1.0, schedule=fixed, weight=w).item()
+    2.0
     """
     schedule_fn = get_schedule(schedule)
+    if weighting not in ("schedule", "unit"):
+        raise ConfigError(f"unknown weighting {weighting!r}; expected 'unit' or 'schedule'")
     sigma, loss_weight = schedule_fn(x_gt, generator=generator, sigma_data=sigma_data)
+    if weighting == "unit":
+        _, c_out, _, _ = edm_scalings(sigma, sigma_data)
+        loss_weight = 1.0 / c_out**2
     noise = torch.randn(x_gt.shape, generator=generator, device=generator.device, dtype=x_gt.dtype)
     noise = noise.to(x_gt.device)
     denoised = denoiser(x_gt + sigma * noise, sigma, **model_kwargs)
-    return (0.5 * loss_weight * (denoised - x_gt) ** 2).mean()
+    if weight is None:
+        return (0.5 * loss_weight * (denoised - x_gt) ** 2).mean()
+    return (0.5 * loss_weight * weight * (denoised - x_gt) ** 2).sum() / (
+        weight.sum() * x_gt.shape[1]
+    ).clamp_min(1.0)

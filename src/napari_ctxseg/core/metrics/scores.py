@@ -24,84 +24,12 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import connected_components
 
 from ..errors import InputError
-from ..flows.postprocess import as_labels
+from .overlap import Overlap, best_partner, overlap
 
 __all__ = ["LabelMetrics", "MatchScores", "ObjectMatches", "matching_scores", "per_object_iou", "pool_scores"]
 
-
-# --------------------------------------------------------------------------------------------------
-# overlaps
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Overlap:
-    """Objects of a (pred, gt) pair and their non-zero intersections (sparse)."""
-
-    pred_ids: np.ndarray  # original labels, increasing
-    gt_ids: np.ndarray
-    pred_areas: np.ndarray  # pixels per object, in the order of the ids
-    gt_areas: np.ndarray
-    pairs_pred: np.ndarray  # index into pred_ids of each intersecting pair
-    pairs_gt: np.ndarray
-    pairs_inter: np.ndarray  # intersection (pixels)
-
-    @property
-    def pairs_iou(self) -> np.ndarray:
-        union = self.pred_areas[self.pairs_pred] + self.gt_areas[self.pairs_gt] - self.pairs_inter
-        return self.pairs_inter / union
-
-
-def _check_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    pred, gt = as_labels(pred, None, "pred"), as_labels(gt, None, "gt")
-    if pred.shape != gt.shape:
-        raise InputError(f"pred and gt must have the same shape, got {pred.shape} and {gt.shape}")
-    return pred, gt
-
-
-def _overlap(pred: np.ndarray, gt: np.ndarray) -> _Overlap:
-    """Areas and intersections of every object pair (objects are numbered in increasing label order)."""
-    pred, gt = _check_pair(pred, gt)
-    p, g = pred.ravel(), gt.ravel()
-    pred_ids, p_idx = np.unique(p, return_inverse=True)
-    gt_ids, g_idx = np.unique(g, return_inverse=True)
-    p_fg = pred_ids != 0
-    g_fg = gt_ids != 0
-    # shift indices so that 0 (background) becomes -1 and objects 0..n-1
-    p_idx = p_idx.ravel() - int(not p_fg.all())
-    g_idx = g_idx.ravel() - int(not g_fg.all())
-    n_pred, n_gt = int(p_fg.sum()), int(g_fg.sum())
-    pred_areas = np.bincount(p_idx[p_idx >= 0], minlength=n_pred).astype(np.float64)
-    gt_areas = np.bincount(g_idx[g_idx >= 0], minlength=n_gt).astype(np.float64)
-    both = (p_idx >= 0) & (g_idx >= 0)
-    key = p_idx[both].astype(np.int64) * max(n_gt, 1) + g_idx[both]
-    keys, inter = np.unique(key, return_counts=True)
-    return _Overlap(
-        pred_ids=pred_ids[p_fg],
-        gt_ids=gt_ids[g_fg],
-        pred_areas=pred_areas,
-        gt_areas=gt_areas,
-        pairs_pred=keys // max(n_gt, 1),
-        pairs_gt=keys % max(n_gt, 1),
-        pairs_inter=inter.astype(np.float64),
-    )
-
-
-def _best_match(
-    rows: np.ndarray, cols: np.ndarray, values: np.ndarray, n_rows: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: the largest value and its column (smallest column on ties; 0 and column 0 if none)."""
-    best = np.zeros(n_rows)
-    match = np.zeros(n_rows, dtype=np.int64)
-    if rows.size:
-        order = np.lexsort((cols, -values, rows))  # by row, then value descending, then column
-        first = np.ones(order.size, dtype=bool)
-        first[1:] = rows[order][1:] != rows[order][:-1]
-        chosen = order[first]
-        best[rows[chosen]] = values[chosen]
-        match[rows[chosen]] = cols[chosen]
-    return best, match
-
+#: How errors name the two label images.
+_NAMES = ("pred", "gt")
 
 # --------------------------------------------------------------------------------------------------
 # the original's metrics
@@ -149,19 +77,19 @@ class LabelMetrics:
         InputError
             If the shapes differ or the labels are not non-negative integers.
         """
-        ov = _overlap(pred_mask, gt_mask)
-        n_pred, n_gt = ov.pred_areas.size, ov.gt_areas.size
-        pred_best, pred_match = _best_match(ov.pairs_pred, ov.pairs_gt, ov.pairs_inter, n_pred)
-        gt_best, gt_match = _best_match(ov.pairs_gt, ov.pairs_pred, ov.pairs_inter, n_gt)
+        ov = overlap(pred_mask, gt_mask, _NAMES)
+        n_pred, n_gt = ov.a_areas.size, ov.b_areas.size
+        pred_best, pred_match = best_partner(ov.pairs_a, ov.pairs_b, ov.pairs_inter, n_pred)
+        gt_best, gt_match = best_partner(ov.pairs_b, ov.pairs_a, ov.pairs_inter, n_gt)
         if n_gt > 0:
-            matched_gt = ov.gt_areas[pred_match]
-            pred_dice = pred_best * 2 / (ov.pred_areas + matched_gt)
-            pred_iou = pred_best / (ov.pred_areas + matched_gt - pred_best)
+            matched_gt = ov.b_areas[pred_match]
+            pred_dice = pred_best * 2 / (ov.a_areas + matched_gt)
+            pred_iou = pred_best / (ov.a_areas + matched_gt - pred_best)
         else:
             pred_dice, pred_iou = np.zeros(n_pred), np.zeros(n_pred)
-        gt_dice = gt_best * 2 / (ov.gt_areas + ov.pred_areas[gt_match]) if n_pred > 0 else np.zeros(n_gt)
-        self.pred_areas.append(ov.pred_areas)
-        self.gt_areas.append(ov.gt_areas)
+        gt_dice = gt_best * 2 / (ov.b_areas + ov.a_areas[gt_match]) if n_pred > 0 else np.zeros(n_gt)
+        self.pred_areas.append(ov.a_areas)
+        self.gt_areas.append(ov.b_areas)
         self.pred_scores.append(pred_dice)
         self.gt_scores.append(gt_dice)
         self.ious.append(pred_iou)
@@ -280,7 +208,7 @@ class MatchScores:
         return {k: getattr(self, k) for k in keys}
 
 
-def _assign(ov: _Overlap, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def _assign(ov: Overlap, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """One-to-one matching maximising the number of pairs with IoU >= threshold (then their total IoU).
 
     Returns the matched (pred index, gt index) arrays. Solved per connected component of the graph of
@@ -289,8 +217,8 @@ def _assign(ov: _Overlap, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """
     iou = ov.pairs_iou
     ok = iou >= threshold if threshold > 0 else iou > 0
-    rows, cols, vals = ov.pairs_pred[ok], ov.pairs_gt[ok], iou[ok]
-    n_pred, n_gt = ov.pred_areas.size, ov.gt_areas.size
+    rows, cols, vals = ov.pairs_a[ok], ov.pairs_b[ok], iou[ok]
+    n_pred, n_gt = ov.a_areas.size, ov.b_areas.size
     if rows.size == 0:
         return rows, cols
     graph = sp.coo_matrix((np.ones(rows.size), (rows, cols + n_pred)), shape=(n_pred + n_gt,) * 2)
@@ -330,6 +258,12 @@ def matching_scores(
         Per threshold: ``tp, fp, fn`` and the properties ``precision, recall, f1 = 2TP/(2TP+FP+FN),
         ap = TP/(TP+FP+FN)``. Pool several images with :func:`pool_scores`.
 
+    Notes
+    -----
+    The match rule is IoU ``>=`` threshold (an exact tie matches), the convention of the cellpose and
+    StarDist evaluations and of the original's ``LabelMetrics``, so scores compare with theirs. At 0.5 two
+    pairs can tie (an object covering exactly two halves); the one-to-one assignment still counts one.
+
     Raises
     ------
     InputError
@@ -341,12 +275,12 @@ def matching_scores(
     >>> s[0.5].tp, s[0.5].fp, s[0.5].fn, s[0.5].f1
     (1, 1, 0, 0.6666666666666666)
     """
-    ov = _overlap(pred, gt)
+    ov = overlap(pred, gt, _NAMES)
     out = {}
     for t in thresholds:
         rows, _ = _assign(ov, float(t))
         tp = int(rows.size)
-        out[float(t)] = MatchScores(float(t), tp, ov.pred_areas.size - tp, ov.gt_areas.size - tp)
+        out[float(t)] = MatchScores(float(t), tp, ov.a_areas.size - tp, ov.b_areas.size - tp)
     return out
 
 
@@ -427,23 +361,23 @@ def per_object_iou(pred: np.ndarray, gt: np.ndarray, threshold: float = 0.5) -> 
     InputError
         If the shapes differ or the labels are not non-negative integers.
     """
-    ov = _overlap(pred, gt)
-    n_pred = ov.pred_areas.size
+    ov = overlap(pred, gt, _NAMES)
+    n_pred = ov.a_areas.size
     iou = ov.pairs_iou
-    best, best_idx = _best_match(ov.pairs_pred, ov.pairs_gt, iou, n_pred)
-    gt_ids = np.concatenate([ov.gt_ids, [0]]).astype(ov.gt_ids.dtype if ov.gt_ids.size else np.int64)
+    best, best_idx = best_partner(ov.pairs_a, ov.pairs_b, iou, n_pred)
+    gt_ids = np.concatenate([ov.b_ids, [0]]).astype(ov.b_ids.dtype if ov.b_ids.size else np.int64)
     best_idx = np.where(best > 0, best_idx, -1)
     rows, cols = _assign(ov, float(threshold))
     matched = np.full(n_pred, -1, dtype=np.int64)
     matched[rows] = cols
-    unmatched_gt = np.ones(ov.gt_areas.size, dtype=bool)
+    unmatched_gt = np.ones(ov.b_areas.size, dtype=bool)
     unmatched_gt[cols] = False
     return ObjectMatches(
         threshold=float(threshold),
-        pred_labels=ov.pred_ids,
+        pred_labels=ov.a_ids,
         best_iou=best,
         best_gt=gt_ids[best_idx],
         matched_gt=gt_ids[matched],
         is_tp=matched >= 0,
-        fn_labels=ov.gt_ids[unmatched_gt],
+        fn_labels=ov.b_ids[unmatched_gt],
     )

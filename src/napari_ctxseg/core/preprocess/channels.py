@@ -2,7 +2,7 @@
 
 The rule (one for the widget, the CLI and the API): the *channel to segment* (cytoplasm, membrane or the
 nuclei themselves) and an optional *nuclear channel* are taken from the image's channel axis and put
-channels-last, in that order. :func:`~napari_ctxseg.core.train.data.model_input` then makes the
+channels-last, in that order. :func:`~napari_ctxseg.core.preprocess.normalize.model_input` then makes the
 model's 3 input channels:
 
 - one channel ``c``: ``(c, c, c)``, a grey image (the grey images the bundled model was trained on are

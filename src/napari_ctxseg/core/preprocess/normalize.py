@@ -1,4 +1,4 @@
-"""Image preparation: intensity normalisation, channel padding and centre crop.
+"""Image preparation: intensity normalisation, channel padding, centre crop and the model input.
 
 ``pad_channel`` and ``center_crop`` follow the original ctxseg ``segmentation/utils.py`` and
 ``scripts/inference.py`` (``shared/parity/README.md`` items 24-25). Layouts are numpy, channels last:
@@ -16,6 +16,7 @@ __all__ = [
     "LOW_PERCENTILE",
     "center_crop",
     "intensity_limits",
+    "model_input",
     "normalize_image",
     "pad_channel",
 ]
@@ -183,6 +184,57 @@ def pad_channel(image: np.ndarray) -> np.ndarray:
     if channels == 2:
         return np.concatenate([image, np.zeros_like(image[..., :1])], axis=-1)
     return image
+
+
+def model_input(
+    image: np.ndarray, channels: int = 3, *, limits: tuple[float, float] | None = None
+) -> np.ndarray:
+    """Numpy image (H, W) or (H, W, C) -> normalised float32 (channels, H, W): the one layout change.
+
+    Grey images are repeated to 3 channels and 2-channel images padded with a zero channel, as the
+    original's ``pad_channel``; more than ``channels`` channels raise :class:`InputError`. ``limits``:
+    the intensities mapped to 0 and 1 (default: the image's own percentiles; see
+    :func:`normalize_image`).
+
+    Parameters
+    ----------
+    image : np.ndarray
+        ``(H, W)`` or ``(H, W, C)`` intensities, channels last.
+    channels : int
+        Channels of the model input.
+    limits : tuple of float, optional
+        Intensities mapped to 0 and 1.
+
+    Returns
+    -------
+    np.ndarray
+        float32 ``(channels, H, W)``, C-contiguous.
+
+    Raises
+    ------
+    InputError
+        For another number of dimensions, too many channels, or values :func:`normalize_image` refuses.
+
+    Examples
+    --------
+    >>> x = model_input(np.array([[0.0, 1.0], [2.0, 4.0]]), limits=(0.0, 4.0))
+    >>> x.shape, x.dtype, x[:, 1, 1].tolist()
+    ((3, 2, 2), dtype('float32'), [1.0, 1.0, 1.0])
+    """
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3:
+        raise InputError(f"expected a 2D image (H, W) or (H, W, C), got shape {image.shape}")
+    c = image.shape[-1]
+    if c > channels:
+        raise InputError(f"image has {c} channels; expected at most {channels} (H, W, C) with C last")
+    norm = normalize_image(image, limits=limits)  # refuses complex values (a cast would drop them)
+    if c == 1:
+        norm = np.repeat(norm, channels, axis=-1)
+    elif c < channels:
+        norm = np.concatenate([norm, np.zeros(norm.shape[:2] + (channels - c,), np.float32)], axis=-1)
+    return np.ascontiguousarray(norm.transpose(2, 0, 1), dtype=np.float32)
 
 
 def center_crop(

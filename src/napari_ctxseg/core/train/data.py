@@ -1,30 +1,30 @@
-"""Training data: annotated images, random crops with augmentation, and context pairs.
+"""Training data: random crops of annotated images with augmentation, context pairs, batch streams.
 
-Layouts: an :class:`AnnotatedImage` keeps the image as float32 (C, H, W) (normalised exactly as at
-inference by :func:`model_input`), labels (H, W), flows (2, H, W) channels (dy, dx) and an optional region
-(H, W) bool marking where the annotation is complete. Batches are NCHW torch tensors.
+:class:`CropSampler` draws square crops of :class:`~napari_ctxseg.core.train.annotated.AnnotatedImage`
+objects (and context crops) into :class:`~napari_ctxseg.core.train.batch.Batch` objects;
+:class:`BatchStream` streams them to DataLoader workers. The training data types are importable from here
+too (this module is the one import of the training data API).
 
-Flows are computed once per image (:func:`mask_to_flow`) and transformed with the crop: rescaling resizes
-them bilinearly and renormalises them to unit length inside objects, flips negate a component, transposes
-swap the components. Pixels outside the region carry no loss (partial annotations are not taught as
-background).
+Flows are transformed with the crop: rescaling resizes them bilinearly and renormalises them to unit length
+inside objects, flips negate a component, transposes swap the components. Pixels outside the region carry
+no loss (partial annotations are not taught as background).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import binary_dilation, find_objects, gaussian_filter
 
 from ..errors import ConfigError, InputError
-from ..flows.from_masks import flip_flow, flip_spatial, mask_to_flow
+from ..flows.from_masks import flip_flow, flip_spatial
 from ..flows.postprocess import median_diameter
-from ..preprocess.normalize import normalize_image
+from .annotated import AnnotatedImage, acquisition_key, annotate
+from .augment import AugmentConfig, dim_objects, intensity, partial_region
+from .batch import Batch
 
 #: how :class:`CropSampler` weights images when drawing crops (see its ``image_sampling``)
 IMAGE_SAMPLING = ("sqrt-area", "area")
@@ -39,7 +39,6 @@ __all__ = [
     "acquisition_key",
     "annotate",
     "check_image_sampling",
-    "model_input",
 ]
 
 
@@ -48,237 +47,6 @@ def check_image_sampling(value: str) -> str:
     if value not in IMAGE_SAMPLING:
         raise ConfigError(f"unknown image_sampling {value!r}; expected one of {IMAGE_SAMPLING}")
     return value
-
-
-def model_input(
-    image: np.ndarray, channels: int = 3, *, limits: tuple[float, float] | None = None
-) -> np.ndarray:
-    """Numpy image (H, W) or (H, W, C) -> normalised float32 (channels, H, W): the one layout change.
-
-    Grey images are repeated to 3 channels and 2-channel images padded with a zero channel, as the
-    original's ``pad_channel``; more than ``channels`` channels raise :class:`InputError`. ``limits``:
-    the intensities mapped to 0 and 1 (default: the image's own percentiles; see
-    :func:`~napari_ctxseg.core.preprocess.normalize.normalize_image`).
-    """
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.ndim != 3:
-        raise InputError(f"expected a 2D image (H, W) or (H, W, C), got shape {image.shape}")
-    c = image.shape[-1]
-    if c > channels:
-        raise InputError(f"image has {c} channels; expected at most {channels} (H, W, C) with C last")
-    norm = normalize_image(image, limits=limits)  # refuses complex values (a cast would drop them)
-    if c == 1:
-        norm = np.repeat(norm, channels, axis=-1)
-    elif c < channels:
-        norm = np.concatenate([norm, np.zeros(norm.shape[:2] + (channels - c,), np.float32)], axis=-1)
-    return np.ascontiguousarray(norm.transpose(2, 0, 1), dtype=np.float32)
-
-
-@dataclass
-class AnnotatedImage:
-    """One training image with its labels, flows and optional complete-annotation region."""
-
-    image: np.ndarray  # (C, H, W) float32, normalised
-    labels: np.ndarray  # (H, W) int32
-    flow: np.ndarray  # (2, H, W) float32
-    region: np.ndarray | None = None  # (H, W) bool; None = complete everywhere
-    name: str = ""
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(H, W) of the image."""
-        return self.labels.shape
-
-
-def annotate(
-    image: np.ndarray, labels: np.ndarray, region: np.ndarray | None = None, *, name: str = ""
-) -> AnnotatedImage:
-    """Validate an (image, labels[, region]) pair and compute its flows once.
-
-    Raises
-    ------
-    InputError
-        Shapes differ, labels are not integers, or (with a region) no object lies in it.
-    """
-    labels = np.asarray(labels)
-    if labels.ndim != 2:
-        raise InputError(f"{name or 'labels'}: expected 2D labels (H, W), got shape {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise InputError(f"{name or 'labels'}: expected integer labels, got dtype {labels.dtype}")
-    img = model_input(image)
-    if img.shape[1:] != labels.shape:
-        raise InputError(
-            f"{name or 'image'}: image shape {np.asarray(image).shape} does not match labels "
-            f"shape {labels.shape}"
-        )
-    if region is not None:
-        region = np.asarray(region).astype(bool)
-        if region.shape != labels.shape:
-            raise InputError(
-                f"{name or 'region'}: region shape {region.shape} does not match labels shape {labels.shape}"
-            )
-        if not region.any():
-            raise InputError(
-                f"{name or 'region'}: the region mask is empty; mark where the annotation is complete"
-            )
-    labels = labels.astype(np.int32)
-    return AnnotatedImage(img, labels, mask_to_flow(labels).astype(np.float32), region, name)
-
-
-def acquisition_key(image: AnnotatedImage) -> tuple[int, ...]:
-    """A proxy for "same acquisition" when a data set has no such metadata: (height, width, grey or colour).
-
-    In DSB 2018 the images of one experiment share their size and modality, so images with equal keys
-    serve as context references for each other (:class:`CropSampler` ``groups``).
-    """
-    c = image.image
-    grey = bool(np.array_equal(c[0], c[1]) and np.array_equal(c[1], c[2])) if c.shape[0] >= 3 else True
-    return (*image.shape, int(grey))
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Random augmentation of training crops.
-
-    Parameters
-    ----------
-    scale_range
-        Log-uniform rescale factor range (object diameters of DSB nuclei, ~10-40 px, then cover ~5-80 px).
-    flips
-        Random flips and transposes (the 8 symmetries of the square).
-    intensity
-        Random gamma, contrast, offset, noise and (RGB) channel order.
-    invert_prob
-        Probability of inverting intensities (bright-field vs fluorescence look).
-    blur_prob, blur_sigma
-        Probability of a Gaussian blur of the crop (out-of-focus and dim, densely packed nuclei), with a
-        standard deviation drawn uniformly from ``blur_sigma`` (pixels of the crop). It comes before gamma,
-        contrast and noise, so added noise stays sharp, as a camera's would. The default 0 draws nothing,
-        so runs without it are reproduced exactly.
-    dim_prob, dim_factor
-        Probability that a crop has some of its objects dimmed: each object, with probability 1/2, and the
-        background within 2 px of it have their contrast to the median of the background 3-6 px around
-        it multiplied by a factor drawn uniformly from ``dim_factor``. The labels and flows are
-        unchanged, so the model learns to find faint nuclei among bright ones (which a global gamma or
-        contrast change does not teach). Before the blur. The default 0 draws nothing.
-    target_diameter
-        ``None``: ``scale_range`` applies to the images as they are. A number of pixels: each image is
-        first rescaled so that the median diameter of its objects becomes this (as ``diameter="auto"``
-        does at inference), and ``scale_range`` jitters around that.
-    """
-
-    scale_range: tuple[float, float] = (0.5, 2.0)
-    flips: bool = True
-    intensity: bool = True
-    invert_prob: float = 0.1
-    target_diameter: float | None = None
-    blur_prob: float = 0.0
-    blur_sigma: tuple[float, float] = (0.5, 2.0)
-    dim_prob: float = 0.0
-    dim_factor: tuple[float, float] = (0.1, 0.5)
-
-    def __post_init__(self) -> None:
-        lo, hi = self.scale_range
-        if not 0.0 < lo <= hi:
-            raise ConfigError(f"scale_range must be a range 0 < low <= high, got {self.scale_range}")
-        if not 0.0 <= self.blur_prob <= 1.0:
-            raise ConfigError(f"blur_prob must be within [0, 1], got {self.blur_prob}")
-        if not 0.0 <= self.dim_prob <= 1.0:
-            raise ConfigError(f"dim_prob must be within [0, 1], got {self.dim_prob}")
-        lo, hi = self.dim_factor
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ConfigError(f"dim_factor must be a range 0 <= low <= high <= 1, got {self.dim_factor}")
-        lo, hi = self.blur_sigma
-        if not 0.0 < lo <= hi:
-            raise ConfigError(f"blur_sigma must be a range 0 < low <= high, got {self.blur_sigma}")
-
-    @classmethod
-    def none(cls) -> AugmentConfig:
-        """No augmentation: scale 1, no flips, no intensity changes."""
-        return cls(scale_range=(1.0, 1.0), flips=False, intensity=False, invert_prob=0.0)
-
-
-@dataclass
-class Batch:
-    """A training batch (NCHW). ``weight`` is 1 where the loss applies (inside the complete region)."""
-
-    image: torch.Tensor  # (B, C, S, S)
-    flow: torch.Tensor  # (B, 2, S, S)
-    weight: torch.Tensor  # (B, 1, S, S)
-    ref_image: torch.Tensor | None = None
-    ref_flow: torch.Tensor | None = None
-    ref_mask: torch.Tensor | None = None  # (B, S, S) bool
-    context_weight: torch.Tensor | None = None  # (B,) 1 = use context, 0 = none
-    names: list[str] = field(default_factory=list)
-    #: packed batches only (:meth:`packed`): the rows of the batch that the ``ref_*`` tensors hold
-    ref_rows: torch.Tensor | None = None
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        """A copy on ``device``."""
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> Batch:
-        """A copy in page-locked memory (called by a DataLoader with ``pin_memory=True``)."""
-        return self._map(lambda t: t.pin_memory())
-
-    def packed(self) -> Batch:
-        """A smaller copy for handing over between processes and to the GPU; :meth:`unpacked` undoes it.
-
-        Floating-point tensors become float16 (images and flows are O(1), so this rounds them by at most
-        about 5e-4 of their value; ``weight`` of 0 / 1 stays exact) and the references keep only the rows
-        whose ``context_weight`` is non-zero (the others are all-zero and never encoded). With most samples
-        trained without a context (``p_no_context`` 0.8) a batch shrinks about 3x.
-        """
-        out = self._map(lambda t: t.half() if t.is_floating_point() and t.dim() > 1 else t)
-        if self.ref_image is not None and self.context_weight is not None and self.ref_rows is None:
-            rows = torch.nonzero(self.context_weight != 0).flatten()
-            out.ref_rows = rows
-            out.ref_image, out.ref_flow, out.ref_mask = (
-                None if t is None else t.index_select(0, rows)
-                for t in (out.ref_image, out.ref_flow, out.ref_mask)
-            )
-        return out
-
-    def unpacked(self, dtype: torch.dtype = torch.float32) -> Batch:
-        """The full batch again (on the same device): ``dtype`` floats and a reference row per sample.
-
-        A batch that was not packed comes back with its floating-point tensors in ``dtype``.
-        """
-        out = self._map(lambda t: t.to(dtype) if t.is_floating_point() and t.dim() > 1 else t)
-        if self.ref_rows is not None:
-            rows, n = self.ref_rows.to(self.image.device), self.image.shape[0]
-
-            def scatter(t: torch.Tensor | None) -> torch.Tensor | None:
-                if t is None:
-                    return None
-                full = t.new_zeros((n, *t.shape[1:]))
-                return full.index_copy_(0, rows, t)
-
-            out.ref_image, out.ref_flow, out.ref_mask = (
-                scatter(out.ref_image),
-                scatter(out.ref_flow),
-                scatter(out.ref_mask),
-            )
-            out.ref_rows = None
-        return out
-
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
-        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else fn(t)
-
-        return Batch(
-            fn(self.image),
-            fn(self.flow),
-            fn(self.weight),
-            mv(self.ref_image),
-            mv(self.ref_flow),
-            mv(self.ref_mask),
-            mv(self.context_weight),
-            self.names,
-            mv(self.ref_rows),
-        )
 
 
 def _renormalise(flow: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
@@ -440,66 +208,6 @@ class CropSampler:
         flips = tuple(bool(b) for b in self.rng.integers(0, 2, 3)) if self.augment.flips else (False,) * 3
         return scale, flips  # type: ignore[return-value]
 
-    # ---- intensity --------------------------------------------------------------------------------
-    def _dim_objects(self, image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Lower the contrast of a random half of the objects (``AugmentConfig.dim_prob``)."""
-        a = self.augment
-        if not a.dim_prob or self.rng.random() >= a.dim_prob:
-            return image
-        lab = labels.numpy()
-        boxes = find_objects(lab)  # ascending label ids: box k - 1 of object k, None where absent
-        ids = np.array([k + 1 for k, box in enumerate(boxes) if box is not None], dtype=np.int64)
-        if len(ids) == 0 or lab.all():  # no object, or no background to dim towards
-            return image
-        chosen = ids[self.rng.random(len(ids)) < 0.5]
-        lo, hi = a.dim_factor
-        factors = self.rng.uniform(lo, hi, len(chosen))
-        out = image.clone()
-        for k, f in zip(chosen.tolist(), factors):
-            # the object and the background within 2 px of it (annotations end inside the visible
-            # rim of a nucleus), pulled towards the median of the background 3-6 px around it
-            sl = tuple(slice(max(0, b.start - 6), b.stop + 6) for b in boxes[k - 1])
-            obj, bg = lab[sl] == k, lab[sl] == 0
-            near = binary_dilation(obj, iterations=2)
-            ring = binary_dilation(obj, iterations=6) & ~near & bg
-            if not ring.any():
-                continue
-            region = torch.from_numpy(obj | (near & bg))
-            window = out[(slice(None), *sl)]
-            level = window[:, torch.from_numpy(ring)].median(dim=1).values.view(-1, 1)
-            window[:, region] = level + float(f) * (window[:, region] - level)
-        return out
-
-    def _intensity(self, image: torch.Tensor) -> torch.Tensor:
-        a = self.augment
-        if a.invert_prob and self.rng.random() < a.invert_prob:
-            image = 1.0 - image
-        if a.blur_prob and self.rng.random() < a.blur_prob:
-            sigma = float(self.rng.uniform(*a.blur_sigma))
-            blurred = gaussian_filter(image.numpy(), sigma=(0.0, sigma, sigma), mode="reflect")
-            image = torch.from_numpy(blurred)
-        if not a.intensity:
-            return image
-        if image.shape[0] == 3 and not torch.equal(image[0], image[1]) and self.rng.random() < 0.5:
-            image = image[torch.from_numpy(self.rng.permutation(3))]
-        gamma = float(np.exp(self.rng.uniform(-0.4, 0.4)))
-        image = image.clamp_min(0).pow(gamma)
-        image = image * float(self.rng.uniform(0.7, 1.3)) + float(self.rng.uniform(-0.1, 0.1))
-        if self.rng.random() < 0.3:
-            noise = torch.from_numpy(self.rng.standard_normal(image.shape[1:]).astype(np.float32))
-            image = image + float(self.rng.uniform(0.0, 0.08)) * noise
-        return image
-
-    def _partial_region(self, labels: torch.Tensor) -> torch.Tensor:
-        """A random union of rectangles (at least one object inside) marking the annotated part."""
-        s = labels.shape[-1]
-        region = torch.zeros_like(labels, dtype=torch.bool)
-        for _ in range(int(self.rng.integers(1, 4))):
-            hh, ww = (int(v) for v in self.rng.integers(s // 4, s + 1, 2))
-            y, x = int(self.rng.integers(0, s - hh + 1)), int(self.rng.integers(0, s - ww + 1))
-            region[y : y + hh, x : x + ww] = True
-        return region
-
     def _subset(
         self, index: int, labels: torch.Tensor, large: bool, threshold: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -532,7 +240,7 @@ class CropSampler:
             im = self.images[index]
             scale, flips = self._geometry(index)
             image, flow, labels, region = self._crop(im, scale, flips)
-            imgs.append(self._intensity(self._dim_objects(image, labels)))
+            imgs.append(intensity(dim_objects(image, labels, self.augment, self.rng), self.augment, self.rng))
             flows.append(flow)
             weights.append(region[None].float())
             names.append(im.name)
@@ -551,7 +259,7 @@ class CropSampler:
                 ref = self.images[ref_index]
                 r_image, r_flow, r_labels, r_region = self._crop(ref, scale, self._geometry(index)[1])
                 if self.rng.random() < self.partial_prob:
-                    r_region = r_region & self._partial_region(r_labels)
+                    r_region = r_region & partial_region(r_labels, self.rng)
                 threshold = self._median_area[index]
                 if self.p_subset and self.rng.random() < self.p_subset and threshold > 0:
                     large = bool(self.rng.integers(2))
@@ -561,7 +269,7 @@ class CropSampler:
                     r_keep, r_ambiguous = self._subset(ref_index, r_labels, large, threshold)
                     r_flow = r_flow * r_keep[None]
                     r_region = r_region & ~r_ambiguous
-                r_imgs.append(self._intensity(r_image))
+                r_imgs.append(intensity(r_image, self.augment, self.rng))
                 r_flows.append(torch.where(r_region[None], r_flow, torch.zeros_like(r_flow)))
                 r_masks.append(r_region)
                 cw.append(1.0)
