@@ -160,11 +160,15 @@ def read_flax_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Fla
 def read_flax_params(path: str | os.PathLike, *, trust: bool = False) -> dict[str, np.ndarray]:
     """Flat ``{dotted nnx path: float32 array}`` of an original checkpoint (see :func:`read_flax_checkpoint`).
 
+    A pickle (``read_flax_params("ema_optimizer.pkl", trust=True)``) is read the same way, once trusted.
+
     Examples
     --------
-    >>> params = read_flax_params("ctxsegp.params.npz")                       # doctest: +SKIP
-    >>> params = read_flax_params("ema_optimizer.pkl", trust=True)           # doctest: +SKIP
-    >>> params["x_encoder.layers.0.down.kernel"].shape                       # doctest: +SKIP
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> path = Path(tempfile.mkdtemp()) / "params.npz"
+    >>> np.savez(path, **{"x_encoder.layers.0.down.kernel": np.zeros((4, 4, 3, 128), np.float32)})
+    >>> read_flax_params(path)["x_encoder.layers.0.down.kernel"].shape
     (4, 4, 3, 128)
     """
     return read_flax_checkpoint(path, trust=trust).params
