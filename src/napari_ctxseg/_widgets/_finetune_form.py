@@ -63,6 +63,7 @@ class FinetuneForm(RunDock):
             run_text="Train",
             cancel_text="Cancelling (saving the best weights)...",
             notify="ctxseg fine-tune",
+            labels=False,
         )
         self.pair_rows: list[PairRow] = []
         self._output_auto = True
@@ -120,6 +121,7 @@ class FinetuneForm(RunDock):
                 combo.value = combo.choices[idx]
         self.pair_rows.append(entry)
         self._pairs.append(row)
+        tidy(row, chars=8)  # three drop-downs a row: let them shrink
 
     def _remove_pair(self, entry: PairRow) -> None:
         if len(self.pair_rows) > 1 and entry in self.pair_rows:
