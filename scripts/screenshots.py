@@ -1,15 +1,18 @@
-"""Screenshots of the Segment and Evaluate dock widgets on the sample data, for docs/widgets.md.
+"""Screenshots of the Segment, Evaluate and Fine-tune dock widgets on the sample data, for docs/widgets.md.
 
 Run under a virtual display (it drives a real napari window)::
 
     xvfb-run -a python scripts/screenshots.py --checkpoint runs/default.safetensors
 
-``--checkpoint default`` uses the bundled model. The PNGs go to ``docs/images/``.
+``--checkpoint default`` uses the bundled model. The PNGs go to ``docs/images/``. The Fine-tune dock is
+shown after a short fine-tune of the model on the *context* sample (``--finetune-minutes``), written to a
+temporary folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=2, help="diffusion samples")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the run")
+    parser.add_argument("--finetune-minutes", type=float, default=0.5, help="time budget of the fine-tune")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     qt_main_window.SHOW_QT_WARNING = False  # no "PyQt5 is deprecated" toast over the canvas
 
     viewer = napari.Viewer(title="napari-ctxseg")
-    viewer.window.resize(1800, 1150)
+    viewer.window.resize(1600, 1000)
     viewer.open_sample("napari-ctxseg", "context")
     for name in ("context image", "context labels"):
         viewer.layers[name].visible = False
@@ -83,12 +87,14 @@ def main(argv: list[str] | None = None) -> None:
     labels.contour = 0
     labels.opacity = 0.5
     _settle()
+    canvas, window = viewer.window._qt_viewer.canvas.native, viewer.window._qt_window
+    print(f"Segment docked: canvas {canvas.width()} px of a {window.width()} x {window.height()} px window")
     viewer.screenshot(path=str(args.out / "segment_widget.png"), canvas_only=False, flash=False)
     _grab_top(seg.native, args.out / "segment_dock.png")
 
     viewer.window.remove_dock_widget(seg_dock)  # room for the Evaluate dock and the table
     viewer.add_labels(read_sample("nuclei_labels"), name="nuclei ground truth", visible=False)
-    _, ev = viewer.window.add_plugin_dock_widget("napari-ctxseg", "Evaluate")
+    ev_dock, ev = viewer.window.add_plugin_dock_widget("napari-ctxseg", "Evaluate")
     ev.prediction.value, ev.ground_truth.value = labels, viewer.layers["nuclei ground truth"]
     ev.evaluate_button.native.click()
     for layer in viewer.layers:
@@ -96,6 +102,25 @@ def main(argv: list[str] | None = None) -> None:
     _settle()
     viewer.screenshot(path=str(args.out / "evaluate_widget.png"), canvas_only=False, flash=False)
     _grab_top(ev.native, args.out / "evaluate_dock.png")
+
+    viewer.window.remove_dock_widget(ev_dock)
+    for layer in viewer.layers:
+        layer.visible = layer.name in ("context image", "context labels")
+    _, ft = viewer.window.add_plugin_dock_widget("napari-ctxseg", "Fine-tune")
+    image_combo, labels_combo, _, _ = ft.pair_rows[0]
+    image_combo.value, labels_combo.value = viewer.layers["context image"], viewer.layers["context labels"]
+    ft.base.native.setCurrentText(args.checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        ft.output.value, ft._output_auto = str(Path(tmp) / "finetuned.safetensors"), False
+        ft.steps.value, ft.budget.value = 100_000, args.finetune_minutes
+        ft.crop_size.value, ft.batch_size.value, ft.val_fraction.value = 128, 2, 0.2
+        ft.device.value, ft.threads.value = "cpu", args.threads
+        ft.run_button.native.click()
+        _wait(lambda: not ft.busy, args.timeout)
+        if ft.error.value:
+            raise SystemExit(f"the fine-tune failed: {ft.error.value}")
+        _settle()
+        _grab_top(ft.native, args.out / "finetune_dock.png")
     print(f"wrote {sorted(p.name for p in args.out.glob('*.png'))} to {args.out}")
     viewer.close()
 

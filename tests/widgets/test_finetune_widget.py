@@ -45,16 +45,16 @@ def widget(make_napari_viewer, qtbot, tiny_base: Path, tmp_path: Path):
     viewer.add_image(image, name="cells")
     viewer.add_labels(labels, name="cells_labels")
     w = FinetuneWidget(viewer)
-    qtbot.addWidget(w)
-    w.base.setCurrentText(str(tiny_base))
-    w.output.setText(str(tmp_path / "ft.safetensors"))
+    qtbot.addWidget(w.native)
+    w.base.native.setCurrentText(str(tiny_base))
+    w.output.native.setText(str(tmp_path / "ft.safetensors"))
     w._output_auto = False
-    w.steps.setValue(3)
-    w.crop_size.setValue(64)
-    w.batch_size.setValue(1)
-    w.val_fraction.setValue(0.0)
-    w.device.setCurrentText("cpu")
-    w.threads.setValue(1)
+    w.steps.native.setValue(3)
+    w.crop_size.native.setValue(64)
+    w.batch_size.native.setValue(1)
+    w.val_fraction.native.setValue(0.0)
+    w.device.native.setCurrentText("cpu")
+    w.threads.native.setValue(1)
     clear_recent_checkpoints()
     yield w
     if w.busy:  # never leave a worker thread behind
@@ -67,19 +67,21 @@ def test_finetune_from_layers_with_a_shapes_region(widget, qtbot) -> None:
     from napari_ctxseg.core.nn.load import load_checkpoint
 
     widget.viewer.add_shapes([np.array([[5, 5], [90, 90]])], shape_type="rectangle", name="done")
-    widget.pair_rows[0][2].setCurrentText("done")
-    widget.val_fraction.setValue(0.3)
-    widget.run_button.click()
-    assert widget.busy and widget.run_button.text() == "Cancel"
+    widget.pair_rows[0][2].native.setCurrentText("done")
+    widget.val_fraction.native.setValue(0.3)
+    widget.run_button.native.click()
+    assert widget.busy and widget.run_button.native.text() == "Cancel"
     qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
-    assert widget.error.text() == ""
+    assert widget.error.native.text() == ""
     assert [s for s, _ in widget.curve.train] == [1, 2, 3] and widget.curve.val
     assert widget.result.stopped == "done" and widget.result.path.is_file()
     _, info = load_checkpoint(widget.result.path)
     assert info.provenance["finetune"]["layers"] == ["cells", "cells_labels", "done"]
     assert info.provenance["finetune"]["pairs"][0]["box"] == [0, 96, 0, 96]  # region + margin clipped
     assert recent_checkpoints() == [widget.result.path.resolve()]
-    assert widget.base.findText(str(widget.result.path)) >= 0 and "saved" in widget.status.text()
+    assert (
+        widget.base.native.findText(str(widget.result.path)) >= 0 and "saved" in widget.status.native.text()
+    )
     widget.curve.resize(300, 150)
     image = widget.curve.grab().toImage()  # paints the curve: the smoothed training loss is drawn in blue
     blue = [image.pixelColor(x, y) for x in range(60, 290, 3) for y in range(20, 130, 2)]
@@ -91,8 +93,8 @@ def test_cancel_mid_run_keeps_the_best_weights_and_event_loop_stays_responsive(w
 
     from napari_ctxseg.core.nn.load import load_checkpoint
 
-    widget.steps.setValue(100_000)
-    widget.val_fraction.setValue(0.3)
+    widget.steps.native.setValue(100_000)
+    widget.val_fraction.native.setValue(0.3)
     lags: list[float] = []
     last = [time.perf_counter()]
 
@@ -104,14 +106,18 @@ def test_cancel_mid_run_keeps_the_best_weights_and_event_loop_stays_responsive(w
     timer = QTimer()
     timer.timeout.connect(tick)
     timer.start(50)
-    widget.run_button.click()
+    widget.run_button.native.click()
     t0 = time.perf_counter()
     qtbot.waitUntil(lambda: len(widget.curve.train) >= 8 and time.perf_counter() - t0 > 3, timeout=120_000)
-    widget.run_button.click()  # Cancel
-    assert not widget.run_button.isEnabled()
+    widget.run_button.native.click()  # Cancel
+    assert not widget.run_button.native.isEnabled()
     qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
     timer.stop()
-    assert widget.error.text() == "" and widget.run_button.text() == "Train" and widget.run_button.isEnabled()
+    assert (
+        widget.error.native.text() == ""
+        and widget.run_button.native.text() == "Train"
+        and widget.run_button.native.isEnabled()
+    )
     result = widget.result
     assert result.stopped == "cancelled" and 8 <= result.steps_done < 100_000
     _, info = load_checkpoint(result.path)
@@ -127,14 +133,14 @@ def test_cancel_mid_run_keeps_the_best_weights_and_event_loop_stays_responsive(w
 def test_time_budget_stops_training_in_bfloat16(widget, qtbot) -> None:
     from napari_ctxseg.core.io.checkpoint import read_info
 
-    widget.steps.setValue(100_000)
-    widget.budget.setValue(0.01)  # 0.6 s
-    widget.bf16.setChecked(True)
+    widget.steps.native.setValue(100_000)
+    widget.budget.native.setValue(0.01)  # 0.6 s
+    widget.bf16.native.setChecked(True)
     assert widget.settings().precision == "bf16"
-    widget.run_button.click()
+    widget.run_button.native.click()
     qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
     assert widget.result.stopped == "time budget" and 1 <= widget.result.steps_done < 100_000
-    assert widget.result.path.is_file() and "time budget reached" in widget.status.text()
+    assert widget.result.path.is_file() and "time budget reached" in widget.status.native.text()
     assert read_info(widget.result.path).provenance["train_config"]["precision"] == "bf16"
 
 
@@ -157,10 +163,10 @@ def test_bad_input_shows_a_clear_error_and_runs_nothing(widget, setup, message) 
     setup(widget.viewer)
     widget._refresh_layers()
     if "region" in widget.viewer.layers:
-        widget.pair_rows[0][2].setCurrentText("region")
-    widget.run_button.click()
-    assert not widget.busy and message in widget.error.text()
-    assert widget.run_button.text() == "Train" and not Path(widget.output.text()).exists()
+        widget.pair_rows[0][2].native.setCurrentText("region")
+    widget.run_button.native.click()
+    assert not widget.busy and message in widget.error.native.text()
+    assert widget.run_button.native.text() == "Train" and not Path(widget.output.native.text()).exists()
 
 
 def test_an_error_during_training_is_shown_and_the_widget_returns_to_idle(widget, qtbot, monkeypatch) -> None:
@@ -172,7 +178,7 @@ def test_an_error_during_training_is_shown_and_the_widget_returns_to_idle(widget
         yield
 
     monkeypatch.setattr(finetune, "run_finetune", failing)
-    widget.run_button.click()
+    widget.run_button.native.click()
     qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
-    assert widget.error.text() == "something went wrong in the run" and widget.result is None
-    assert widget.run_button.text() == "Train" and all(box.isEnabled() for box in widget.form)
+    assert widget.error.native.text() == "something went wrong in the run" and widget.result is None
+    assert widget.run_button.native.text() == "Train" and all(box.native.isEnabled() for box in widget.form)

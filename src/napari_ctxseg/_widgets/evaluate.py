@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, PushButton
+from magicgui.widgets import ComboBox, FloatSpinBox, Label, PushButton
 from napari.layers import Labels
-from napari.utils.notifications import show_error
 
 from ..core.errors import CtxSegError
 from ._dock import show_features_table, tidy
 from ._evaluate_io import Evaluation, evaluate_labels, evaluation_layer_data
+from ._run import Dock
 
 if TYPE_CHECKING:
     import napari
@@ -34,7 +34,7 @@ def format_scores(ev: Evaluation) -> str:
     return f"<table>{cells}</table>"
 
 
-class EvaluateWidget(Container):
+class EvaluateWidget(Dock):
     """Pick a prediction and a ground-truth labels layer; scores appear here, classes as new layers.
 
     Parameters
@@ -44,8 +44,7 @@ class EvaluateWidget(Container):
     """
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
-        super().__init__()
-        self._viewer = viewer
+        super().__init__(viewer)
 
         def labels_layers(_widget: Any) -> list[tuple[str, Any]]:
             return [(layer.name, layer) for layer in viewer.layers if isinstance(layer, Labels)]
@@ -62,9 +61,6 @@ class EvaluateWidget(Container):
         )
         self.evaluate_button = PushButton(text="Evaluate")
         self.scores = Label(value="")
-        self.error = Label(value="")
-        self.error.native.setStyleSheet("color: #e04040")
-        self.error.native.setWordWrap(True)
         self.extend(
             [
                 self.prediction,
@@ -80,7 +76,8 @@ class EvaluateWidget(Container):
         tidy(self)
 
     def _on_evaluate(self) -> None:
-        self.error.value = ""
+        """Score at once (a quick, synchronous computation) and add the class layers."""
+        self.clear_error()
         pred, gt = self.prediction.value, self.ground_truth.value
         try:
             if pred is None or gt is None:
@@ -89,8 +86,7 @@ class EvaluateWidget(Container):
                 raise CtxSegError("the prediction and the ground truth are the same layer")
             ev = evaluate_labels(pred.data, gt.data, self.threshold.value)
         except CtxSegError as exc:
-            self.error.value = str(exc)
-            show_error(f"ctxseg: {exc}")
+            self.show_error(exc)
             return
         self.evaluation = ev
         self.scores.value = format_scores(ev)
