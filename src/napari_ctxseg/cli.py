@@ -81,13 +81,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--blur-prob",
         type=float,
-        default=0.0,  # sigma: core.training_data.AugmentConfig
+        default=0.0,  # sigma: core.train.augment.AugmentConfig
         help="fraction of crops blurred by a Gaussian of 0.5-2 px (out-of-focus nuclei)",
     )
     p.add_argument(
         "--dim-prob",
         type=float,
-        default=0.0,  # factors: core.training_data.AugmentConfig
+        default=0.0,  # factors: core.train.augment.AugmentConfig
         help="fraction of crops in which about half of the objects are dimmed to 10-50 %% of their "
         "contrast (faint nuclei among bright ones)",
     )
@@ -119,7 +119,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--image-sampling",
         default="sqrt-area",
-        choices=["sqrt-area", "area"],  # core.training_data.IMAGE_SAMPLING
+        choices=["sqrt-area", "area"],  # core.train.data.IMAGE_SAMPLING
         help="how often each image is drawn: sqrt-area or area (its area after "
         "--target-diameter rescaling, so every object is about equally likely)",
     )

@@ -139,7 +139,7 @@ def add_inference_parsers(sub: argparse._SubParsersAction) -> None:
         "--context",
         type=Path,
         metavar="PACK",
-        help="a context pack (.npz, saved by the widget's 'Save context...'): image, labels and region",
+        help="a context pack (.npz, saved by the widget's 'context pack: Save...'): image, labels and region",
     )
     p.add_argument("--context-image", type=Path, help="an annotated reference image (in-context use)")
     p.add_argument("--context-labels", type=Path, help="its instance labels")

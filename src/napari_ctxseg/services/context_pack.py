@@ -11,7 +11,7 @@ pack can never run code) with these arrays:
   self-score AP@0.5 of a calibration, or null), and free ``info`` (e.g. the channel choice, the layers).
 
 Use a pack with the API as ``segment(image, **load_context_pack(path).as_request())``, with the CLI as
-``ctxseg segment --context PACK``, and in the Segment widget with "Load context...".
+``ctxseg segment --context PACK``, and in the Segment widget with "context pack: Load...".
 """
 
 from __future__ import annotations
@@ -172,7 +172,8 @@ def load_context_pack(path: str | os.PathLike) -> ContextPack:
             if missing:
                 raise InputError(
                     f"{path} is not a context pack: it lacks {', '.join(sorted(missing))} (a pack is "
-                    f"written by 'Save context...' or napari_ctxseg.services.context_pack.save_context_pack)"
+                    f"written by the Segment widget's 'context pack: Save...' or "
+                    f"napari_ctxseg.services.context_pack.save_context_pack)"
                 )
             meta = json.loads(str(data["meta"]))
             image, labels = data["image"], data["labels"]
