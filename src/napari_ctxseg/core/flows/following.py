@@ -29,6 +29,8 @@ import torch
 from ..errors import InputError
 from .from_masks import _as_flow_tensor, flow_error
 from .maps import follow_by_composition
+from .seeds import _Grid, _label_cells
+from .walkers import _run, _Walkers
 
 __all__ = ["flow_to_mask"]
 
@@ -135,89 +137,6 @@ def _initial_positions(spatial: Sequence[int], batch: int, device: torch.device)
     return grid.repeat(1, batch) if batch > 1 else grid
 
 
-class _Walkers:
-    """Pixels being followed: index, flow-table base, positions (current and two previous), moves left.
-
-    Each walker carries its own state, so any subset can be advanced, set aside or merged with others
-    without changing its trajectory.
-    """
-
-    _FLAT = ("pix", "base", "left")
-    _POSITIONS = ("p", "prev", "prev2")
-
-    def __init__(self, pix: torch.Tensor, base: torch.Tensor, p: torch.Tensor, niter: int) -> None:
-        self.pix, self.base, self.p = pix, base, p
-        self.prev = self.prev2 = p
-        self.left = torch.full(pix.shape, niter, dtype=torch.int32, device=pix.device)
-
-    def __len__(self) -> int:
-        return self.pix.shape[0]
-
-    def advance(self, follower: _Follower) -> None:
-        """Move every walker with moves left by one iteration (the others stay put)."""
-        v, _ = follower.velocity(self.p, self.base)
-        m = self.left.clamp(0, 1)
-        new = self.p + v * m.to(torch.float32)  # v * 1 == v: a step is exactly the original's
-        self.left = self.left - m
-        self.prev2, self.prev, self.p = self.prev, self.p, follower.clip(new)
-
-    def settled(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Walkers whose final cell is known, and whether it is that of ``prev`` (else of ``p``).
-
-        Known: no moves left; a fixed point (``p == prev``); or a 2-cycle
-        (``p == prev2``: the last position is ``p`` if the moves left are even, else ``prev``). The
-        position sequence is deterministic, so this is exact.
-        """
-        fixed = (self.p == self.prev).all(0)
-        cycle = (self.p == self.prev2).all(0) & ~fixed
-        done = fixed | cycle | (self.left <= 0)
-        return done, cycle & (self.left & 1).bool()
-
-    def select(self, index: torch.Tensor) -> _Walkers:
-        """The walkers ``index`` (a new object)."""
-        out = object.__new__(_Walkers)
-        for name in self._FLAT:
-            setattr(out, name, getattr(self, name).index_select(0, index))
-        for name in self._POSITIONS:
-            setattr(out, name, getattr(self, name).index_select(1, index))
-        return out
-
-    @staticmethod
-    def merge(groups: list[_Walkers]) -> _Walkers:
-        """All walkers of ``groups`` in one object."""
-        out = object.__new__(_Walkers)
-        for name in _Walkers._FLAT:
-            setattr(out, name, torch.cat([getattr(g, name) for g in groups]))
-        for name in _Walkers._POSITIONS:
-            setattr(out, name, torch.cat([getattr(g, name) for g in groups], 1))
-        return out
-
-
-def _run(walkers: _Walkers, follower: _Follower, final: torch.Tensor, until: int) -> _Walkers | None:
-    """Advance ``walkers`` until none is left (returns None) or fewer than ``until`` are (returns those).
-
-    The final positions of the walkers that settle are written into ``final``.
-    """
-    step = 0
-    while True:
-        walkers.advance(follower)
-        step += 1
-        if step % 2:  # settle every second step: compacting costs about as much as a step
-            continue
-        done, use_prev = walkers.settled()
-        if not bool(done.any()):
-            continue
-        idx = torch.nonzero(done)[:, 0]
-        chosen = torch.where(use_prev, walkers.prev, walkers.p).index_select(1, idx)
-        final.index_copy_(1, walkers.pix.index_select(0, idx), chosen)
-        keep = torch.nonzero(~done)[:, 0]
-        if keep.numel() == 0:
-            return None
-        walkers = walkers.select(keep)
-        if len(walkers) < until:
-            return walkers
-
-
 # values per walker-chunk operation: small enough for the CPU caches, and to stay under torch's
 # 32768-element threshold for multi-threading (on a busy machine, each multi-threaded operation
 # can wait milliseconds for a descheduled thread; measured: 0.86 s instead of 15 s for 512x512 with 2
@@ -260,88 +179,6 @@ def _follow(flow: torch.Tensor, niter: int, fast: bool, step_size: float = 1.0) 
             index = torch.arange(start, min(start + size, len(merged)), device=flow.device)
             _run(merged.select(index), follower, final, until=0)
     return final
-
-
-class _Grid:
-    """Flat indexing of a batch of images zero-padded by ``pad`` cells on every side of every axis.
-
-    Neighbour reads up to ``pad`` cells away then need no bounds checks and never cross images.
-    """
-
-    def __init__(self, batch: int, spatial: Sequence[int], pad: int, device: torch.device) -> None:
-        self.spatial, self.pad, self.device = list(spatial), pad, device
-        padded = [s + 2 * pad for s in spatial]
-        self.strides = [int(np.prod(padded[j + 1 :])) for j in range(len(spatial))]
-        self.image_size = int(np.prod(padded))
-        self.size = batch * self.image_size
-
-    def index(self, cells: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """Flat index of the cells ``(d, N)`` (unpadded coordinates) of images ``image`` ``(N,)``."""
-        idx = image * self.image_size
-        for j, stride in enumerate(self.strides):
-            idx = idx + (cells[j] + self.pad) * stride
-        return idx
-
-    def window(self, size: int) -> torch.Tensor:
-        """Flat offsets of a ``size``-wide window, XLA ``'SAME'``: ``-((size - 1) // 2) .. size // 2``."""
-        lo = (size - 1) // 2
-        offsets = np.zeros(1, np.int64)
-        for stride in self.strides:
-            offsets = (offsets[:, None] + np.arange(-lo, size - lo)[None, :] * stride).reshape(-1)
-        return torch.from_numpy(offsets).to(self.device)
-
-    def image_id(self, idx: torch.Tensor) -> torch.Tensor:
-        """``1 +`` the row-major index, inside its (unpadded) image, of the flat cells ``idx``."""
-        rem = idx % self.image_size
-        out = torch.zeros_like(idx)
-        for j, stride in enumerate(self.strides):
-            inner = int(np.prod(self.spatial[j + 1 :]))
-            out = out + (rem // stride - self.pad) * inner
-            rem = rem % stride
-        return out + 1
-
-
-def _window_max_at(values: torch.Tensor, idx: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Max of the flat ``values`` over the window ``offsets`` around each cell of ``idx``."""
-    out = values.index_select(0, idx + offsets[0])
-    for off in offsets[1:].tolist():
-        out = torch.maximum(out, values.index_select(0, idx + off))
-    return out
-
-
-def _label_cells(
-    counts: torch.Tensor,
-    grid: _Grid,
-    window_size: int,
-    min_seed_cnts: int,
-    expand_repeats: int,
-    expand_min_cnts: int,
-) -> torch.Tensor:
-    """Label of every cell (flat, padded ``grid``) from the number of pixels that landed in it.
-
-    Both count thresholds must be >= 1 (so that padding cells are never labelled).
-
-    The original's rule (``reduce_window`` maxima with ``'SAME'`` padding), computed only at the cells
-    where it can give a label (``counts >= min_seed_cnts`` for seeds, ``>= expand_min_cnts`` for the
-    expansion): the rest of the image is background whatever the window maxima are there.
-    """
-    labels = torch.zeros_like(counts)
-    window = grid.window(window_size)
-    strong = torch.nonzero(counts >= min_seed_cnts)[:, 0]
-    if strong.numel():
-        threshold = _window_max_at(counts, strong, window).clamp_min(min_seed_cnts)
-        seeds = strong[counts.index_select(0, strong) >= threshold]
-        labels.index_copy_(0, seeds, grid.image_id(seeds))
-        labels.index_copy_(0, strong, _window_max_at(labels, strong, window))  # reads seeds only
-    neighbours = grid.window(3)
-    grow = torch.nonzero((counts >= expand_min_cnts) & (labels == 0))[:, 0]
-    for _ in range(expand_repeats):
-        if grow.numel() == 0:
-            break
-        new = _window_max_at(labels, grow, neighbours)  # all cells update from the same old labels
-        labels.index_copy_(0, grow, new)
-        grow = grow[new == 0]
-    return labels
 
 
 def flow_to_mask(
@@ -428,8 +265,15 @@ def flow_to_mask(
     What the rule drops on purpose: an object is found when at least ``min_seed_cnts`` of its pixels land
     in one cell, so objects smaller than ``min_seed_cnts`` (30) pixels never are; neither are two
     objects whose sinks lie within ``window_size // 2`` cells of each other (the weaker joins the
-    stronger), nor an object whose pixels end spread over several cells with fewer than
-    ``min_seed_cnts`` in each (thin objects cut by the image border). Both modes, as the original.
+    stronger), nor, in ``"exact"`` mode as in the original, an object whose pixels end spread over
+    several cells with fewer than ``min_seed_cnts`` in each. ``"fast"`` (since issue 29) also seeds
+    such spread sinks within 3 cells of the image border, where thin objects cut by the border leave their
+    pixels still creeping after ``niter`` iterations (``border_pass`` of
+    :func:`napari_ctxseg.core.flows.seeds._label_cells`); it keeps every label of the original's rule.
+    From ideal flows (:func:`~napari_ctxseg.core.flows.from_masks.mask_to_flow`) of the 66 DSB ``val``
+    masks it then gives back every connected object of >= 30 pixels in 60 masks; in the 6 others the flow
+    itself sends pixels into a neighbouring label (the original's ``mask_to_flow`` takes its gradient
+    across label borders), so an object loses pixels to its neighbour's sink or a small one gains them.
 
     On CUDA the float32 arithmetic may round differently (fused multiply-adds), so ``"exact"`` matches
     the original only up to such rounding there. Memory (``"exact"``): the flow is read from a table
@@ -465,7 +309,8 @@ def flow_to_mask(
     cell = grid.index(cells.view(len(spatial), b, n_pix), images).reshape(-1)
     del cells
     counts = torch.bincount(cell, minlength=grid.size)
-    labels = _label_cells(counts, grid, int(window_size), min_seed_cnts, expand_repeats, expand_min_cnts)
+    rule = (int(window_size), min_seed_cnts, expand_repeats, expand_min_cnts)
+    labels = _label_cells(counts, grid, *rule, border_pass=mode == "fast")
     mask = labels.index_select(0, cell).reshape(b, *spatial)
     out = mask.cpu().numpy().astype(np.uint32)
     if max_flow_err > 0:
