@@ -124,15 +124,16 @@ def _label_cells(
     strong = torch.nonzero(counts >= min_seed_cnts)[:, 0]
     _seed(labels, counts, grid, strong, window, min_seed_cnts)
     _expand(labels, counts, grid, expand_repeats, expand_min_cnts)
-    if border_pass:
-        free = torch.where(labels == 0, counts, 0)
+    if border_pass:  # full-size work only where an unlabelled cell at the border holds enough pixels
         floor = max(expand_min_cnts, -(-min_seed_cnts // 3))
-        more = torch.zeros_like(counts)
-        candidates = torch.nonzero(free >= floor)[:, 0]
-        candidates = candidates[grid.near_border(candidates, BORDER)]
+        candidates = torch.nonzero(counts >= floor)[:, 0]
+        unlabelled = labels.index_select(0, candidates) == 0
+        candidates = candidates[unlabelled & grid.near_border(candidates, BORDER)]
         if candidates.numel():
+            free = torch.where(labels == 0, counts, 0)
             held = max(expand_min_cnts, -(-min_seed_cnts // 8))
             candidates = candidates[_window_sum_at(free, candidates, window, held) >= min_seed_cnts]
+            more = torch.zeros_like(counts)
             _seed(more, free, grid, candidates, window, floor)
             _expand(more, free, grid, expand_repeats, expand_min_cnts)
             labels = torch.where(labels == 0, more, labels)
