@@ -257,10 +257,13 @@ def flow_to_mask(
     reads per pixel (11 for 200) instead of up to ``niter``. Where the map is smooth between pixel centres
     (inside an object, and at a sink, where all neighbours go to the same point) the reads are
     faithful; they are not across the border between two basins, which pixels have left after the first 8
-    iterations. On ideal flows of DSB masks it gives the labels of ``"exact"``; on the bundled model's
-    flows of DSB ``val`` its AP@0.5 is 0.7401 against 0.7398 for ``"exact"`` (2346 / 297 / 527 against
-    2354 / 309 / 519 TP / FP / FN; 18 of 66 label images identical), at ~4x the speed
-    (``docs/benchmarks.md``).
+    iterations. On ideal flows of DSB masks its positions give the cells of ``"exact"``. On the bundled
+    model's flows of the 66 DSB ``val`` images (the pipeline's flow threshold, resizing and ``min_size``,
+    as in ``benchmarks/bench_flows.py``) its AP@0.5 is 0.7342 against 0.7346 for ``"exact"`` (2367 / 351 /
+    506 against 2353 / 330 / 520 TP / FP / FN; 0.7338 before the border pass of issue 29), at ~3-4x the
+    speed (``docs/benchmarks.md``). Pointer jumping on cells instead (each cell sent to the cell of its
+    ``D_8``, the map squared) was tried for issue 29: 1.5x faster, but 0.7165 there (sinks break into
+    nearby fixed points and cycles of the cell map) and it loses the thin objects at the border.
 
     What the rule drops on purpose: an object is found when at least ``min_seed_cnts`` of its pixels land
     in one cell, so objects smaller than ``min_seed_cnts`` (30) pixels never are; neither are two
