@@ -71,23 +71,38 @@ class _Grid:
         return out + 1
 
 
+#: values per vectorised window read: under torch's 32768-element threshold for multi-threading (see
+#: ``following._CHUNK_VALUES``)
+_WINDOW_VALUES = (1 << 15) - 1
+
+
+def _window_values(values: torch.Tensor, idx: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
+    """The flat ``values`` over the window ``offsets`` around each cell of ``idx``: ``(n, k)`` pieces.
+
+    One gather per piece of at most ``_WINDOW_VALUES`` values instead of one per offset.
+    """
+    rows = max(_WINDOW_VALUES // offsets.numel(), 1)
+    return [
+        values.index_select(0, (part[:, None] + offsets[None, :]).reshape(-1)).view(-1, offsets.numel())
+        for part in idx.split(rows)
+    ]
+
+
 def _window_max_at(values: torch.Tensor, idx: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Max of the flat ``values`` over the window ``offsets`` around each cell of ``idx``."""
-    out = values.index_select(0, idx + offsets[0])
-    for off in offsets[1:].tolist():
-        out = torch.maximum(out, values.index_select(0, idx + off))
-    return out
+    if idx.numel() == 0:
+        return values[:0]
+    return torch.cat([v.amax(1) for v in _window_values(values, idx, offsets)])
 
 
 def _window_sum_at(
-    values: torch.Tensor, idx: torch.Tensor, offsets: torch.Tensor, floor: int
+    values: torch.Tensor, idx: torch.Tensor, offsets: torch.Tensor, floor: int, labels: torch.Tensor
 ) -> torch.Tensor:
-    """Sum over the window ``offsets`` around each cell of ``idx`` of the flat ``values`` >= ``floor``."""
-    out = torch.zeros_like(idx)
-    for off in offsets.tolist():
-        value = values.index_select(0, idx + off)
-        out = out + torch.where(value >= floor, value, 0)
-    return out
+    """Window sums around the cells ``idx`` of the flat ``values`` >= ``floor`` at unlabelled cells."""
+    if idx.numel() == 0:
+        return values[:0]
+    pieces = zip(_window_values(values, idx, offsets), _window_values(labels, idx, offsets), strict=True)
+    return torch.cat([torch.where((v >= floor) & (lab == 0), v, 0).sum(1) for v, lab in pieces])
 
 
 def _label_cells(
@@ -129,10 +144,10 @@ def _label_cells(
         candidates = torch.nonzero(counts >= floor)[:, 0]
         unlabelled = labels.index_select(0, candidates) == 0
         candidates = candidates[unlabelled & grid.near_border(candidates, BORDER)]
+        held = max(expand_min_cnts, -(-min_seed_cnts // 8))
+        candidates = candidates[_window_sum_at(counts, candidates, window, held, labels) >= min_seed_cnts]
         if candidates.numel():
             free = torch.where(labels == 0, counts, 0)
-            held = max(expand_min_cnts, -(-min_seed_cnts // 8))
-            candidates = candidates[_window_sum_at(free, candidates, window, held) >= min_seed_cnts]
             more = torch.zeros_like(counts)
             _seed(more, free, grid, candidates, window, floor)
             _expand(more, free, grid, expand_repeats, expand_min_cnts)
