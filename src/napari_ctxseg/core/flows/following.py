@@ -147,6 +147,32 @@ _CHUNK_VALUES = 1 << 15
 def _follow(flow: torch.Tensor, niter: int, fast: bool, step_size: float = 1.0) -> torch.Tensor:
     """Final positions ``(d, B * prod(spatial))`` after ``niter`` iterations of ``step_size * flow``.
 
+    Every pixel: those that do not move keep their centre (see :func:`_follow_moving`).
+    """
+    b, _, *spatial = flow.shape
+    moving = _Moving(flow)
+    moved = _follow_moving(flow, moving, niter, fast, step_size)
+    return _initial_positions(spatial, b, flow.device).index_copy_(1, moving.pix, moved)
+
+
+class _Moving:
+    """The pixels of a batch of flows whose own flow is not 0: flat index, image and coordinates."""
+
+    def __init__(self, flow: torch.Tensor) -> None:
+        _, _, *spatial = flow.shape
+        found = torch.nonzero((flow != 0).any(1))  # (M, 1 + d): image, then coordinates; no division
+        self.image = found[:, 0]
+        self.coords = found[:, 1:].T.contiguous()  # (d, M)
+        self.pix = self.image * int(np.prod(spatial))
+        for j in range(len(spatial)):
+            self.pix = self.pix + self.coords[j] * int(np.prod(spatial[j + 1 :]))
+
+
+def _follow_moving(
+    flow: torch.Tensor, moving: _Moving, niter: int, fast: bool, step_size: float = 1.0
+) -> torch.Tensor:
+    """Final positions ``(d, M)`` of the ``moving`` pixels.
+
     Pixels whose own flow is exactly 0 never move (the first read is at their centre) and are not
     followed. ``fast``: the others by composing flow maps
     (:func:`~napari_ctxseg.core.flows.maps.follow_by_composition`). Else step by step; a pixel leaves the
@@ -154,22 +180,20 @@ def _follow(flow: torch.Tensor, niter: int, fast: bool, step_size: float = 1.0) 
     they are followed in chunks of nearby pixels (the flow reads stay in cache); each chunk's last
     stragglers are pooled and finished together.
     """
-    b, _, *spatial = flow.shape
-    n_pix = int(np.prod(spatial))
-    final = _initial_positions(spatial, b, flow.device)
-    pix = torch.nonzero((flow != 0).any(1).reshape(-1))[:, 0]  # step_size * flow != 0 alike (> 0)
-    if niter <= 0 or step_size == 0 or pix.numel() == 0:
+    final = moving.coords.to(torch.float32) + 0.5  # the centres, as _initial_positions
+    n = final.shape[1]
+    if niter <= 0 or step_size == 0 or n == 0:
         return final
     follower = _Follower(flow, step_size, table=not fast)
-    base = ((pix // n_pix) * follower.batch_stride + follower.pad_base).to(follower.index_dtype)
+    base = (moving.image * follower.batch_stride + follower.pad_base).to(follower.index_dtype)
     size = _CHUNK_VALUES // follower.d  # walkers per chunk: (d, size) positions
     if fast:
-        moved = follow_by_composition(follower, final.index_select(1, pix), base, niter, size)
-        return final.index_copy_(1, pix, moved)
+        return follow_by_composition(follower, final, base, niter, size)
+    local = torch.arange(n, device=flow.device)  # walkers write into ``final`` by these
     stragglers = []
-    for start in range(0, pix.numel(), size):
+    for start in range(0, n, size):
         chunk = slice(start, start + size)
-        walkers = _Walkers(pix[chunk], base[chunk], final.index_select(1, pix[chunk]), niter)
+        walkers = _Walkers(local[chunk], base[chunk], final[:, chunk], niter)
         rest = _run(walkers, follower, final, until=max(len(walkers) // 16, 1024))
         if rest is not None:
             stragglers.append(rest)
@@ -317,19 +341,22 @@ def flow_to_mask(
         raise InputError(f"step_size must be a finite number, got {step_size!r}")
     t, batched = _as_flow_tensor(flow, device)
     b, _, *spatial = t.shape
-    final = _follow(t, int(niter), mode == "fast", float(step_size))  # a Python scalar keeps float32
-    cells = final.to(torch.int64)  # truncation (positions are >= 0)
-    del final
-    n_pix = int(np.prod(spatial))
+    # a Python scalar step keeps float32
+    moving = _Moving(t)
+    moved = _follow_moving(t, moving, int(niter), mode == "fast", float(step_size))
     grid = _Grid(b, spatial, max((window_size - 1) // 2, window_size // 2, 1), t.device)
-    # (d, B, n_pix) cells and (B, 1) image numbers broadcast: no per-pixel copy of the image numbers
-    images = torch.arange(b, device=t.device)[:, None]
-    cell = grid.index(cells.view(len(spatial), b, n_pix), images).reshape(-1)
-    del cells
-    counts = torch.bincount(cell, minlength=grid.size)
+    own = grid.index(moving.coords, moving.image)  # the cells the moving pixels leave
+    cell = grid.index(moved.to(torch.int64), moving.image)  # where they land (positions >= 0: truncation)
+    del moved
+    counts = torch.zeros(grid.size, dtype=torch.int64, device=t.device)
+    grid.interior(counts).fill_(1)  # one pixel in each cell of an image, less those that moved
+    ones = torch.ones_like(cell)
+    counts.index_add_(0, own, -ones).index_add_(0, cell, ones)
     rule = (int(window_size), min_seed_cnts, expand_repeats, expand_min_cnts)
     labels = _label_cells(counts, grid, *rule, border_pass=mode == "fast")
-    mask = labels.index_select(0, cell).reshape(b, *spatial)
+    mask = grid.interior(labels).reshape(-1)  # a copy: the label of each pixel's own cell
+    mask.index_copy_(0, moving.pix, labels.index_select(0, cell))  # the moving pixels: where they landed
+    mask = mask.reshape(b, *spatial)
     out = mask.cpu().numpy().astype(np.uint32)
     if max_flow_err > 0:
         flows = t.cpu().numpy()

@@ -30,7 +30,8 @@ class _Grid:
 
     def __init__(self, batch: int, spatial: Sequence[int], pad: int, device: torch.device) -> None:
         self.spatial, self.pad, self.device = list(spatial), pad, device
-        padded = [s + 2 * pad for s in spatial]
+        self.batch = batch
+        padded = self.padded = [s + 2 * pad for s in spatial]
         self.strides = [int(np.prod(padded[j + 1 :])) for j in range(len(spatial))]
         self.image_size = int(np.prod(padded))
         self.size = batch * self.image_size
@@ -41,6 +42,11 @@ class _Grid:
         for j, stride in enumerate(self.strides):
             idx = idx + (cells[j] + self.pad) * stride
         return idx
+
+    def interior(self, values: torch.Tensor) -> torch.Tensor:
+        """The (unpadded) images of the flat ``values``: a view ``(B, *spatial)``."""
+        inside = tuple(slice(self.pad, self.pad + s) for s in self.spatial)
+        return values.view(self.batch, *self.padded)[(slice(None), *inside)]
 
     def window(self, size: int) -> torch.Tensor:
         """Flat offsets of a ``size``-wide window, XLA ``'SAME'``: ``-((size - 1) // 2) .. size // 2``."""
