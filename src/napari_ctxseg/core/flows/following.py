@@ -2,9 +2,8 @@
 
 The semantics are those of the original ctxseg ``segmentation/flow.py`` (``shared/parity/README.md``
 item 22); the parity tests check them against the original's outputs. Layouts are channel first, as in
-:mod:`napari_ctxseg.core.flows.from_masks`: 2D flow ``(2, H, W)`` (dy, dx), 3D flow ``(3, D, H,
-W)`` (dz, dy, dx),
-optionally batched.
+:mod:`napari_ctxseg.core.flows.from_masks`: 2D flow ``(2, H, W)`` (dy, dx), 3D flow ``(3, D, H, W)``
+(dz, dy, dx), optionally batched.
 
 Implementation notes
 --------------------
@@ -14,7 +13,10 @@ point or a 2-cycle: the position sequence is deterministic, so the remaining ite
 this is exact, not an approximation. Pixels are independent, so they are followed in chunks of 16384
 (10922 in 3D) whose state stays in the CPU caches. ``mode="fast"`` (the default) composes flow maps
 instead (:mod:`napari_ctxseg.core.flows.maps`): ``log2(niter)`` bilinear reads per pixel instead of up to
-``niter``. Seeds and their expansion are evaluated only at the cells where enough pixels landed.
+``niter``. Only the pixels whose flow is not 0 are followed, counted and looked up (the others stay in
+their own cell: one strided fill of the counts and one strided copy of the labels); seeds and their
+expansion (:mod:`napari_ctxseg.core.flows.seeds`) are evaluated only at the cells where enough pixels
+landed. The step-by-step walkers of ``"exact"`` are in :mod:`napari_ctxseg.core.flows.walkers`.
 """
 
 from __future__ import annotations
@@ -307,7 +309,8 @@ def flow_to_mask(
     holding the 4 corners of every cell (4 times the float32 flow), plus a few values per pixel (about 52
     bytes per pixel at the peak for a 2D flow, the input not counted); ``"fast"`` keeps the padded flow
     and ``popcount(niter) + 2`` displacement fields of the same size (5 for 200: about 48 bytes per
-    pixel in 2D), plus a few values per moving pixel.
+    pixel in 2D), plus a few values per moving pixel (both measured before issue 29, which counts only
+    the moving pixels and so needs less).
 
     Examples
     --------
