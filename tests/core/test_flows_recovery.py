@@ -93,6 +93,7 @@ def test_dsb_objects_at_the_border_come_back(name: str) -> None:
     assert exact.fn == 1
 
 
+@pytest.mark.slow
 def test_ideal_flows_of_every_dsb_val_mask() -> None:
     """Every DSB ``val`` mask: every connected object of >= ``min_seed_cnts`` pixels comes back (AP@0.5
     1.0 against those objects), except where the flow itself moves pixels between labels: each missed
