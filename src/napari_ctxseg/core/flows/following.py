@@ -195,7 +195,7 @@ def _follow_moving(
     stragglers = []
     for start in range(0, n, size):
         chunk = slice(start, start + size)
-        walkers = _Walkers(local[chunk], base[chunk], final[:, chunk], niter)
+        walkers = _Walkers(local[chunk], base[chunk], final[:, chunk].clone(), niter)  # not a view
         rest = _run(walkers, follower, final, until=max(len(walkers) // 16, 1024))
         if rest is not None:
             stragglers.append(rest)
