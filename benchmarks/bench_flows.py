@@ -3,24 +3,26 @@
 Run from the repository root::
 
     PYTHONPATH=src python benchmarks/bench_flows.py [--threads N] [--rounds R] [--big] [--quick]
-        [--real N]
+        [--real N] [--ideal N] [--cellpose-only]
 
 Inputs: a real 512x512 crop of a DSB 2018 label image (``../shared/data``) with ~120 nuclei (a synthetic
 image of ellipses if the data are absent), its ideal flow, and tilings of it for the scaling table; and
-the bundled model's predicted flows on the first ``--real`` images of the DSB ``val`` split.
+the bundled model's predicted flows on the first ``--real`` images of the DSB ``val`` split; and the ideal
+flows of the first ``--ideal`` masks of that split (exact recovery: every connected object of >= 30 pixels,
+``min_seed_cnts``, should come back; ours in both modes and cellpose).
 Timings alternate A and B (A/B/A/B...) and report the median and the minimum of the rounds; the ratio is
 of the medians. The machine load is printed because a busy machine slows torch's thread pool a lot.
 
 cellpose (optional, not a dependency): ``pip install --no-deps cellpose opencv-python-headless fastremap
 fill_voids``. cellpose's ``transforms`` module imports torchvision at import time, for its training
 augmentations only; ``dynamics.compute_masks`` never calls it, and torchvision wheels built for another
-torch fail to import ("operator torchvision::nms does not exist"). So this script puts empty
-``torchvision`` modules into ``sys.modules`` before importing ``cellpose.dynamics`` (only if torchvision
-itself does not import), and prints the cellpose and torch versions it compared. The comparison runs at
-1 and 2 torch threads (both sides at each), on the ideal flow (cellprob +5 inside the mask, -5 outside,
-``dP = 5 * flow``) and on the predicted flows (the pipeline's foreground, ``FlowParams.flow_threshold``
-with holes filled, as cellprob +-5; both sides get the same masked flow and their labels the same
-resizing and ``min_size``), with AP@0.5 of both against the ground truth.
+torch fail to import ("operator torchvision::nms does not exist"). So this script puts empty ``torchvision``
+modules into ``sys.modules`` before importing ``cellpose.dynamics`` (only if torchvision itself does not
+import), and prints the cellpose and torch versions it compared. The comparison runs at 1 and 2 torch
+threads and all cores (``THREADS``; both sides at each, A/B alternating), on the ideal flow (cellprob +5
+inside the mask, -5 outside, ``dP = 5 * flow``) and on the predicted flows (the pipeline's foreground,
+``FlowParams.flow_threshold`` with holes filled, as cellprob +-5; both sides get the same masked flow and
+their labels the same resizing and ``min_size``), with AP@0.5 of both against the ground truth.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from napari_ctxseg.core.metrics.scores import matching_scores
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dsb2018_train"
 BENCH_IMAGE = "a891bbc89143bca7"  # 520x696 fluorescence, 121 nuclei in the top-left 512x512
+THREADS = tuple(sorted({1, 2, os.cpu_count() or 1}))  # torch threads compared: 1, 2 and all cores
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,9 +268,14 @@ def print_ab(title: str, res: dict, ours: str, theirs: str, ap: dict[str, float]
 
 
 def bench_cellpose(
-    mask: np.ndarray, flow: np.ndarray, rounds: int, n_real: int, flows_only: bool = False
+    mask: np.ndarray,
+    flow: np.ndarray,
+    rounds: int,
+    n_real: int,
+    flows_only: bool = False,
+    n_ideal: int = 0,
 ) -> None:
-    print("\n## cellpose 4 vs ours, 1 and 2 torch threads (optional)")
+    print(f"\n## cellpose 4 vs ours, {THREADS} torch threads (optional)")
     dynamics, version = import_cellpose_dynamics()
     if dynamics is None:
         print(f"cellpose not importable ({version})")
@@ -284,7 +292,7 @@ def bench_cellpose(
             "cellpose masks_to_flows": lambda: to_flows(mask, device=dev),
             "ours mask_to_flow": lambda: mask_to_flow(mask),
         }
-        res = ab_threads(fns, max(3, rounds // 2), (1, 2))
+        res = ab_threads(fns, max(3, rounds // 2), THREADS)
         print_ab("mask_to_flow, 512x512", res, "ours mask_to_flow", "cellpose masks_to_flows", {})
     inside = mask > 0
     res = ab_threads(
@@ -293,7 +301,7 @@ def bench_cellpose(
             "ours flow_to_mask": lambda: flow_to_mask(flow),
         },
         rounds,
-        (1, 2),
+        THREADS,
     )
     ap = {
         "cellpose": ap50(cellpose_masks(dynamics, flow, inside), mask),
@@ -311,18 +319,15 @@ def bench_cellpose(
         f"objects >= 30 px (min_seed_cnts; {len(np.unique(big)) - 1}): cellpose "
         f"{ap50(cellpose_masks(dynamics, flow, inside), big):.4f}, ours {ap50(flow_to_mask(flow), big):.4f}"
     )
+    if n_ideal:
+        bench_ideal_val(dynamics, n_ideal)
     real = predicted_flows(n_real)
     if real:
-        times: dict[int, dict[str, float]] = {}
-        for flow_i, inside_i, _, _ in real:
-            fns = {
-                "cellpose compute_masks": lambda f=flow_i, m=inside_i: cellpose_masks(dynamics, f, m),
-                "ours flow_to_mask": lambda f=flow_i: flow_to_mask(f),
-            }
-            for n, t in ab_threads(fns, max(3, rounds // 2), (1, 2)).items():
-                for k, v in t.items():
-                    times.setdefault(n, {}).setdefault(k, 0.0)
-                    times[n][k] += v
+        fns = {  # one round = every image, A then B: a burst of load hits both sides alike
+            "cellpose compute_masks": lambda: [cellpose_masks(dynamics, f, m) for f, m, *_ in real],
+            "ours flow_to_mask": lambda: [flow_to_mask(f) for f, *_ in real],
+        }
+        times = ab_threads(fns, rounds, THREADS)
         scores = {"cellpose": [], "ours": []}
         for flow_i, inside_i, gt, out_shape in real:
             scores["cellpose"].append(
@@ -331,9 +336,60 @@ def bench_cellpose(
             scores["ours"].append(finish(flow_to_mask(flow_i).astype(np.int64), inside_i, out_shape, gt))
         pooled = {k: pooled_ap(v) for k, v in scores.items()}
         sizes = ", ".join(f"{f.shape[1]}x{f.shape[2]}" for f, *_ in real)
-        title = f"flow_to_mask, bundled model's flows on {len(real)} DSB val images ({sizes}), sum of medians"
+        title = f"flow_to_mask, bundled model's flows on {len(real)} DSB val images ({sizes}), all per round"
         print_ab(title, times, "ours flow_to_mask", "cellpose compute_masks", pooled)
     torch.set_num_threads(threads0)
+
+
+def bench_ideal_val(dynamics, n: int) -> None:
+    """Exact recovery from the ideal flows of the first ``n`` DSB ``val`` masks (objects of >= 30 px)."""
+    import json
+
+    from napari_ctxseg.core.metrics.scores import matching_scores as scores
+
+    try:
+        import tifffile
+
+        names = json.loads((DATA / "split.json").read_text())["val"][:n]
+    except (ImportError, FileNotFoundError):
+        print("DSB data not found: ideal val flows skipped")
+        return
+    rows: dict[str, list[tuple]] = {"cellpose": [], "ours (fast)": [], "ours (exact)": []}
+    perfect = dict.fromkeys(rows, 0)
+    for name in names:
+        gt = tifffile.imread(DATA / "labels" / f"{name}.tif").astype(np.int64)
+        kept = connected_objects(gt, 30)
+        flow = mask_to_flow(gt)
+        outs = {
+            "cellpose": cellpose_masks(dynamics, flow, gt > 0),
+            "ours (fast)": flow_to_mask(flow).astype(np.int64),
+            "ours (exact)": flow_to_mask(flow, mode="exact").astype(np.int64),
+        }
+        for key, out in outs.items():
+            m = scores(out, kept, thresholds=(0.5,))[0.5]
+            rows[key].append((m.tp, m.fp, m.fn))
+            perfect[key] += (m.fp, m.fn) == (0, 0)
+    print(
+        f"\nideal flows of {len(names)} DSB val masks, connected objects >= 30 px (pooled AP@0.5, TP/FP/FN)"
+    )
+    for key, r in rows.items():
+        tp, fp, fn = (sum(x[i] for x in r) for i in range(3))
+        ap, n_ok = pooled_ap(r), perfect[key]
+        print(f"  {key:14s} AP {ap:.4f}  TP/FP/FN {tp}/{fp}/{fn}  masks with AP 1.0: {n_ok}/{len(names)}")
+
+
+def connected_objects(mask: np.ndarray, min_size: int) -> np.ndarray:
+    """The connected pieces of every label of ``mask`` with at least ``min_size`` pixels, labelled 1..n."""
+    out = np.zeros(mask.shape, np.int64)
+    n = 0
+    for label, box in enumerate(ndi.find_objects(mask), start=1):
+        if box is None:
+            continue
+        pieces, _ = ndi.label(mask[box] == label)
+        for k in np.flatnonzero(np.bincount(pieces.ravel())[1:] >= min_size) + 1:
+            n += 1
+            out[box][pieces == k] = n
+    return out
 
 
 def predicted_flows(n: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]]:
@@ -461,6 +517,7 @@ def main() -> None:
     parser.add_argument("--big", action="store_true", help="add 4096^2 to the scaling table")
     parser.add_argument("--quick", action="store_true", help="skip the slow numpy reference flow_to_mask")
     parser.add_argument("--real", type=int, default=4, help="DSB val images for the predicted flows")
+    parser.add_argument("--ideal", type=int, default=66, help="DSB val masks for the ideal-flow recovery")
     parser.add_argument("--cellpose-only", action="store_true", help="only flow_to_mask vs cellpose")
     args = parser.parse_args()
     if args.threads:
@@ -473,11 +530,11 @@ def main() -> None:
     )
     print(f"input: {source}, {len(np.unique(mask)) - 1} objects, {(mask > 0).mean():.0%} foreground")
     if args.cellpose_only:
-        bench_cellpose(mask, mask_to_flow(mask), args.rounds, args.real, flows_only=True)
+        bench_cellpose(mask, mask_to_flow(mask), args.rounds, args.real, True, args.ideal)
     else:
         flow = bench_mask_to_flow(mask, args.rounds)
         bench_flow_to_mask(flow, mask, args.rounds, reference=not args.quick)
-        bench_cellpose(mask, flow, args.rounds, args.real)
+        bench_cellpose(mask, flow, args.rounds, args.real, False, args.ideal)
         bench_agreement(args.rounds)
         bench_scaling(mask, args.big)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")

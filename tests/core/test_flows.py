@@ -279,8 +279,9 @@ def test_ideal_flow_gives_back_every_object_of_min_size(
     ``min_seed_cnts`` pixels comes back (AP@0.5 1.0). Smaller objects are dropped on purpose (fewer pixels
     than a seed needs); the flow is made from the whole mask, small objects included. Objects are the
     connected pieces of the labels (a label in two pieces has two sinks). Known exceptions, not in these
-    masks (see ``flow_to_mask``, Notes): sinks within 2 cells of each other, thin objects cut by the
-    image border, and non-convex objects whose pixels end in two cells."""
+    masks (see ``flow_to_mask``, Notes): sinks within 2 cells of each other, objects whose ideal flow
+    sends pixels into a neighbouring label, and, in exact mode only, thin objects cut by the image border
+    (``test_flows_recovery.py``)."""
     mask = fx[f"mask.{name[7:]}"] if name.startswith("parity:") else dsb_labels(name, 512)
     kept = objects_above(mask, MIN_SEED_CNTS)
     assert kept.max() >= 4

@@ -2,9 +2,8 @@
 
 The semantics are those of the original ctxseg ``segmentation/flow.py`` (``shared/parity/README.md``
 item 22); the parity tests check them against the original's outputs. Layouts are channel first, as in
-:mod:`napari_ctxseg.core.flows.from_masks`: 2D flow ``(2, H, W)`` (dy, dx), 3D flow ``(3, D, H,
-W)`` (dz, dy, dx),
-optionally batched.
+:mod:`napari_ctxseg.core.flows.from_masks`: 2D flow ``(2, H, W)`` (dy, dx), 3D flow ``(3, D, H, W)``
+(dz, dy, dx), optionally batched.
 
 Implementation notes
 --------------------
@@ -14,7 +13,10 @@ point or a 2-cycle: the position sequence is deterministic, so the remaining ite
 this is exact, not an approximation. Pixels are independent, so they are followed in chunks of 16384
 (10922 in 3D) whose state stays in the CPU caches. ``mode="fast"`` (the default) composes flow maps
 instead (:mod:`napari_ctxseg.core.flows.maps`): ``log2(niter)`` bilinear reads per pixel instead of up to
-``niter``. Seeds and their expansion are evaluated only at the cells where enough pixels landed.
+``niter``. Only the pixels whose flow is not 0 are followed, counted and looked up (the others stay in
+their own cell: one strided fill of the counts and one strided copy of the labels); seeds and their
+expansion (:mod:`napari_ctxseg.core.flows.seeds`) are evaluated only at the cells where enough pixels
+landed. The step-by-step walkers of ``"exact"`` are in :mod:`napari_ctxseg.core.flows.walkers`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import torch
 from ..errors import InputError
 from .from_masks import _as_flow_tensor, flow_error
 from .maps import follow_by_composition
+from .seeds import _Grid, _label_cells
+from .walkers import _run, _Walkers
 
 __all__ = ["flow_to_mask"]
 
@@ -135,89 +139,6 @@ def _initial_positions(spatial: Sequence[int], batch: int, device: torch.device)
     return grid.repeat(1, batch) if batch > 1 else grid
 
 
-class _Walkers:
-    """Pixels being followed: index, flow-table base, positions (current and two previous), moves left.
-
-    Each walker carries its own state, so any subset can be advanced, set aside or merged with others
-    without changing its trajectory.
-    """
-
-    _FLAT = ("pix", "base", "left")
-    _POSITIONS = ("p", "prev", "prev2")
-
-    def __init__(self, pix: torch.Tensor, base: torch.Tensor, p: torch.Tensor, niter: int) -> None:
-        self.pix, self.base, self.p = pix, base, p
-        self.prev = self.prev2 = p
-        self.left = torch.full(pix.shape, niter, dtype=torch.int32, device=pix.device)
-
-    def __len__(self) -> int:
-        return self.pix.shape[0]
-
-    def advance(self, follower: _Follower) -> None:
-        """Move every walker with moves left by one iteration (the others stay put)."""
-        v, _ = follower.velocity(self.p, self.base)
-        m = self.left.clamp(0, 1)
-        new = self.p + v * m.to(torch.float32)  # v * 1 == v: a step is exactly the original's
-        self.left = self.left - m
-        self.prev2, self.prev, self.p = self.prev, self.p, follower.clip(new)
-
-    def settled(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Walkers whose final cell is known, and whether it is that of ``prev`` (else of ``p``).
-
-        Known: no moves left; a fixed point (``p == prev``); or a 2-cycle
-        (``p == prev2``: the last position is ``p`` if the moves left are even, else ``prev``). The
-        position sequence is deterministic, so this is exact.
-        """
-        fixed = (self.p == self.prev).all(0)
-        cycle = (self.p == self.prev2).all(0) & ~fixed
-        done = fixed | cycle | (self.left <= 0)
-        return done, cycle & (self.left & 1).bool()
-
-    def select(self, index: torch.Tensor) -> _Walkers:
-        """The walkers ``index`` (a new object)."""
-        out = object.__new__(_Walkers)
-        for name in self._FLAT:
-            setattr(out, name, getattr(self, name).index_select(0, index))
-        for name in self._POSITIONS:
-            setattr(out, name, getattr(self, name).index_select(1, index))
-        return out
-
-    @staticmethod
-    def merge(groups: list[_Walkers]) -> _Walkers:
-        """All walkers of ``groups`` in one object."""
-        out = object.__new__(_Walkers)
-        for name in _Walkers._FLAT:
-            setattr(out, name, torch.cat([getattr(g, name) for g in groups]))
-        for name in _Walkers._POSITIONS:
-            setattr(out, name, torch.cat([getattr(g, name) for g in groups], 1))
-        return out
-
-
-def _run(walkers: _Walkers, follower: _Follower, final: torch.Tensor, until: int) -> _Walkers | None:
-    """Advance ``walkers`` until none is left (returns None) or fewer than ``until`` are (returns those).
-
-    The final positions of the walkers that settle are written into ``final``.
-    """
-    step = 0
-    while True:
-        walkers.advance(follower)
-        step += 1
-        if step % 2:  # settle every second step: compacting costs about as much as a step
-            continue
-        done, use_prev = walkers.settled()
-        if not bool(done.any()):
-            continue
-        idx = torch.nonzero(done)[:, 0]
-        chosen = torch.where(use_prev, walkers.prev, walkers.p).index_select(1, idx)
-        final.index_copy_(1, walkers.pix.index_select(0, idx), chosen)
-        keep = torch.nonzero(~done)[:, 0]
-        if keep.numel() == 0:
-            return None
-        walkers = walkers.select(keep)
-        if len(walkers) < until:
-            return walkers
-
-
 # values per walker-chunk operation: small enough for the CPU caches, and to stay under torch's
 # 32768-element threshold for multi-threading (on a busy machine, each multi-threaded operation
 # can wait milliseconds for a descheduled thread; measured: 0.86 s instead of 15 s for 512x512 with 2
@@ -228,6 +149,32 @@ _CHUNK_VALUES = 1 << 15
 def _follow(flow: torch.Tensor, niter: int, fast: bool, step_size: float = 1.0) -> torch.Tensor:
     """Final positions ``(d, B * prod(spatial))`` after ``niter`` iterations of ``step_size * flow``.
 
+    Every pixel: those that do not move keep their centre (see :func:`_follow_moving`).
+    """
+    b, _, *spatial = flow.shape
+    moving = _Moving(flow)
+    moved = _follow_moving(flow, moving, niter, fast, step_size)
+    return _initial_positions(spatial, b, flow.device).index_copy_(1, moving.pix, moved)
+
+
+class _Moving:
+    """The pixels of a batch of flows whose own flow is not 0: flat index, image and coordinates."""
+
+    def __init__(self, flow: torch.Tensor) -> None:
+        _, _, *spatial = flow.shape
+        found = torch.nonzero((flow != 0).any(1))  # (M, 1 + d): image, then coordinates; no division
+        self.image = found[:, 0]
+        self.coords = found[:, 1:].T.contiguous()  # (d, M)
+        self.pix = self.image * int(np.prod(spatial))
+        for j in range(len(spatial)):
+            self.pix = self.pix + self.coords[j] * int(np.prod(spatial[j + 1 :]))
+
+
+def _follow_moving(
+    flow: torch.Tensor, moving: _Moving, niter: int, fast: bool, step_size: float = 1.0
+) -> torch.Tensor:
+    """Final positions ``(d, M)`` of the ``moving`` pixels.
+
     Pixels whose own flow is exactly 0 never move (the first read is at their centre) and are not
     followed. ``fast``: the others by composing flow maps
     (:func:`~napari_ctxseg.core.flows.maps.follow_by_composition`). Else step by step; a pixel leaves the
@@ -235,22 +182,20 @@ def _follow(flow: torch.Tensor, niter: int, fast: bool, step_size: float = 1.0) 
     they are followed in chunks of nearby pixels (the flow reads stay in cache); each chunk's last
     stragglers are pooled and finished together.
     """
-    b, _, *spatial = flow.shape
-    n_pix = int(np.prod(spatial))
-    final = _initial_positions(spatial, b, flow.device)
-    pix = torch.nonzero((flow != 0).any(1).reshape(-1))[:, 0]  # step_size * flow != 0 alike (> 0)
-    if niter <= 0 or step_size == 0 or pix.numel() == 0:
+    final = moving.coords.to(torch.float32) + 0.5  # the centres, as _initial_positions
+    n = final.shape[1]
+    if niter <= 0 or step_size == 0 or n == 0:
         return final
     follower = _Follower(flow, step_size, table=not fast)
-    base = ((pix // n_pix) * follower.batch_stride + follower.pad_base).to(follower.index_dtype)
+    base = (moving.image * follower.batch_stride + follower.pad_base).to(follower.index_dtype)
     size = _CHUNK_VALUES // follower.d  # walkers per chunk: (d, size) positions
     if fast:
-        moved = follow_by_composition(follower, final.index_select(1, pix), base, niter, size)
-        return final.index_copy_(1, pix, moved)
+        return follow_by_composition(follower, final, base, niter, size)
+    local = torch.arange(n, device=flow.device)  # walkers write into ``final`` by these
     stragglers = []
-    for start in range(0, pix.numel(), size):
+    for start in range(0, n, size):
         chunk = slice(start, start + size)
-        walkers = _Walkers(pix[chunk], base[chunk], final.index_select(1, pix[chunk]), niter)
+        walkers = _Walkers(local[chunk], base[chunk], final[:, chunk].clone(), niter)  # not a view
         rest = _run(walkers, follower, final, until=max(len(walkers) // 16, 1024))
         if rest is not None:
             stragglers.append(rest)
@@ -260,88 +205,6 @@ def _follow(flow: torch.Tensor, niter: int, fast: bool, step_size: float = 1.0) 
             index = torch.arange(start, min(start + size, len(merged)), device=flow.device)
             _run(merged.select(index), follower, final, until=0)
     return final
-
-
-class _Grid:
-    """Flat indexing of a batch of images zero-padded by ``pad`` cells on every side of every axis.
-
-    Neighbour reads up to ``pad`` cells away then need no bounds checks and never cross images.
-    """
-
-    def __init__(self, batch: int, spatial: Sequence[int], pad: int, device: torch.device) -> None:
-        self.spatial, self.pad, self.device = list(spatial), pad, device
-        padded = [s + 2 * pad for s in spatial]
-        self.strides = [int(np.prod(padded[j + 1 :])) for j in range(len(spatial))]
-        self.image_size = int(np.prod(padded))
-        self.size = batch * self.image_size
-
-    def index(self, cells: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """Flat index of the cells ``(d, N)`` (unpadded coordinates) of images ``image`` ``(N,)``."""
-        idx = image * self.image_size
-        for j, stride in enumerate(self.strides):
-            idx = idx + (cells[j] + self.pad) * stride
-        return idx
-
-    def window(self, size: int) -> torch.Tensor:
-        """Flat offsets of a ``size``-wide window, XLA ``'SAME'``: ``-((size - 1) // 2) .. size // 2``."""
-        lo = (size - 1) // 2
-        offsets = np.zeros(1, np.int64)
-        for stride in self.strides:
-            offsets = (offsets[:, None] + np.arange(-lo, size - lo)[None, :] * stride).reshape(-1)
-        return torch.from_numpy(offsets).to(self.device)
-
-    def image_id(self, idx: torch.Tensor) -> torch.Tensor:
-        """``1 +`` the row-major index, inside its (unpadded) image, of the flat cells ``idx``."""
-        rem = idx % self.image_size
-        out = torch.zeros_like(idx)
-        for j, stride in enumerate(self.strides):
-            inner = int(np.prod(self.spatial[j + 1 :]))
-            out = out + (rem // stride - self.pad) * inner
-            rem = rem % stride
-        return out + 1
-
-
-def _window_max_at(values: torch.Tensor, idx: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Max of the flat ``values`` over the window ``offsets`` around each cell of ``idx``."""
-    out = values.index_select(0, idx + offsets[0])
-    for off in offsets[1:].tolist():
-        out = torch.maximum(out, values.index_select(0, idx + off))
-    return out
-
-
-def _label_cells(
-    counts: torch.Tensor,
-    grid: _Grid,
-    window_size: int,
-    min_seed_cnts: int,
-    expand_repeats: int,
-    expand_min_cnts: int,
-) -> torch.Tensor:
-    """Label of every cell (flat, padded ``grid``) from the number of pixels that landed in it.
-
-    Both count thresholds must be >= 1 (so that padding cells are never labelled).
-
-    The original's rule (``reduce_window`` maxima with ``'SAME'`` padding), computed only at the cells
-    where it can give a label (``counts >= min_seed_cnts`` for seeds, ``>= expand_min_cnts`` for the
-    expansion): the rest of the image is background whatever the window maxima are there.
-    """
-    labels = torch.zeros_like(counts)
-    window = grid.window(window_size)
-    strong = torch.nonzero(counts >= min_seed_cnts)[:, 0]
-    if strong.numel():
-        threshold = _window_max_at(counts, strong, window).clamp_min(min_seed_cnts)
-        seeds = strong[counts.index_select(0, strong) >= threshold]
-        labels.index_copy_(0, seeds, grid.image_id(seeds))
-        labels.index_copy_(0, strong, _window_max_at(labels, strong, window))  # reads seeds only
-    neighbours = grid.window(3)
-    grow = torch.nonzero((counts >= expand_min_cnts) & (labels == 0))[:, 0]
-    for _ in range(expand_repeats):
-        if grow.numel() == 0:
-            break
-        new = _window_max_at(labels, grow, neighbours)  # all cells update from the same old labels
-        labels.index_copy_(0, grow, new)
-        grow = grow[new == 0]
-    return labels
 
 
 def flow_to_mask(
@@ -420,23 +283,49 @@ def flow_to_mask(
     reads per pixel (11 for 200) instead of up to ``niter``. Where the map is smooth between pixel centres
     (inside an object, and at a sink, where all neighbours go to the same point) the reads are
     faithful; they are not across the border between two basins, which pixels have left after the first 8
-    iterations. On ideal flows of DSB masks it gives the labels of ``"exact"``; on the bundled model's
-    flows of DSB ``val`` its AP@0.5 is 0.7401 against 0.7398 for ``"exact"`` (2346 / 297 / 527 against
-    2354 / 309 / 519 TP / FP / FN; 18 of 66 label images identical), at ~4x the speed
-    (``docs/benchmarks.md``).
+    iterations. On ideal flows of DSB masks its positions give the cells of ``"exact"``. On the bundled
+    model's flows of the 66 DSB ``val`` images (the pipeline's flow threshold, resizing and ``min_size``,
+    as in ``benchmarks/bench_flows.py``) its AP@0.5 is 0.7342 against 0.7346 for ``"exact"`` (2367 / 351 /
+    506 against 2353 / 330 / 520 TP / FP / FN; 0.7338 before the border pass of issue 29), at ~3-4x the
+    speed (``docs/benchmarks.md``). Pointer jumping on cells instead (each cell sent to the cell of its
+    ``D_8``, the map squared) was tried for issue 29: 1.5x faster, but 0.7165 there (sinks break into
+    nearby fixed points and cycles of the cell map) and it loses the thin objects at the border.
 
     What the rule drops on purpose: an object is found when at least ``min_seed_cnts`` of its pixels land
     in one cell, so objects smaller than ``min_seed_cnts`` (30) pixels never are; neither are two
     objects whose sinks lie within ``window_size // 2`` cells of each other (the weaker joins the
-    stronger), nor an object whose pixels end spread over several cells with fewer than
-    ``min_seed_cnts`` in each (thin objects cut by the image border). Both modes, as the original.
+    stronger), nor, in ``"exact"`` mode as in the original, an object whose pixels end spread over
+    several cells with fewer than ``min_seed_cnts`` in each. ``"fast"`` (since issue 29) also seeds
+    such spread sinks within 3 cells of the image border, where thin objects cut by the border leave their
+    pixels still creeping after ``niter`` iterations (``border_pass`` of
+    :func:`napari_ctxseg.core.flows.seeds._label_cells`); it keeps every label of the original's rule.
+    From ideal flows (:func:`~napari_ctxseg.core.flows.from_masks.mask_to_flow`) of the 66 DSB ``val``
+    masks it then gives back every connected object of >= 30 pixels in 60 masks; in the 6 others the flow
+    itself sends pixels into a neighbouring label (the original's ``mask_to_flow`` takes its gradient
+    across label borders), so an object loses pixels to its neighbour's sink or a small one gains them.
 
     On CUDA the float32 arithmetic may round differently (fused multiply-adds), so ``"exact"`` matches
     the original only up to such rounding there. Memory (``"exact"``): the flow is read from a table
     holding the 4 corners of every cell (4 times the float32 flow), plus a few values per pixel (about 52
     bytes per pixel at the peak for a 2D flow, the input not counted); ``"fast"`` keeps the padded flow
     and ``popcount(niter) + 2`` displacement fields of the same size (5 for 200: about 48 bytes per
-    pixel in 2D), plus a few values per moving pixel.
+    pixel in 2D), plus a few values per moving pixel (both measured before issue 29, which counts only
+    the moving pixels and so needs less).
+
+    Examples
+    --------
+    Three objects and their ideal flow; the third is 2 pixels wide along the image border, which the
+    original's rule (``"exact"``) misses and the default mode finds:
+
+    >>> import numpy as np
+    >>> from napari_ctxseg.core.flows.from_masks import mask_to_flow
+    >>> mask = np.zeros((40, 40), np.int32)
+    >>> mask[5:15, 5:15], mask[20:35, 18:30], mask[12:28, :2] = 1, 2, 3
+    >>> labels = flow_to_mask(mask_to_flow(mask))
+    >>> labels.dtype, len(np.unique(labels)) - 1
+    (dtype('uint32'), 3)
+    >>> len(np.unique(flow_to_mask(mask_to_flow(mask), mode="exact"))) - 1
+    2
     """
     if mode not in ("fast", "exact"):
         raise InputError(f"mode must be one of 'fast', 'exact', got {mode!r}")
@@ -455,18 +344,22 @@ def flow_to_mask(
         raise InputError(f"step_size must be a finite number, got {step_size!r}")
     t, batched = _as_flow_tensor(flow, device)
     b, _, *spatial = t.shape
-    final = _follow(t, int(niter), mode == "fast", float(step_size))  # a Python scalar keeps float32
-    cells = final.to(torch.int64)  # truncation (positions are >= 0)
-    del final
-    n_pix = int(np.prod(spatial))
+    # a Python scalar step keeps float32
+    moving = _Moving(t)
+    moved = _follow_moving(t, moving, int(niter), mode == "fast", float(step_size))
     grid = _Grid(b, spatial, max((window_size - 1) // 2, window_size // 2, 1), t.device)
-    # (d, B, n_pix) cells and (B, 1) image numbers broadcast: no per-pixel copy of the image numbers
-    images = torch.arange(b, device=t.device)[:, None]
-    cell = grid.index(cells.view(len(spatial), b, n_pix), images).reshape(-1)
-    del cells
-    counts = torch.bincount(cell, minlength=grid.size)
-    labels = _label_cells(counts, grid, int(window_size), min_seed_cnts, expand_repeats, expand_min_cnts)
-    mask = labels.index_select(0, cell).reshape(b, *spatial)
+    own = grid.index(moving.coords, moving.image)  # the cells the moving pixels leave
+    cell = grid.index(moved.to(torch.int64), moving.image)  # where they land (positions >= 0: truncation)
+    del moved
+    counts = torch.zeros(grid.size, dtype=torch.int64, device=t.device)
+    grid.interior(counts).fill_(1)  # one pixel in each cell of an image, less those that moved
+    ones = torch.ones_like(cell)
+    counts.index_add_(0, own, -ones).index_add_(0, cell, ones)
+    rule = (int(window_size), min_seed_cnts, expand_repeats, expand_min_cnts)
+    labels = _label_cells(counts, grid, *rule, border_pass=mode == "fast")
+    mask = grid.interior(labels).reshape(-1)  # a copy: the label of each pixel's own cell
+    mask.index_copy_(0, moving.pix, labels.index_select(0, cell))  # the moving pixels: where they landed
+    mask = mask.reshape(b, *spatial)
     out = mask.cpu().numpy().astype(np.uint32)
     if max_flow_err > 0:
         flows = t.cpu().numpy()
