@@ -354,7 +354,12 @@ def bench_ideal_val(dynamics, n: int) -> None:
     except (ImportError, FileNotFoundError):
         print("DSB data not found: ideal val flows skipped")
         return
-    rows: dict[str, list[tuple]] = {"cellpose": [], "ours (fast)": [], "ours (exact)": []}
+    rows: dict[str, list[tuple]] = {
+        "cellpose": [],
+        "ours (fast)": [],
+        "ours (fast, border_seeds)": [],
+        "ours (exact)": [],
+    }
     perfect = dict.fromkeys(rows, 0)
     for name in names:
         gt = tifffile.imread(DATA / "labels" / f"{name}.tif").astype(np.int64)
@@ -363,6 +368,7 @@ def bench_ideal_val(dynamics, n: int) -> None:
         outs = {
             "cellpose": cellpose_masks(dynamics, flow, gt > 0),
             "ours (fast)": flow_to_mask(flow).astype(np.int64),
+            "ours (fast, border_seeds)": flow_to_mask(flow, border_seeds=True).astype(np.int64),
             "ours (exact)": flow_to_mask(flow, mode="exact").astype(np.int64),
         }
         for key, out in outs.items():
@@ -375,7 +381,7 @@ def bench_ideal_val(dynamics, n: int) -> None:
     for key, r in rows.items():
         tp, fp, fn = (sum(x[i] for x in r) for i in range(3))
         ap, n_ok = pooled_ap(r), perfect[key]
-        print(f"  {key:14s} AP {ap:.4f}  TP/FP/FN {tp}/{fp}/{fn}  masks with AP 1.0: {n_ok}/{len(names)}")
+        print(f"  {key:26s} AP {ap:.4f}  TP/FP/FN {tp}/{fp}/{fn}  masks with AP 1.0: {n_ok}/{len(names)}")
 
 
 def connected_objects(mask: np.ndarray, min_size: int) -> np.ndarray:

@@ -1,5 +1,5 @@
-"""Exact recovery from ideal flows: ``flow_to_mask(mask_to_flow(mask))`` gives back every object of at least
-``min_seed_cnts`` pixels with the default settings (issue 29), and where it cannot, the flow is the cause."""
+"""Recovery from ideal flows: ``flow_to_mask(mask_to_flow(mask), border_seeds=True)`` gives back every object
+of at least ``min_seed_cnts`` pixels, and where it cannot, the flow itself is the cause."""
 
 from __future__ import annotations
 
@@ -70,12 +70,12 @@ def leaking_labels(mask: np.ndarray, flow: np.ndarray) -> set[int]:
 def test_thin_object_at_the_border_comes_back() -> None:
     """A 16 x 2 object along the image border: its pixels oscillate across it (the flow outside the image
     reads 0) and still creep along the border after 200 iterations, spread over a few cells with fewer than
-    30 each. The original's rule ("exact") finds nothing there; the default mode seeds it."""
+    30 each. The original's rule ("exact", and "fast" by default) finds nothing there; border_seeds does."""
     mask = np.zeros((48, 48), np.int32)
     mask[10:26, :2] = 1
     mask[30:40, 20:30] = 2
     flow = mask_to_flow(mask)
-    exact, fast = flow_to_mask(flow, mode="exact"), flow_to_mask(flow)
+    exact, fast = flow_to_mask(flow, mode="exact"), flow_to_mask(flow, border_seeds=True)
     assert (exact[mask == 1] == 0).all()  # the original's rule: 32 pixels, no seed
     assert matching_scores(fast.astype(np.int64), mask, thresholds=(0.5,))[0.5].ap == 1.0
     np.testing.assert_array_equal(fast[mask != 1], exact[mask != 1])  # the other object as before
@@ -87,7 +87,9 @@ def test_dsb_objects_at_the_border_come_back(name: str) -> None:
     mask = dsb_val_labels()[name]
     kept = objects_above(mask, MIN_SEED_CNTS)
     flow = mask_to_flow(mask)
-    fast = matching_scores(flow_to_mask(flow).astype(np.int64), kept, thresholds=(0.5,))[0.5]
+    fast = matching_scores(flow_to_mask(flow, border_seeds=True).astype(np.int64), kept, thresholds=(0.5,))[
+        0.5
+    ]
     exact = matching_scores(flow_to_mask(flow, mode="exact").astype(np.int64), kept, thresholds=(0.5,))[0.5]
     assert (fast.fp, fast.fn) == (0, 0)
     assert exact.fn == 1
@@ -104,7 +106,7 @@ def test_ideal_flows_of_every_dsb_val_mask() -> None:
     for name, mask in masks.items():
         kept = objects_above(mask, MIN_SEED_CNTS)
         flow = mask_to_flow(mask)
-        out = flow_to_mask(flow).astype(np.int64)
+        out = flow_to_mask(flow, border_seeds=True).astype(np.int64)
         scores = matching_scores(out, kept, thresholds=(0.5,))[0.5]
         if (scores.fp, scores.fn) == (0, 0):
             perfect += 1

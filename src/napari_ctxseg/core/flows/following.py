@@ -218,6 +218,7 @@ def flow_to_mask(
     expand_min_cnts: int = 2,
     max_flow_err: float = 0.0,
     mode: Literal["fast", "exact"] = "fast",
+    border_seeds: bool = False,
     device: str | torch.device | None = None,
 ) -> np.ndarray:
     """Instance labels from a flow field (the original's ``flow_to_mask``).
@@ -246,6 +247,10 @@ def flow_to_mask(
     mode : {"fast", "exact"}
         ``"exact"``: the original's arithmetic (its labels on every parity fixture, 0 pixels differ).
         ``"fast"``: the first 8 iterations as the original, then flow maps composed; see Notes.
+    border_seeds : bool
+        ``"fast"`` only: also seed the spread sinks of thin objects cut by the image border (see Notes).
+        Off by default: it finds them in ideal flows, but on the bundled model's flows it adds more false
+        objects than true ones.
     device : str or torch.device, optional
         Where to compute. Default: the tensor's device, CPU for numpy input.
 
@@ -286,7 +291,7 @@ def flow_to_mask(
     iterations. On ideal flows of DSB masks its positions give the cells of ``"exact"``. On the bundled
     model's flows of the 66 DSB ``val`` images (the pipeline's flow threshold, resizing and ``min_size``,
     as in ``benchmarks/bench_flows.py``) its AP@0.5 is 0.7342 against 0.7346 for ``"exact"`` (2367 / 351 /
-    506 against 2353 / 330 / 520 TP / FP / FN; 0.7338 before the border pass of issue 29), at ~3-4x the
+    506 against 2353 / 330 / 520 TP / FP / FN, with ``border_seeds``; 0.7338 without), at ~3-4x the
     speed (``docs/benchmarks.md``). Pointer jumping on cells instead (each cell sent to the cell of its
     ``D_8``, the map squared) was tried for issue 29: 1.5x faster, but 0.7165 there (sinks break into
     nearby fixed points and cycles of the cell map) and it loses the thin objects at the border.
@@ -295,14 +300,17 @@ def flow_to_mask(
     in one cell, so objects smaller than ``min_seed_cnts`` (30) pixels never are; neither are two
     objects whose sinks lie within ``window_size // 2`` cells of each other (the weaker joins the
     stronger), nor, in ``"exact"`` mode as in the original, an object whose pixels end spread over
-    several cells with fewer than ``min_seed_cnts`` in each. ``"fast"`` (since issue 29) also seeds
+    several cells with fewer than ``min_seed_cnts`` in each. With ``border_seeds``, ``"fast"`` also seeds
     such spread sinks within 3 cells of the image border, where thin objects cut by the border leave their
     pixels still creeping after ``niter`` iterations (``border_pass`` of
     :func:`napari_ctxseg.core.flows.seeds._label_cells`); it keeps every label of the original's rule.
     From ideal flows (:func:`~napari_ctxseg.core.flows.from_masks.mask_to_flow`) of the 66 DSB ``val``
-    masks it then gives back every connected object of >= 30 pixels in 60 masks; in the 6 others the flow
-    itself sends pixels into a neighbouring label (the original's ``mask_to_flow`` takes its gradient
-    across label borders), so an object loses pixels to its neighbour's sink or a small one gains them.
+    masks it then gives back every connected object of >= 30 pixels in 60 masks (58 without); in the 6
+    others the flow itself sends pixels into a neighbouring label (the original's ``mask_to_flow`` takes
+    its gradient across label borders), so an object loses pixels to its neighbour's sink or a small one
+    gains them. It is off by default because on the bundled model's flows, through the whole pipeline
+    (``benchmarks/eval_dsb.py``, 1 step x 1 sample, 66 ``val`` images), it added 25 true and 43 false
+    objects (AP@0.5 0.734 -> 0.732, colour images 0.636 -> 0.626).
 
     On CUDA the float32 arithmetic may round differently (fused multiply-adds), so ``"exact"`` matches
     the original only up to such rounding there. Memory (``"exact"``): the flow is read from a table
@@ -315,16 +323,16 @@ def flow_to_mask(
     Examples
     --------
     Three objects and their ideal flow; the third is 2 pixels wide along the image border, which the
-    original's rule (``"exact"``) misses and the default mode finds:
+    original's rule misses and ``border_seeds`` finds:
 
     >>> import numpy as np
     >>> from napari_ctxseg.core.flows.from_masks import mask_to_flow
     >>> mask = np.zeros((40, 40), np.int32)
     >>> mask[5:15, 5:15], mask[20:35, 18:30], mask[12:28, :2] = 1, 2, 3
-    >>> labels = flow_to_mask(mask_to_flow(mask))
+    >>> labels = flow_to_mask(mask_to_flow(mask), border_seeds=True)
     >>> labels.dtype, len(np.unique(labels)) - 1
     (dtype('uint32'), 3)
-    >>> len(np.unique(flow_to_mask(mask_to_flow(mask), mode="exact"))) - 1
+    >>> len(np.unique(flow_to_mask(mask_to_flow(mask)))) - 1
     2
     """
     if mode not in ("fast", "exact"):
@@ -356,7 +364,7 @@ def flow_to_mask(
     ones = torch.ones_like(cell)
     counts.index_add_(0, own, -ones).index_add_(0, cell, ones)
     rule = (int(window_size), min_seed_cnts, expand_repeats, expand_min_cnts)
-    labels = _label_cells(counts, grid, *rule, border_pass=mode == "fast")
+    labels = _label_cells(counts, grid, *rule, border_pass=border_seeds and mode == "fast")
     mask = grid.interior(labels).reshape(-1)  # a copy: the label of each pixel's own cell
     mask.index_copy_(0, moving.pix, labels.index_select(0, cell))  # the moving pixels: where they landed
     mask = mask.reshape(b, *spatial)
