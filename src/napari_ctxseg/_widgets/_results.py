@@ -113,45 +113,25 @@ def adapt_to_context(
 
     The copy is written to ``output`` (default: ``~/.napari-ctxseg/models/adapted-<time>.safetensors``) and
     listed among the recent checkpoints, so it can segment other images (or a batch) later. Progress is
-    by time. Closed (Cancel) before it ends, the partial copy is deleted.
+    by time. Closed (Cancel) before it ends, the partial copy is deleted
+    (:func:`~napari_ctxseg.services.adapt.adapt_to_context_steps`).
     """
-    from ..services.adapt import adapt_request, adapt_steps, default_adapted_path
+    from ..services.adapt import adapt_request, adapt_to_context_steps, default_adapted_path
     from ..services.recent import add_recent_checkpoint
 
-    seconds = float(settings.adapt_seconds)
     req = adapt_request(
         context.image,
         context.labels,
         context.region,
         checkpoint=settings.checkpoint,
-        seconds=seconds,
+        seconds=float(settings.adapt_seconds),
         seed=settings.seed,
         output=output or default_adapted_path(),
         device=settings.device,
         diameter=settings.diameter or "auto",
     )
-    path = Path(req.output)
-    finished = False
-    try:
-        done = yield from relay(
-            adapt_steps(req),
-            lambda p: PlanesProgress(
-                0,
-                1,
-                SegmentProgress(
-                    "adapt",
-                    int(min(p.elapsed_s, seconds)),
-                    max(1, int(seconds)),
-                    f"adapting to the context: step {p.step}, loss {p.loss:.3f}",
-                ),
-            ),
-        )
-        finished = done.path is not None
-    finally:
-        if not finished:
-            path.unlink(missing_ok=True)
-    if not finished:
-        raise CtxSegError("the adaptation ended before its first step; give it more time")
+    done = yield from _relay(adapt_to_context_steps(req), 0, 1)
+    path = Path(done.path or req.output)  # adapt_to_context_steps returns only when the copy was written
     add_recent_checkpoint(path)
     return path
 

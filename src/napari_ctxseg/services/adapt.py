@@ -32,9 +32,10 @@ from typing import Any, Literal
 import numpy as np
 
 from ..core.errors import ConfigError, InputError
+from ..core.pipeline import SegmentProgress
 from ..core.train.trainer import TrainProgress
 from .finetune import FinetuneResult, FinetuneSettings, finetune_request_from_arrays, run_finetune
-from .progress import run_to_end
+from .progress import relay, run_to_end
 from .training import TrainRequest
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "adapt_request",
     "adapt_settings",
     "adapt_steps",
+    "adapt_to_context_steps",
     "default_adapted_path",
 ]
 
@@ -185,6 +187,40 @@ def adapt_steps(
     """
     budget = req.config.time_budget_s
     return (yield from run_finetune(req, time_budget_s=budget, should_stop=should_stop, threads=threads))
+
+
+def adapt_to_context_steps(req: TrainRequest) -> Generator[SegmentProgress, None, FinetuneResult]:
+    """Run an adaptation from :func:`adapt_request` as a stage of a segmentation; returns its result.
+
+    Yields :class:`~napari_ctxseg.core.pipeline.SegmentProgress` of stage ``"adapt"``, by time within
+    the budget. Closed (Cancel) before it ends, or ending before its first step, it leaves no partial
+    copy behind; otherwise the result's ``path`` is the adapted copy (``req.output``).
+
+    Raises
+    ------
+    ConfigError
+        When the budget ended before the first step (nothing was learned).
+    """
+    seconds = max(1.0, float(req.config.time_budget_s or 0.0))
+    path = Path(req.output)
+    finished = False
+    try:
+        done = yield from relay(
+            adapt_steps(req),
+            lambda p: SegmentProgress(
+                "adapt",
+                int(min(p.elapsed_s, seconds)),
+                int(seconds),
+                f"adapting to the context: step {p.step}, loss {p.loss:.3f}",
+            ),
+        )
+        finished = done.path is not None
+    finally:
+        if not finished:
+            path.unlink(missing_ok=True)
+    if not finished:
+        raise ConfigError("the adaptation ended before its first step; give it more time")
+    return done
 
 
 def adapt(

@@ -31,14 +31,14 @@ import numpy as np
 
 from ..core.diffusion.denoisers import TTA_FLIPS
 from ..core.diffusion.solvers import SOLVERS, Solver
-from ..core.errors import ConfigError, InputError
+from ..core.errors import ConfigError
 from ..core.flows.labels import FlowParams, labels_from_flows, strong_flow_mask
 from ..core.nn.models import CtxSegP
 from ..core.pipeline import SegmentProgress
 from ..core.preprocess.channels import channel_record, select_channels
 from .auto_diameter import auto_diameter, auto_scale, context_diameter, measure_diameter, resolve_diameter
 from .models import LoadedModel, load_model
-from .progress import relay, run_to_end
+from .progress import run_to_end
 from .request import (
     MODEL_DIAMETER,
     SegmentRequest,
@@ -140,10 +140,8 @@ def _segment_adapted(req: SegmentRequest) -> Generator[SegmentProgress, None, Se
     """Adapt a copy of the model to the context (``req.adapt_seconds``), then segment with it."""
     import tempfile
 
-    from .adapt import adapt_request, adapt_steps
+    from .adapt import adapt_request, adapt_to_context_steps
 
-    if req.context_image is None:
-        raise InputError("adapting to a context needs a context: an image and its labels")
     images, labels, regions = zip(*references(req))
     with tempfile.TemporaryDirectory(prefix="ctxseg-adapted-") as tmp:
         areq = adapt_request(
@@ -157,14 +155,7 @@ def _segment_adapted(req: SegmentRequest) -> Generator[SegmentProgress, None, Se
             device=req.device,
             diameter=req.diameter,
         )
-        done = yield from relay(
-            adapt_steps(areq),
-            lambda p: SegmentProgress(
-                "adapt", min(p.step, p.total), p.total, f"adapting to the context (loss {p.loss:.3f})"
-            ),
-        )
-        if done.path is None:
-            raise ConfigError("the adaptation ended before its first step; give it more time")
+        done = yield from adapt_to_context_steps(areq)
         adapted = load_model(str(done.path), device=req.device)
         result: SegmentResult = yield from segment_steps(
             replace(req, adapt_seconds=0.0, checkpoint=str(done.path)), loaded=adapted
