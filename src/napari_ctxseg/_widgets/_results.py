@@ -6,7 +6,7 @@ Pure functions and generators (no Qt): the Segment widget runs the generators on
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,11 +52,15 @@ class PlanesResult:
     field_of_view: tuple[int, ...] | None = None
     # stacks: objects of consecutive planes with at least this IoU share a label (0: labels per plane)
     stitch_threshold: float = 0.0
+    # the stitched stack of ``results``, made once (not an init field: a ``replace`` starts without it)
+    stack_result: StackResult | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def stack(self) -> StackResult:
         """The per-plane results with their stitched labels (a stack service result)."""
-        return StackResult.of(self.results, self.source.leading_shape, self.stitch_threshold)
+        if self.stack_result is None:
+            self.stack_result = StackResult.of(self.results, self.source.leading_shape, self.stitch_threshold)
+        return self.stack_result
 
 
 def segment_planes(
@@ -95,15 +99,14 @@ def segment_planes(
         )
     except RuntimeError as exc:
         raise CtxSegError(f"{type(exc).__name__}: {exc}") from exc
-    for res in stack.results:
-        if adapted_from is not None:
-            res.metadata["adapted"] = {
-                "base": adapted_from,
-                "seconds": settings.adapt_seconds,
-                "path": settings.checkpoint,
-            }
+    if adapted_from is not None:
+        record = {"base": adapted_from, "seconds": settings.adapt_seconds, "path": settings.checkpoint}
+        for res in stack.results:
+            res.metadata["adapted"] = dict(record)
     flow = FlowParams(**stack.results[0].metadata["flow_params"])  # the settings' flow, or the calibrated
-    return PlanesResult(snap, stack.results, flow, field_of_view, settings.stitch_threshold)
+    planes = PlanesResult(snap, stack.results, flow, field_of_view, settings.stitch_threshold)
+    planes.stack_result = stack  # stitched by the service already
+    return planes
 
 
 def adapt_to_context(
@@ -131,9 +134,9 @@ def adapt_to_context(
         diameter=settings.diameter or "auto",
     )
     done = yield from _relay(adapt_to_context_steps(req), 0, 1)
-    path = Path(done.path or req.output)  # adapt_to_context_steps returns only when the copy was written
-    add_recent_checkpoint(path)
-    return path
+    assert done.path is not None  # adapt_to_context_steps raises when no copy was written
+    add_recent_checkpoint(done.path)
+    return done.path
 
 
 def _relay(
@@ -147,7 +150,9 @@ def rethreshold_steps(res: PlanesResult, flow: FlowParams) -> Generator[int, Non
     from ..services.stack import rethreshold_stack_steps
 
     stack = yield from rethreshold_stack_steps(res.stack, res.source.data, flow)
-    return replace(res, results=stack.results, flow=flow)
+    new = replace(res, results=stack.results, flow=flow)
+    new.stack_result = stack
+    return new
 
 
 def plane_labels(res: PlanesResult) -> np.ndarray:
@@ -155,17 +160,14 @@ def plane_labels(res: PlanesResult) -> np.ndarray:
     return res.stack.labels
 
 
-def stack_features(res: PlanesResult, labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def stack_features(res: PlanesResult) -> dict[str, np.ndarray]:
     """Per-object measurements (``index`` = the label in :func:`plane_labels`).
 
-    Pass the result of :func:`plane_labels` as ``labels`` when it is at hand, so the stack is not
-    stitched twice (:func:`~napari_ctxseg.services.stack.stack_features` says what is measured).
+    :func:`~napari_ctxseg.services.stack.stack_features` says what is measured.
     """
     from ..services.stack import stack_features as measure_stack_objects
 
-    lead, threshold = res.source.leading_shape, res.stitch_threshold
-    stack = res.stack if labels is None else StackResult(res.results, lead, threshold, labels)
-    return measure_stack_objects(stack, res.source.data)
+    return measure_stack_objects(res.stack, res.source.data)
 
 
 def provenance(res: PlanesResult) -> dict[str, Any]:
@@ -213,7 +215,7 @@ def result_layer_data(
             labels,
             {
                 "name": f"{src.name} ctxseg labels",
-                "features": stack_features(res, labels),
+                "features": stack_features(res),
                 "metadata": {"ctxseg": provenance(res)},
                 **place,
             },
@@ -260,7 +262,7 @@ def rethreshold_job(res: PlanesResult, flow: FlowParams) -> Generator[tuple[int,
         except StopIteration as stop:
             new = stop.value
             labels = plane_labels(new)
-            return new, labels, stack_features(new, labels)
+            return new, labels, stack_features(new)
         yield done, n
 
 

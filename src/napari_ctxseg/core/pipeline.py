@@ -38,7 +38,7 @@ from .diffusion.sampling import num_model_calls, sample_steps
 from .diffusion.solvers import ONE_STEP, Solver
 from .diffusion.tiling import pad_to_multiple, plan_tiles
 from .flows.from_masks import mask_to_flow
-from .flows.labels import FlowParams, labels_from_flows
+from .flows.labels import FlowParams, labels_from_flows, resize_labels
 from .nn.models import CtxSegP, PContext, SegP
 from .preprocess.normalize import model_input
 
@@ -142,7 +142,7 @@ def encode_contexts(
         region = np.ones(labels.shape, bool) if ref.region is None else np.asarray(ref.region).astype(bool)
         size = scaled_size(labels.shape, scale)
         img = _resize(img, size, "bilinear")
-        lab_t = _resize(torch.from_numpy(labels)[None, None].double(), size, "nearest")[0, 0].long().numpy()
+        lab_t = resize_labels(labels, size)
         reg_t = _resize(torch.from_numpy(region)[None, None].float(), size, "nearest")[0, 0] > 0.5
         flow = torch.from_numpy(mask_to_flow(lab_t).astype(np.float32))[None]
         flow = torch.where(reg_t[None, None], flow, torch.zeros_like(flow))

@@ -110,17 +110,12 @@ def inference_diameter(
     model's size; ``None``: the image as it is).
     """
     from .auto_diameter import auto_scale, context_diameter
-    from .request import MODEL_DIAMETER
+    from .request import diameter_scale
 
     measured = context_diameter(list(context_labels))
     if not measured > 0:
         return None
-    if diameter == "auto":
-        scale = auto_scale(measured)
-    elif diameter is None:
-        scale = 1.0
-    else:
-        scale = MODEL_DIAMETER / float(diameter)
+    scale = auto_scale(measured) if diameter == "auto" else diameter_scale(diameter)
     return measured * scale
 
 

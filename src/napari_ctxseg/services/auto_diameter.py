@@ -14,7 +14,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..core.flows.postprocess import median_diameter
-from ..core.pipeline import SegmentProgress
+from ..core.pipeline import ImageSegmentation, SegmentProgress
 from .models import LoadedModel, load_model
 from .progress import relay
 from .request import (
@@ -114,6 +114,9 @@ def context_diameter(labels: list[np.ndarray], regions: list[np.ndarray | None] 
     return median_diameter(np.concatenate(parts)) if parts else 0.0
 
 
+_Pass = tuple[SegmentRequest, ImageSegmentation, float]
+
+
 def measure_diameter(
     req: SegmentRequest, loaded: LoadedModel
 ) -> Generator[SegmentProgress, None, tuple[float, SegmentResult | None]]:
@@ -130,13 +133,14 @@ def measure_diameter(
     y0, x0 = max(0, (h - AUTO_PROBE_SIZE) // 2), max(0, (w - AUTO_PROBE_SIZE) // 2)
     crop = replace(req, image=image[y0 : y0 + AUTO_PROBE_SIZE, x0 : x0 + AUTO_PROBE_SIZE])
 
-    def probe(diameter: float | None) -> Generator[SegmentProgress, None, tuple[float, SegmentResult]]:
+    def probe(diameter: float | None) -> Generator[SegmentProgress, None, tuple[float, _Pass]]:
+        """The median diameter of one pass, and the pass (request, pipeline output, scale)."""
         one = replace(crop, diameter=diameter, steps=1, num_samples=1, tta=False)
         out, scale = yield from relay(
             request_steps(one, loaded, as_image(one.image, "image")),
             lambda p: SegmentProgress("size", p.done, p.total, "measuring object size"),
         )
-        return median_diameter(out.labels), request_result(one, loaded, out, scale, None)
+        return median_diameter(out.labels), (one, out, scale)
 
     at_model_scale, first = yield from probe(None)
     size = at_model_scale
@@ -157,7 +161,10 @@ def measure_diameter(
         # no downscale confirmed: small objects merged at half scale (e.g. ~5 px nuclei); the pass at the
         # model's scale measured them best
         size = at_model_scale
-    return size, (first if crop.image.shape[:2] == (h, w) else None)
+    if crop.image.shape[:2] != (h, w):
+        return size, None
+    one, out, scale = first
+    return size, request_result(one, loaded, out, scale, None)
 
 
 def resolve_diameter(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -347,13 +348,7 @@ def segment_files(
     try:
         if not workers and not scheduler:
             for p in todo:
-                try:
-                    add(segment_file(p, out_dir, options, True, settings))
-                except Exception as exc:
-                    failed = _failure(p, out_dir, exc)
-                    if failed is None:
-                        raise
-                    add(failed)
+                add(_outcome(p, out_dir, partial(segment_file, p, out_dir, options, True, settings)))
         else:
             _run_on_dask(todo, out_dir, options, settings, workers, scheduler, add)
     except KeyboardInterrupt:
@@ -361,6 +356,17 @@ def segment_files(
         raise
     order = {str(p): i for i, p in enumerate(paths)}
     return sorted(records, key=lambda r: order[r["input"]])
+
+
+def _outcome(path: Path, out_dir: Path, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The record of one file: what ``run`` returns, or a ``failed`` record for an error of that file only."""
+    try:
+        return run()
+    except Exception as exc:
+        failed = _failure(path, out_dir, exc)
+        if failed is None:
+            raise
+        return failed
 
 
 def _run_on_dask(
@@ -397,14 +403,7 @@ def _run_on_dask(
             for p in todo
         }
         for fut in as_completed(futures):
-            p = futures[fut]
-            try:
-                add(fut.result())
-            except Exception as exc:
-                failed = _failure(p, out_dir, exc)
-                if failed is None:
-                    raise
-                add(failed)
+            add(_outcome(futures[fut], out_dir, fut.result))
     finally:
         client.close()
         if cluster is not None:

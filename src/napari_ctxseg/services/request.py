@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Generator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import numpy as np
 
 from ..core.diffusion.denoisers import TTA_FLIPS
-from ..core.diffusion.solvers import Solver, check_solver
+from ..core.diffusion.solvers import ONE_STEP, Solver, check_solver
 from ..core.errors import ConfigError, InputError
 from ..core.flows.labels import FlowParams
 from ..core.pipeline import ImageSegmentation, Reference, SamplerSettings, SegmentProgress, segment_image
@@ -34,6 +34,7 @@ __all__ = [
     "SegmentRequest",
     "SegmentResult",
     "as_image",
+    "diameter_scale",
     "references",
     "request_result",
     "request_steps",
@@ -212,6 +213,17 @@ def validate_context(
         raise InputError(f"{names[1]!r} has no annotated object{where}")
 
 
+def diameter_scale(diameter: float | None) -> float:
+    """The rescale factor of a concrete ``diameter`` (pixels; None: the model's scale, 1.0).
+
+    Examples
+    --------
+    >>> diameter_scale(40.0), diameter_scale(None)
+    (0.5, 1.0)
+    """
+    return 1.0 if diameter is None else MODEL_DIAMETER / float(diameter)
+
+
 # ---- the run --------------------------------------------------------------------------------------------
 
 
@@ -224,21 +236,11 @@ def request_steps(
     """
     if req.diameter == "auto":
         raise ConfigError("the request's diameter must be resolved before it runs")
-    scale = 1.0 if req.diameter is None else MODEL_DIAMETER / float(req.diameter)
+    scale = diameter_scale(req.diameter)
     views = len(TTA_FLIPS) if req.tta else 1
     check_run_size(image.shape[:2], scale, num_samples=req.num_samples, views=views)
-    sampler = SamplerSettings(
-        steps=req.steps,
-        solver=req.solver,
-        discretization=req.discretization,
-        num_samples=req.num_samples,
-        seed=req.seed,
-        tta=bool(req.tta),
-        sigma_min=req.sigma_min,
-        sigma_max=req.sigma_max,
-        tile_size=req.tile_size,
-        tile_overlap=req.tile_overlap,
-    )
+    # the request's fields of the same names
+    sampler = SamplerSettings(**{f.name: getattr(req, f.name) for f in fields(SamplerSettings)})
     refs = [Reference(as_image(i, "context image"), lab, reg) for i, lab, reg in references(req)]
     out = yield from segment_image(
         loaded.model,
@@ -264,7 +266,7 @@ def request_result(
         "model_kind": loaded.info.kind,
         "seed": int(req.seed),
         "steps": req.steps,
-        "solver": "one_step" if req.steps == 1 else req.solver,
+        "solver": ONE_STEP if req.steps == 1 else req.solver,
         "discretization": req.discretization,
         "num_samples": req.num_samples,
         "tta": bool(req.tta),

@@ -224,6 +224,11 @@ class StackResult:
             labels = planes[0]
         return cls(results, tuple(leading_shape), stitch_threshold, labels)
 
+    @property
+    def planes(self) -> list[tuple[int, ...]]:
+        """The leading index of every plane, in the order of ``results`` (``[()]`` for one 2D image)."""
+        return list(np.ndindex(*self.leading_shape))
+
 
 def _at_plane(plane: int, planes: int) -> Callable[[SegmentProgress], StackProgress]:
     return lambda step: StackProgress(plane, planes, step)
@@ -252,26 +257,22 @@ def stack_steps(
     is segmented (:func:`plane_request`). A 2D image is one plane, segmented as ``segment_steps`` does.
     """
     lead = _leading(tuple(image.shape), rgb)
-    planes = list(np.ndindex(*lead)) if lead else [()]
+    planes = list(np.ndindex(*lead))  # [()] for one 2D image
     n = len(planes)
     if not lead:
-        result = yield from relay(
-            segment_steps(replace(base, image=_plane(image, ())), loaded=loaded),
-            lambda p: StackProgress(0, 1, p),
-        )
+        run = segment_steps(replace(base, image=_plane(image, ())), loaded=loaded)
+        result = yield from relay(run, _at_plane(0, 1))
         return StackResult.of([result], (), stitch_threshold)
     calibration = None
     if base.calibrate and base.context_image is not None:
         from .calibrate import calibrate_steps
 
         probe = replace(base, image=_plane(image, planes[0]))
-        cal = yield from relay(calibrate_steps(probe, loaded=loaded), lambda p: StackProgress(0, 1, p))
+        cal = yield from relay(calibrate_steps(probe, loaded=loaded), _at_plane(0, 1))
         calibration = cal.summary()
         base = replace(base, diameter=cal.diameter, flow=cal.flow)
     base = replace(base, calibrate=False)
-    base = yield from relay(
-        stack_request(base, image, planes, normalize, loaded), lambda p: StackProgress(0, n, p)
-    )
+    base = yield from relay(stack_request(base, image, planes, normalize, loaded), _at_plane(0, n))
     base = replace(base, diameter=base.diameter or MODEL_DIAMETER)  # None: the model's scale
     results = []
     for i, index in enumerate(planes):
@@ -318,9 +319,8 @@ def stack_features(stack: StackResult, image: Any) -> dict[str, np.ndarray]:
     """
     from .measure import measure_objects, merge_rows, plane_rows
 
-    planes = list(np.ndindex(*stack.leading_shape)) if stack.leading_shape else [()]
     tables, starts, offset = [], [], 0
-    for idx, r in zip(planes, stack.results):
+    for idx, r in zip(stack.planes, stack.results):
         t = measure_objects(r.labels, _plane(image, idx), sample_labels=r.sample_labels, flows=r.flows)
         t["label"] = t["label"] + offset
         tables.append((idx, t))
@@ -331,7 +331,7 @@ def stack_features(stack: StackResult, image: Any) -> dict[str, np.ndarray]:
         return table
     # each per-plane (offset) label belongs to one stitched object
     lut = np.zeros(offset + 1, np.int64)
-    for idx, r, start in zip(planes, stack.results, starts):
+    for idx, r, start in zip(stack.planes, stack.results, starts):
         inside = r.labels > 0
         lut[r.labels[inside].astype(np.int64) + start] = stack.labels[idx][inside]
     return merge_rows(table, lut[table["index"]])
@@ -341,9 +341,8 @@ def rethreshold_stack_steps(
     stack: StackResult, image: Any, flow: FlowParams
 ) -> Generator[int, None, StackResult]:
     """Labels from the cached model-scale flows with new flow settings (no network); yields planes done."""
-    planes = list(np.ndindex(*stack.leading_shape)) if stack.leading_shape else [()]
     out = []
-    for i, (idx, r) in enumerate(zip(planes, stack.results)):
+    for i, (idx, r) in enumerate(zip(stack.planes, stack.results)):
         labels, samples = labels_from_flows(
             r.flows_model_scale, flow, out_shape=r.labels.shape, image=_plane(image, idx)
         )

@@ -36,7 +36,7 @@ from .postprocess import (
     remove_small_instances,
 )
 
-__all__ = ["FlowParams", "labels_from_flows", "strong_flow_mask", "volume_labels"]
+__all__ = ["FlowParams", "labels_from_flows", "resize_labels", "strong_flow_mask", "volume_labels"]
 
 
 @dataclass(frozen=True)
@@ -145,10 +145,18 @@ def _clean(labels: np.ndarray, min_size: int, params: FlowParams, image: np.ndar
     return relabel_sequential(labels).astype(np.uint32)
 
 
-def _resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Integer labels ``(h, w)`` resized to ``shape`` with nearest neighbours (int64; as they are if equal).
+
+    Examples
+    --------
+    >>> resize_labels(np.array([[1, 2], [3, 4]]), (4, 4))[0]
+    array([1, 1, 2, 2])
+    """
+    labels = np.asarray(labels)
     if labels.shape == tuple(shape):
         return labels
-    lab = torch.from_numpy(labels)[None, None].double()
+    lab = torch.from_numpy(labels.astype(np.int64, copy=False))[None, None].double()
     return F.interpolate(lab, size=shape, mode="nearest-exact")[0, 0].long().numpy()
 
 
@@ -180,7 +188,7 @@ def labels_from_flows(
     out = []
     for lab in _follow(stack, params, params.flow_threshold):
         if out_shape is not None:
-            lab = _resize_labels(lab, out_shape)
+            lab = resize_labels(lab, out_shape)
         out.append(_clean(lab, params.min_size, params, image))
     return out[0], np.stack(out[1:] if len(flows) > 1 else out)
 
