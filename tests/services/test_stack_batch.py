@@ -165,6 +165,28 @@ def test_blended_flows_segment_objects_on_tile_borders_once() -> None:
     assert fused.max() == lab.max()
 
 
+def test_labels_left_without_their_table_by_an_interrupt_are_redone(tmp_path, tiny_checkpoint) -> None:
+    """An interrupt between the labels and the table of one image leaves the labels of this very run:
+    a re-run redoes that image (nothing else made them) and skips the complete ones."""
+    from napari_ctxseg.services.batch import segment_files
+
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"img{i}.tif"
+        tifffile.imwrite(p, blobs((48, 56), seed=i)[0])
+        paths.append(p)
+    out, options = tmp_path / "out", {"checkpoint": str(tiny_checkpoint), "device": "cpu"}
+    segment_files(paths, out, options=options)
+    (out / "img1_objects.csv").unlink()
+    records = segment_files(paths, out, options=options)
+    assert [r["status"] for r in records] == ["skipped (exists)", "done"]
+    assert (out / "img1_objects.csv").is_file()
+    # labels of other settings without their table are still not replaced without overwrite
+    (out / "img1_objects.csv").unlink()
+    with pytest.raises(InputError, match="other settings"):
+        segment_files(paths, out, options={**options, "num_samples": 2})
+
+
 @pytest.mark.slow
 def test_batch_on_a_local_dask_cluster_with_two_workers(tmp_path, tiny_checkpoint) -> None:
     pytest.importorskip("distributed")

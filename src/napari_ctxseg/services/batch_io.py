@@ -215,10 +215,13 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 def existing_outputs(path: Path, out_dir: Path, settings: dict[str, Any]) -> tuple[str, str]:
-    """What the outputs of ``path`` in ``out_dir`` are: ``("new" | "done" | "other" | "foreign", why)``.
+    """What the outputs of ``path`` in ``out_dir`` are: ``(state, why)``.
 
-    ``done``: made by this batch from this input with these settings; ``other``: made by ctxseg from
-    another input or with other settings; ``foreign``: an existing file that ctxseg did not write.
+    ``state`` is ``new``, ``done``, ``partial``, ``other`` or ``foreign``. ``done``: made by this batch
+    from this input with these settings; ``partial``: the labels of such a run without their table (an
+    interrupt between the two writes), redone like a new one since nothing else made them; ``other``:
+    made by ctxseg from another input or with other settings; ``foreign``: an existing file that ctxseg
+    did not write.
     """
     labels_path, csv_path = output_paths(path, out_dir)
     if not labels_path.exists() and not csv_path.exists():
@@ -234,7 +237,7 @@ def existing_outputs(path: Path, out_dir: Path, settings: dict[str, Any]) -> tup
         return "other", f"{labels_path.name} was made from {record.get('input')}"
     if record.get("settings") != settings:
         return "other", f"{labels_path.name}: {_differences(record.get('settings', {}), settings)}"
-    return ("done", "") if csv_path.is_file() else ("other", f"{csv_path.name} is missing")
+    return ("done", "") if csv_path.is_file() else ("partial", f"{csv_path.name} is missing")
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
