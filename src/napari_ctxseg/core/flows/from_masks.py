@@ -82,7 +82,7 @@ def _check_labels(mask: np.ndarray | torch.Tensor, what: str = "mask") -> np.nda
     return as_labels(mask, (2, 3), what)
 
 
-def mask_to_flow(mask: np.ndarray) -> np.ndarray:
+def mask_to_flow(mask: np.ndarray, *, within_labels: bool = False) -> np.ndarray:
     """Flow field of an instance mask (the original's heat-diffusion flows).
 
     Parameters
@@ -90,6 +90,13 @@ def mask_to_flow(mask: np.ndarray) -> np.ndarray:
     mask : np.ndarray
         Integer labels ``(H, W)`` or ``(D, H, W)``, 0 = background. Labels need not be consecutive and
         may be large (e.g. the output of :func:`flow_to_mask`). Bool masks are one object.
+    within_labels : bool
+        ``False`` (default): the original's flows, on which the bundled model was trained. Their gradient
+        reads the heat of a neighbouring label across a shared border, so where two objects touch some
+        border pixels point into the neighbour (a thin object beside a large one can lose most of its
+        pixels to it). ``True``: pixels of another label read as background, so every object's flow is
+        the flow it would have alone: no pixel's flow has a component towards a pixel of another label
+        above, below, left or right of it. Pixels with no such neighbour get the same flow either way.
 
     Returns
     -------
@@ -109,8 +116,9 @@ def mask_to_flow(mask: np.ndarray) -> np.ndarray:
     objects of (bbox height + 1 + bbox width + 1)`` iterations of "set every centre to 1e24, then replace
     each object pixel by the mean of its 3x3 neighbourhood (9 values, self included) where pixels of
     another label count as 0" run in float32; then ``T = log(1 + T)``, ``dy = T[y+1, x] - T[y-1, x]``,
-    ``dx = T[y, x+1] - T[y, x-1]`` (read whatever the neighbour's label) and ``(dy, dx)`` is divided by
-    ``1e-20 + |(dy, dx)|``. A mask with fewer than two foreground pixels gives zeros.
+    ``dx = T[y, x+1] - T[y, x-1]`` (read whatever the neighbour's label, or as 0 where it is another
+    label with ``within_labels``) and ``(dy, dx)`` is divided by ``1e-20 + |(dy, dx)|``. A mask with
+    fewer than two foreground pixels gives zeros.
 
     3D: the sum of the 2D flows of every z-slice (into dy, dx), y-slice (dz, dx) and x-slice (dz, dy),
     **not** renormalised (magnitudes up to about 2.4), as in the original. Each slice uses its own
@@ -121,14 +129,24 @@ def mask_to_flow(mask: np.ndarray) -> np.ndarray:
     >>> m = np.zeros((5, 5), int); m[1:4, 1:4] = 1
     >>> mask_to_flow(m)[:, 1, 2]  # top-middle pixel points down, to the centre
     array([1., 0.], dtype=float32)
+
+    A thin object (label 2) along a large one: in the original's flow, pixels of its left column point
+    into label 1; with ``within_labels`` none does.
+
+    >>> m = np.zeros((22, 12), int); m[1:21, 1:9] = 1; m[1:21, 9:11] = 2
+    >>> def into_1(flow): return int((flow[1, :, 9] < -0.5).sum())  # left column of 2, pointing left
+    >>> into_1(mask_to_flow(m)), into_1(mask_to_flow(m, within_labels=True))
+    (11, 0)
     """
     mask = _check_labels(mask)
+    within = bool(within_labels)
     if mask.ndim == 2:
-        return _slice_flows(mask[None])[0]
+        return _slice_flows(mask[None], within)[0]
     flow = np.zeros((3, *mask.shape), np.float32)
-    flow[[1, 2]] += _slice_flows(mask).transpose(1, 0, 2, 3)  # z-slices (H, W): (dy, dx)
-    flow[[0, 2]] += _slice_flows(mask.transpose(1, 0, 2)).transpose(1, 2, 0, 3)  # y-slices (D, W): (dz, dx)
-    flow[[0, 1]] += _slice_flows(mask.transpose(2, 0, 1)).transpose(1, 2, 3, 0)  # x-slices (D, H): (dz, dy)
+    # z-slices (H, W) give (dy, dx); y-slices (D, W) give (dz, dx); x-slices (D, H) give (dz, dy)
+    flow[[1, 2]] += _slice_flows(mask, within).transpose(1, 0, 2, 3)
+    flow[[0, 2]] += _slice_flows(mask.transpose(1, 0, 2), within).transpose(1, 2, 0, 3)
+    flow[[0, 1]] += _slice_flows(mask.transpose(2, 0, 1), within).transpose(1, 2, 3, 0)
     return flow
 
 
@@ -278,8 +296,11 @@ def _diffuse_group(obj: _Objects, order: np.ndarray, pixels: np.ndarray) -> np.n
     return out
 
 
-def _slice_flows(stack: np.ndarray) -> np.ndarray:
-    """2D flows of a stack of label images ``(N, h, w)`` -> float32 ``(N, 2, h, w)``, each slice alone."""
+def _slice_flows(stack: np.ndarray, within_labels: bool = False) -> np.ndarray:
+    """2D flows of a stack of label images ``(N, h, w)`` -> float32 ``(N, 2, h, w)``, each slice alone.
+
+    ``within_labels``: the gradient reads pixels of other objects as 0 (see :func:`mask_to_flow`).
+    """
     n, h, w = stack.shape
     flow = np.zeros((n, 2, h, w), np.float32)
     obj = _Objects(stack)
@@ -288,8 +309,20 @@ def _slice_flows(stack: np.ndarray) -> np.ndarray:
     heat = np.zeros((n, h + 2, w + 2), np.float32)  # zero-padded by one pixel, as the original
     s, y, x = obj.slice[obj.pix_obj], obj.pix_y + 1, obj.pix_x + 1
     heat[s, y, x] = np.log(np.float32(1) + _diffuse(obj))
-    dy = heat[s, y + 1, x] - heat[s, y - 1, x]
-    dx = heat[s, y, x + 1] - heat[s, y, x - 1]
+    if within_labels:
+        owner = np.zeros(heat.shape, np.int64)  # 1 + object index (unique over slices), 0 = background
+        owner[s, y, x] = obj.pix_obj + 1
+
+        def read(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+            return np.where(owner[s, yy, xx] == obj.pix_obj + 1, heat[s, yy, xx], np.float32(0))
+
+    else:
+
+        def read(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+            return heat[s, yy, xx]
+
+    dy = read(y + 1, x) - read(y - 1, x)
+    dx = read(y, x + 1) - read(y, x - 1)
     norm = np.float32(1e-20) + np.sqrt(dy * dy + dx * dx)
     flow[s, 0, y - 1, x - 1] = dy / norm
     flow[s, 1, y - 1, x - 1] = dx / norm
