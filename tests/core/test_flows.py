@@ -17,6 +17,7 @@ import torch
 from napari_ctxseg.core.errors import InputError
 from napari_ctxseg.core.flows.following import _follow, _Grid, _label_cells, flow_to_mask
 from napari_ctxseg.core.flows.from_masks import flip_flow, flip_spatial, flow_error, mask_to_flow
+from napari_ctxseg.core.flows.labels import FlowParams, strong_flow_mask
 from napari_ctxseg.core.flows.maps import BASE_ITER
 from napari_ctxseg.core.flows.postprocess import remove_small_instances
 from napari_ctxseg.core.metrics.scores import matching_scores
@@ -25,7 +26,7 @@ SHARED = Path(__file__).parents[2].parent / "shared"
 FLOW_NPZ = SHARED / "parity" / "flow" / "flow.npz"
 DSB = SHARED / "data" / "dsb2018_train"
 MASKS = ["mixed", "dense", "empty", "single_pixel", "only_one_pixel"]
-RUNS = {"default": {}, "eval_py": {"niter": 1000}}
+RUNS = {"default": {"niter": 200}, "eval_py": {"niter": 1000}}  # the original's default; its eval.py
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -156,12 +157,12 @@ def test_flow_to_mask_parity(fx: dict[str, np.ndarray], name: str, noisy: bool, 
 
 def test_flow_to_mask_batched_parity(fx: dict[str, np.ndarray]) -> None:
     batch = np.stack([channel_first(fx["flow.mixed"]), channel_first(fx["flow_noisy.mixed"])])
-    out = flow_to_mask(torch.from_numpy(batch), mode="exact")
+    out = flow_to_mask(torch.from_numpy(batch), mode="exact", niter=200)
     np.testing.assert_array_equal(out, fx["recovered_batched.default.mixed_and_noisy"])
 
 
 def test_flow_to_mask_3d_parity(fx: dict[str, np.ndarray]) -> None:
-    out = flow_to_mask(channel_first(fx["flow3d"]), mode="exact")
+    out = flow_to_mask(channel_first(fx["flow3d"]), mode="exact", niter=200)
     np.testing.assert_array_equal(out, fx["recovered3d.default"])
 
 
@@ -300,15 +301,24 @@ def test_round_trip_real_masks(name: str) -> None:
 
 
 def test_fast_agrees_with_exact_on_smooth_flow_with_weak_background() -> None:
-    """A model-like flow: blurred ideal flow plus weak noise everywhere (background pixels never settle)."""
+    """A model-like flow: blurred ideal flow plus weak noise everywhere (background pixels never settle).
+
+    At the original's 200 iterations the modes differ only at a few background pixels. The longer they
+    follow a flow that is nowhere 0, the more background pixels drift and gather (at 1024 both modes make
+    false objects of them, and differently): with the background zeroed as the pipeline does
+    (``strong_flow_mask``), the two agree at the default 1024 and find every object."""
     ndi = pytest.importorskip("scipy.ndimage")
     gt = remove_small_instances(dsb_labels("ed8c31b001a0c23c", 192), 100)
     rng = np.random.default_rng(3)
     flow = ndi.gaussian_filter(mask_to_flow(gt), (0, 1, 1)) + 0.02 * rng.standard_normal((2, *gt.shape))
     flow = flow.astype(np.float32)
-    exact, fast = flow_to_mask(flow, mode="exact"), flow_to_mask(flow, mode="fast")
-    assert (exact != fast).mean() < 5e-3  # 0.33 %: pixels at object borders
+    exact, fast = flow_to_mask(flow, mode="exact", niter=200), flow_to_mask(flow, mode="fast", niter=200)
+    assert (exact != fast).mean() < 5e-3  # 0.33 %: background pixels
     assert matching_scores(fast, exact, thresholds=(0.5,))[0.5].ap == 1.0
+    foreground = strong_flow_mask(flow[None], FlowParams().flow_threshold)[0]
+    exact, fast = flow_to_mask(flow * foreground, mode="exact"), flow_to_mask(flow * foreground)
+    np.testing.assert_array_equal(fast, exact)
+    assert matching_scores(fast.astype(np.int64), gt, thresholds=(0.5,))[0.5].ap == 1.0
 
 
 def test_seed_label_is_one_plus_flat_index() -> None:

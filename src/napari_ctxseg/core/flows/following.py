@@ -210,7 +210,7 @@ def _follow_moving(
 def flow_to_mask(
     flow: np.ndarray | torch.Tensor,
     *,
-    niter: int = 200,
+    niter: int = 1024,
     step_size: float = 0.5,
     window_size: int = 5,
     min_seed_cnts: int = 30,
@@ -230,7 +230,10 @@ def flow_to_mask(
         ``(B, 3, D, H, W)``. A 4D input whose second axis has length 2 is read as a batch of 2D flows
         (pass ``(1, 3, 2, H, W)`` for a 3D flow of depth 2). Cast to float32; must be finite.
     niter : int
-        Iterations of flow following (the original's default 200; ``scripts/eval.py`` uses 1000).
+        Iterations of flow following. The original's ``flow_to_mask`` defaults to 200, after which the
+        pixels of thin objects along the image border are still spread over several cells; its
+        ``scripts/eval.py`` passes 1000. 1024 converges as 1000 does and, a power of two, costs
+        ``"fast"`` mode one read per pixel more than 200 (``docs/history/flow_defaults.md``).
     step_size : float
         The flow is multiplied by this before following.
     window_size : int
@@ -245,12 +248,13 @@ def flow_to_mask(
         If > 0, objects whose mean squared flow error (see :func:`flow_error`) exceeds this are removed
         (the original raises ``TypeError`` here; this implements its intent).
     mode : {"fast", "exact"}
-        ``"exact"``: the original's arithmetic (its labels on every parity fixture, 0 pixels differ).
+        ``"exact"``: the original's arithmetic (its labels on every parity fixture, 0 pixels differ, at
+        200 and 1000 iterations).
         ``"fast"``: the first 8 iterations as the original, then flow maps composed; see Notes.
     border_seeds : bool
-        ``"fast"`` only: also seed the spread sinks of thin objects cut by the image border (see Notes).
-        Off by default: it finds them in ideal flows, but on the bundled model's flows it adds more false
-        objects than true ones.
+        ``"fast"`` only: also seed the spread sinks of thin objects cut by the image border, which fewer
+        iterations than the default leave unconverged (see Notes). Off by default: on the bundled model's
+        flows it adds more false objects than true ones.
     device : str or torch.device, optional
         Where to compute. Default: the tensor's device, CPU for numpy input.
 
@@ -275,64 +279,72 @@ def flow_to_mask(
     the window)``, labelled ``1 + flat index``; labels spread over the window by maximum (only to cells
     with ``counts >= min_seed_cnts``), then ``expand_repeats`` times to unlabelled 3x3 neighbours with
     ``counts >= expand_min_cnts`` (largest label wins). Each pixel takes the label of its final cell.
-    There is no foreground threshold: still background pixels get 0 because their counts are small.
+    There is no foreground threshold: still background pixels get 0 because their counts are small. In a
+    flow that is nowhere 0 background pixels drift, and the more iterations, the more of them gather into
+    false objects: zero the background first, as
+    :func:`~napari_ctxseg.core.flows.labels.labels_from_flows` does (``flow_threshold``).
 
     Both modes skip pixels whose own flow is exactly 0 (they never move). ``"exact"`` stops following a
     pixel once its trajectory is provably periodic (fixed point or 2-cycle), which is exact.
 
-    ``"fast"`` follows every pixel for the first ``BASE_ITER = 8`` iterations with the original's
-    arithmetic (with ``niter <= 8`` it *is* the original), which gives the displacement ``D_n`` of
-    ``n = 1, 2, 4, 8`` iterations at every pixel centre; then ``D_2n(x) = D_n(x) + D_n(x + D_n(x))``
-    (clipped to the image), the outer ``D_n`` read bilinearly from its values at the pixel centres, and
-    each pixel moves by the ``D_n`` of ``niter``'s binary expansion: ``log2(niter) + popcount(niter)``
-    reads per pixel (11 for 200) instead of up to ``niter``. Where the map is smooth between pixel centres
-    (inside an object, and at a sink, where all neighbours go to the same point) the reads are
-    faithful; they are not across the border between two basins, which pixels have left after the first 8
-    iterations. On ideal flows of DSB masks its positions give the cells of ``"exact"``. On the bundled
-    model's flows of the 66 DSB ``val`` images (the pipeline's flow threshold, resizing and ``min_size``,
-    as in ``benchmarks/bench_flows.py``) its AP@0.5 is 0.7342 against 0.7346 for ``"exact"`` (2367 / 351 /
-    506 against 2353 / 330 / 520 TP / FP / FN, with ``border_seeds``; 0.7338 without), at ~3-4x the
-    speed (``docs/benchmarks.md``). Pointer jumping on cells instead (each cell sent to the cell of its
-    ``D_8``, the map squared) was tried for issue 29: 1.5x faster, but 0.7165 there (sinks break into
-    nearby fixed points and cycles of the cell map) and it loses the thin objects at the border.
+    ``"fast"`` follows every pixel for the first ``BASE_ITER = 8`` iterations with the original's arithmetic
+    (with ``niter <= 8`` it *is* the original), which gives the displacement ``D_n`` of ``n = 1, 2, 4, 8``
+    iterations at every pixel centre; then ``D_2n(x) = D_n(x) + D_n(x + D_n(x))`` (clipped to the image), the
+    outer ``D_n`` read bilinearly from its values at the pixel centres, and each pixel moves by the ``D_n`` of
+    ``niter``'s binary expansion. That is one bilinear read per pixel for each of the 8 steps, each doubling
+    and each further bit of ``niter`` (15 for 1024, 14 for 200, 19 for 1000) instead of up to ``niter``. Where
+    the map is smooth between pixel centres (inside an object, and at a sink, where all neighbours go to the
+    same point) the reads are faithful; they are not across the border between two basins, which pixels have
+    left after the first 8 iterations. On ideal flows of DSB masks its positions give the cells of
+    ``"exact"``. On the bundled model's flows of the 66 DSB ``val`` images (the pipeline's flow threshold,
+    resizing and ``min_size``) its AP@0.5 is 0.7353 against 0.7351 for ``"exact"`` (2350 / 323 / 523 against
+    2353 / 328 / 520 TP / FP / FN; at 200 iterations 0.7338 and 0.7346), at several times the speed
+    (``docs/benchmarks.md``). Pointer jumping on cells instead (each cell sent to the cell of its ``D_8``, the
+    map squared) was tried: 1.5x faster, but 0.7165 there (sinks break into nearby fixed points and cycles of
+    the cell map) and it loses the thin objects at the border.
 
     What the rule drops on purpose: an object is found when at least ``min_seed_cnts`` of its pixels land
     in one cell, so objects smaller than ``min_seed_cnts`` (30) pixels never are; neither are two
     objects whose sinks lie within ``window_size // 2`` cells of each other (the weaker joins the
-    stronger), nor, in ``"exact"`` mode as in the original, an object whose pixels end spread over
-    several cells with fewer than ``min_seed_cnts`` in each. With ``border_seeds``, ``"fast"`` also seeds
-    such spread sinks within 3 cells of the image border, where thin objects cut by the border leave their
-    pixels still creeping after ``niter`` iterations (``border_pass`` of
-    :func:`napari_ctxseg.core.flows.seeds._label_cells`); it keeps every label of the original's rule.
-    From ideal flows (:func:`~napari_ctxseg.core.flows.from_masks.mask_to_flow`) of the 66 DSB ``val``
-    masks it then gives back every connected object of >= 30 pixels in 60 masks (58 without); in the 6
-    others the flow itself sends pixels into a neighbouring label (the original's ``mask_to_flow`` takes
-    its gradient across label borders), so an object loses pixels to its neighbour's sink or a small one
-    gains them. It is off by default because on the bundled model's flows, through the whole pipeline
-    (``benchmarks/eval_dsb.py``, 1 step x 1 sample, 66 ``val`` images), it added 25 true and 43 false
-    objects (AP@0.5 0.734 -> 0.732, colour images 0.636 -> 0.626).
+    stronger), nor an object whose pixels end spread over several cells with fewer than
+    ``min_seed_cnts`` in each. The last happens to thin objects cut by the image border: their pixels
+    oscillate across the object and creep along the border, and 200 iterations are not enough for them.
+    With ``border_seeds``, ``"fast"`` also seeds such spread sinks within 3 cells of the image border
+    (``border_pass`` of :func:`napari_ctxseg.core.flows.seeds._label_cells`), keeping every label of the
+    original's rule; it is off by default because on the bundled model's flows, through the whole
+    pipeline (``benchmarks/eval_dsb.py``, 1 step x 1 sample, 66 ``val`` images, 200 iterations), it
+    added 25 true and 43 false objects (AP@0.5 0.734 -> 0.732, colour images 0.636 -> 0.626).
+
+    From the ideal flows of the 66 DSB ``val`` masks
+    (:func:`~napari_ctxseg.core.flows.from_masks.mask_to_flow` with ``within_labels=True``), the
+    defaults give back every connected object of >= 30 pixels; one U-shaped object, whose lobes meet only
+    through a one-pixel bridge along the image border, comes back as its two lobes. ``"exact"`` also
+    misses one object of exactly 30 pixels at the border, whose pixels do not all end in one cell. From
+    the original's flows (``within_labels=False``) they give back every object in 60 of the masks; in the
+    6 others that flow itself sends pixels into a neighbouring label, so an object loses pixels to its
+    neighbour's sink or a small one gains them (``tests/core/test_flows_recovery.py``).
 
     On CUDA the float32 arithmetic may round differently (fused multiply-adds), so ``"exact"`` matches
     the original only up to such rounding there. Memory (``"exact"``): the flow is read from a table
     holding the 4 corners of every cell (4 times the float32 flow), plus a few values per pixel (about 52
     bytes per pixel at the peak for a 2D flow, the input not counted); ``"fast"`` keeps the padded flow
-    and ``popcount(niter) + 2`` displacement fields of the same size (5 for 200: about 48 bytes per
-    pixel in 2D), plus a few values per moving pixel (both measured before issue 29, which counts only
-    the moving pixels and so needs less).
+    and ``popcount(niter) + 2`` displacement fields of the same size (3 for 1024, 5 for 200: by count, 32
+    and 48 bytes per pixel in 2D with the flow), plus a few values per moving pixel.
 
     Examples
     --------
-    Three objects and their ideal flow; the third is 2 pixels wide along the image border, which the
-    original's rule misses and ``border_seeds`` finds:
+    Three objects and their ideal flow; the third is 2 pixels wide along the image border. The default
+    1024 iterations find it; the original's 200 do not:
 
     >>> import numpy as np
     >>> from napari_ctxseg.core.flows.from_masks import mask_to_flow
     >>> mask = np.zeros((40, 40), np.int32)
     >>> mask[5:15, 5:15], mask[20:35, 18:30], mask[12:28, :2] = 1, 2, 3
-    >>> labels = flow_to_mask(mask_to_flow(mask), border_seeds=True)
+    >>> flow = mask_to_flow(mask, within_labels=True)
+    >>> labels = flow_to_mask(flow)
     >>> labels.dtype, len(np.unique(labels)) - 1
     (dtype('uint32'), 3)
-    >>> len(np.unique(flow_to_mask(mask_to_flow(mask)))) - 1
+    >>> len(np.unique(flow_to_mask(flow, niter=200))) - 1
     2
     """
     if mode not in ("fast", "exact"):

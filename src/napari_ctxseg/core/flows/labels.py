@@ -58,7 +58,7 @@ class FlowParams:
     Examples
     --------
     >>> FlowParams(min_size=30).following()["niter"]
-    200
+    1024
     >>> FlowParams(flow_threshold=-1)
     Traceback (most recent call last):
     ...
@@ -66,7 +66,7 @@ class FlowParams:
     """
 
     flow_threshold: float = 0.4
-    niter: int = 200
+    niter: int = 1024
     step_size: float = 0.5
     min_seed_cnts: int = 30
     expand_min_cnts: int = 2

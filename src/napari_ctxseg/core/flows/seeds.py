@@ -134,11 +134,11 @@ def _label_cells(
     at least ``min_seed_cnts`` pixels in cells of at least an eighth of ``min_seed_cnts`` (and of
     ``expand_min_cnts``) each; these seeds are expanded as the others, into unlabelled cells only. Every
     label of the original's rule stays as it is. This finds the thin objects cut by the image border: the
-    flow read outside the image is 0, so their pixels oscillate across the object and still creep along
-    the border after ``niter`` iterations, spread over a few cells with fewer than ``min_seed_cnts`` in
-    each. Away from the border the pass is not made: on the bundled model's flows it would add more false
-    objects (fragments of split sinks) than it finds true ones; cells of 2 or 3 pixels (a noisy
-    background drifting) do not count.
+    flow read outside the image is 0, so their pixels oscillate across the object and creep along the
+    border; after the original's 200 iterations they are still spread over a few cells with fewer than
+    ``min_seed_cnts`` in each (the default 1024 lets them converge). Away from the border the pass is
+    not made: on the bundled model's flows it would add more false objects (fragments of split sinks)
+    than it finds true ones; cells of 2 or 3 pixels (a noisy background drifting) do not count.
     """
     labels = torch.zeros_like(counts)
     window = grid.window(window_size)
