@@ -154,35 +154,44 @@ def _flat(lo: float, hi: float) -> bool:
     return hi - lo <= 1e-12 * max(1.0, abs(hi))
 
 
-def pad_channel(image: np.ndarray) -> np.ndarray:
-    """Make a 3-channel ``(H, W, 3)`` image (the original's ``pad_channel``).
+def pad_channel(image: np.ndarray, channels: int = 3) -> np.ndarray:
+    """Make a ``channels``-channel ``(H, W, channels)`` image (the original's ``pad_channel`` for 3).
 
     Parameters
     ----------
     image : np.ndarray
-        ``(H, W)`` or ``(H, W, 1)`` (grey, repeated 3 times), ``(H, W, 2)`` (a zero channel appended) or
-        ``(H, W, 3)`` (returned as is).
+        ``(H, W)`` or ``(H, W, 1)`` (grey, repeated), ``(H, W, C)`` with ``1 < C < channels`` (zero
+        channels appended) or ``(H, W, channels)`` (returned as is).
+    channels : int
+        Channels of the result.
 
     Returns
     -------
     np.ndarray
-        ``(H, W, 3)``, same dtype.
+        ``(H, W, channels)``, same dtype.
 
     Raises
     ------
     InputError
         For other shapes.
+
+    Examples
+    --------
+    >>> pad_channel(np.ones((2, 2, 2), np.uint8))[0, 0].tolist()
+    [1, 1, 0]
     """
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[..., None]
-    if image.ndim != 3 or image.shape[-1] not in (1, 2, 3):
-        raise InputError(f"image must be (H, W) or (H, W, C) with C in 1..3, got shape {image.shape}")
-    channels = image.shape[-1]
-    if channels == 1:
-        return np.concatenate([image] * 3, axis=-1)
-    if channels == 2:
-        return np.concatenate([image, np.zeros_like(image[..., :1])], axis=-1)
+    if image.ndim != 3 or not 1 <= image.shape[-1] <= channels:
+        raise InputError(
+            f"image must be (H, W) or (H, W, C) with C in 1..{channels}, got shape {image.shape}"
+        )
+    c = image.shape[-1]
+    if c == 1:
+        return np.repeat(image, channels, axis=-1)
+    if c < channels:
+        return np.concatenate([image, np.zeros(image.shape[:2] + (channels - c,), image.dtype)], axis=-1)
     return image
 
 
@@ -191,8 +200,8 @@ def model_input(
 ) -> np.ndarray:
     """Numpy image (H, W) or (H, W, C) -> normalised float32 (channels, H, W): the one layout change.
 
-    Grey images are repeated to 3 channels and 2-channel images padded with a zero channel, as the
-    original's ``pad_channel``; more than ``channels`` channels raise :class:`InputError`. ``limits``:
+    Grey images are repeated to ``channels`` channels and others padded with zero channels
+    (:func:`pad_channel`); more than ``channels`` channels raise :class:`InputError`. ``limits``:
     the intensities mapped to 0 and 1 (default: the image's own percentiles; see
     :func:`normalize_image`).
 
@@ -230,11 +239,7 @@ def model_input(
     if c > channels:
         raise InputError(f"image has {c} channels; expected at most {channels} (H, W, C) with C last")
     norm = normalize_image(image, limits=limits)  # refuses complex values (a cast would drop them)
-    if c == 1:
-        norm = np.repeat(norm, channels, axis=-1)
-    elif c < channels:
-        norm = np.concatenate([norm, np.zeros(norm.shape[:2] + (channels - c,), np.float32)], axis=-1)
-    return np.ascontiguousarray(norm.transpose(2, 0, 1), dtype=np.float32)
+    return np.ascontiguousarray(pad_channel(norm, channels).transpose(2, 0, 1), dtype=np.float32)
 
 
 def center_crop(
