@@ -754,8 +754,10 @@ def test_workers_1_names_the_file_that_failed(tmp_path: Path, tiny_checkpoint: P
 def test_ctrl_c_during_a_batch_prints_one_line_and_keeps_whole_outputs(
     tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
-    for i in range(40):  # enough that the batch is still running when the signal arrives
-        tifffile.imwrite(tmp_path / f"im{i:02d}.tif", blobs((64, 64), seed=i)[0])
+    # enough that the batch is still running when the signal arrives: once warm, the tiny model does
+    # about 80 of these images a second, so 40 could all be done before the signal came
+    for i in range(160):
+        tifffile.imwrite(tmp_path / f"im{i:03d}.tif", blobs((64, 64), seed=i)[0])
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(
@@ -776,7 +778,7 @@ def test_ctrl_c_during_a_batch_prints_one_line_and_keeps_whole_outputs(
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list(out.glob("*_objects.csv")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, (proc.returncode, err[-3000:])
