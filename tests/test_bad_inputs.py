@@ -754,10 +754,11 @@ def test_workers_1_names_the_file_that_failed(tmp_path: Path, tiny_checkpoint: P
 def test_ctrl_c_during_a_batch_prints_one_line_and_keeps_whole_outputs(
     tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
-    # enough that the batch is still running when the signal arrives: once warm, the tiny model does
-    # about 80 of these images a second, so 40 could all be done before the signal came
-    for i in range(160):
-        tifffile.imwrite(tmp_path / f"im{i:03d}.tif", blobs((64, 64), seed=i)[0])
+    # enough work that the batch is still running when the signal arrives, even if this process polls
+    # late on a busy machine: the tiny model does over 150 images of 64 x 64 a second once warm (a whole
+    # batch of 160 was once done before the signal came), and about 20 of these a second
+    for i in range(64):
+        tifffile.imwrite(tmp_path / f"im{i:02d}.tif", blobs((512, 512), n=40, seed=i)[0])
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(
@@ -784,7 +785,7 @@ def test_ctrl_c_during_a_batch_prints_one_line_and_keeps_whole_outputs(
     assert proc.returncode == 130, (proc.returncode, err[-3000:])
     assert "Traceback" not in err and "interrupted" in err, err[-3000:]
     for labels in out.glob("*_labels.tif"):
-        assert tifffile.imread(labels).shape == (64, 64)
+        assert tifffile.imread(labels).shape == (512, 512)
     assert not list(out.glob(".*.tmp"))
     # the re-run resumes: what was written counts as done
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
