@@ -209,13 +209,19 @@ def adapt_to_context_steps(req: TrainRequest) -> Generator[SegmentProgress, None
                 f"adapting to the context: step {p.step}, loss {p.loss:.3f}",
             ),
         )
-        finished = done.path is not None
+        _adapted_path(done)
+        finished = True
     finally:
         if not finished:
             path.unlink(missing_ok=True)
-    if not finished:
-        raise ConfigError("the adaptation ended before its first step; give it more time")
     return done
+
+
+def _adapted_path(result: FinetuneResult) -> Path:
+    """The adapted copy of a finished adaptation; ``ConfigError`` if it ended before its first step."""
+    if result.path is None:
+        raise ConfigError("the adaptation ended before its first step; give it more time")
+    return result.path
 
 
 def adapt(
@@ -292,7 +298,4 @@ def adapt(
         device=device,
         diameter=diameter,
     )
-    result = run_to_end(adapt_steps(req), on_progress)
-    if result.path is None:  # pragma: no cover - only a stop before the first step leaves nothing
-        raise ConfigError("the adaptation ended before its first step; give it more time")
-    return result.path
+    return _adapted_path(run_to_end(adapt_steps(req), on_progress))
