@@ -3,7 +3,7 @@
 Run from the repository root::
 
     PYTHONPATH=src python benchmarks/bench_flows.py [--threads N] [--rounds R] [--big] [--quick]
-        [--real N] [--ideal N] [--cellpose-only]
+        [--real N] [--ideal N] [--cellpose-only] [--niter-only]
 
 Inputs: a real 512x512 crop of a DSB 2018 label image (``../shared/data``) with ~120 nuclei (a synthetic
 image of ellipses if the data are absent), its flow, and tilings of it for the scaling table; and the
@@ -494,6 +494,24 @@ def bench_agreement(rounds: int) -> None:
         )
 
 
+def bench_niter(ideal: np.ndarray, n_real: int, rounds: int) -> None:
+    """The cost of the default 1024 iterations against the original's 200, A/B in one process."""
+    print("\n## flow_to_mask, niter 200 against the default 1024 (medians, A/B alternating)")
+    inputs = {"ideal 512 x 512 flow": [ideal]}
+    real = [f for f, *_ in predicted_flows(n_real)]
+    if real:
+        inputs[f"bundled model's flows of {len(real)} DSB val images"] = real
+    threads0 = torch.get_num_threads()
+    for name, flows in inputs.items():
+        for n in THREADS:
+            torch.set_num_threads(n)
+            fns = {k: lambda k=k, fl=flows: [flow_to_mask(f, niter=k) for f in fl] for k in (200, 1024)}
+            t = timeit(fns, rounds)
+            a, b = np.median(t[200]) * 1e3, np.median(t[1024]) * 1e3
+            print(f"  {name}, {n} thread(s): 200 {a:.1f} ms, 1024 {b:.1f} ms, ratio {b / a:.2f}")
+    torch.set_num_threads(threads0)
+
+
 def bench_scaling(mask: np.ndarray, big: bool) -> None:
     print("\n## scaling (tiled copies of the 512x512 mask; ideal flows; 3 runs, median)")
     print(
@@ -525,6 +543,7 @@ def main() -> None:
     parser.add_argument("--real", type=int, default=4, help="DSB val images for the predicted flows")
     parser.add_argument("--ideal", type=int, default=66, help="DSB val masks for the ideal-flow recovery")
     parser.add_argument("--cellpose-only", action="store_true", help="only flow_to_mask vs cellpose")
+    parser.add_argument("--niter-only", action="store_true", help="only niter 200 vs 1024")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -536,7 +555,9 @@ def main() -> None:
     )
     print(f"input: {source}, {len(np.unique(mask)) - 1} objects, {(mask > 0).mean():.0%} foreground")
     ideal = mask_to_flow(mask, within_labels=True)
-    if args.cellpose_only:
+    if args.niter_only:
+        bench_niter(ideal, args.real, args.rounds)
+    elif args.cellpose_only:
         bench_cellpose(mask, ideal, args.rounds, args.real, True, args.ideal)
     else:
         flow = bench_mask_to_flow(mask, args.rounds)  # the original's flow, compared with its code
