@@ -250,11 +250,15 @@ def objects_above(mask: np.ndarray, min_size: int) -> np.ndarray:
     """The connected pieces of every label of ``mask`` with at least ``min_size`` pixels, labelled 1..n."""
     ndi = pytest.importorskip("scipy.ndimage")
     out = np.zeros(mask.shape, np.int64)
-    for label in np.unique(mask)[1:]:
-        pieces, _ = ndi.label(mask == label)
+    n = 0
+    for label, box in enumerate(ndi.find_objects(mask), start=1):
+        if box is None:
+            continue
+        pieces, _ = ndi.label(mask[box] == label)
         sizes = np.bincount(pieces.ravel())
         for k in np.flatnonzero(sizes[1:] >= min_size) + 1:
-            out[pieces == k] = out.max() + 1
+            n += 1
+            out[box][pieces == k] = n
     return out
 
 

@@ -10,48 +10,21 @@ undo it: the tests below show that every miss from it traces to such a pixel.
 
 from __future__ import annotations
 
-import inspect
+import functools
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from napari_ctxseg.core.flows.following import flow_to_mask
 from napari_ctxseg.core.flows.from_masks import mask_to_flow
 from napari_ctxseg.core.metrics.scores import matching_scores
+from tests.core.test_flows import DSB, MIN_SEED_CNTS, objects_above, one_thread  # noqa: F401
 
-SHARED = Path(__file__).resolve().parents[3] / "shared"
-DSB = SHARED / "data" / "dsb2018_train"
-MIN_SEED_CNTS = inspect.signature(flow_to_mask).parameters["min_seed_cnts"].default
 ORIGINAL_NITER = 200  # the original's default; ours is 1024 (docs/history/flow_defaults.md)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def objects_above(mask: np.ndarray, min_size: int) -> np.ndarray:
-    """The connected pieces of every label of ``mask`` with at least ``min_size`` pixels, labelled 1..n."""
-    ndi = pytest.importorskip("scipy.ndimage")
-    out = np.zeros(mask.shape, np.int64)
-    n = 0
-    for label, box in enumerate(ndi.find_objects(mask), start=1):
-        if box is None:
-            continue
-        pieces, _ = ndi.label(mask[box] == label)
-        sizes = np.bincount(pieces.ravel())
-        for k in np.flatnonzero(sizes[1:] >= min_size) + 1:
-            n += 1
-            out[box][pieces == k] = n
-    return out
-
-
+@functools.cache  # read once for the module's tests (they do not modify the masks)
 def dsb_val_labels() -> dict[str, np.ndarray]:
     split = DSB / "split.json"
     if not split.exists():
@@ -61,21 +34,22 @@ def dsb_val_labels() -> dict[str, np.ndarray]:
     return {n: tifffile.imread(DSB / "labels" / f"{n}.tif").astype(np.int64) for n in names}
 
 
+def other_label_neighbours(mask: np.ndarray):
+    """``(axis, step, where)`` per axis and direction: ``where`` the neighbour one ``step`` along ``axis``
+    is an object of another label (2D or 3D)."""
+    padded = np.pad(mask, 1)
+    for axis in range(mask.ndim):
+        for step in (-1, 1):
+            shift = [step if a == axis else 0 for a in range(mask.ndim)]
+            neighbour = padded[tuple(slice(1 + d, n - 1 + d) for d, n in zip(shift, padded.shape))]
+            yield axis, step, (mask != 0) & (neighbour != 0) & (neighbour != mask)
+
+
 def towards_another_label(mask: np.ndarray, flow: np.ndarray) -> np.ndarray:
     """Pixels whose flow has a component towards an axis neighbour (2D or 3D) of another label."""
     out = np.zeros(mask.shape, bool)
-    padded = np.pad(mask, 1)
-    inner = tuple(slice(1, -1) for _ in range(mask.ndim))
-    for axis in range(mask.ndim):
-        for step in (-1, 1):
-            neighbour = padded[
-                tuple(
-                    slice(1 + step, s - 1 + step) if a == axis else inner[a]
-                    for a, s in enumerate(padded.shape)
-                )
-            ]
-            other = (mask != 0) & (neighbour != 0) & (neighbour != mask)
-            out |= other & (step * flow[axis] > 0)
+    for axis, step, other in other_label_neighbours(mask):
+        out |= other & (step * flow[axis] > 0)
     return out
 
 
@@ -111,10 +85,7 @@ def test_ideal_flow_never_points_at_another_label_and_the_original_does() -> Non
 def test_ideal_flow_is_the_originals_away_from_touching_borders() -> None:
     """Only pixels with an axis neighbour of another label get another flow; the rest is bit-identical."""
     for name, mask in dsb_val_labels().items():
-        beside = np.zeros(mask.shape, bool)
-        padded = np.pad(mask, 1)
-        for neighbour in (padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]):
-            beside |= (mask != 0) & (neighbour != 0) & (neighbour != mask)
+        beside = np.logical_or.reduce([other for _, _, other in other_label_neighbours(mask)])
         ideal, original = mask_to_flow(mask, within_labels=True), mask_to_flow(mask)
         np.testing.assert_array_equal(ideal[:, ~beside], original[:, ~beside], err_msg=name)
 

@@ -313,13 +313,10 @@ def _slice_flows(stack: np.ndarray, within_labels: bool = False) -> np.ndarray:
         owner = np.zeros(heat.shape, np.int64)  # 1 + object index (unique over slices), 0 = background
         owner[s, y, x] = obj.pix_obj + 1
 
-        def read(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-            return np.where(owner[s, yy, xx] == obj.pix_obj + 1, heat[s, yy, xx], np.float32(0))
-
-    else:
-
-        def read(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-            return heat[s, yy, xx]
+    def read(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+        """The heat of the neighbours at (yy, xx); with ``within_labels``, 0 where another object's."""
+        value = heat[s, yy, xx]
+        return np.where(owner[s, yy, xx] == obj.pix_obj + 1, value, np.float32(0)) if within_labels else value
 
     dy = read(y + 1, x) - read(y - 1, x)
     dx = read(y, x + 1) - read(y, x - 1)
